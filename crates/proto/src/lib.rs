@@ -1,1 +1,32 @@
-//! placeholder
+//! The wire protocol of Shoal, shared by nodes, the SDK and tools.
+//!
+//! A client holds one QUIC connection (ALPN [`ALPN`]) to its home node and opens one
+//! bidirectional stream on it, the *session stream*. Both directions carry frames: a
+//! 4-byte big-endian length, then that many bytes of MessagePack. Structs are encoded
+//! as maps (field names on the wire), so a node and a client of different versions
+//! ignore the fields they do not know.
+//!
+//! The client sends [`ClientFrame::Hello`] first (open or resume a session), then
+//! [`ClientFrame::Request`]s, each with an id of its choosing. The node answers
+//! [`ServerFrame::Welcome`], then one [`ServerFrame::Response`] per request (same id,
+//! in any order) and [`ServerFrame::Push`] for subscriptions.
+//!
+//! This room does no I/O of its own: with the `tokio` feature it reads and writes
+//! frames over any `AsyncRead`/`AsyncWrite` its caller hands it.
+#![deny(missing_docs)]
+
+mod error;
+mod frame;
+mod messages;
+
+pub use error::{ErrorBody, ErrorCode};
+pub use frame::{decode, decode_len, encode_frame, FrameError, DEFAULT_MAX_FRAME_BYTES, LEN_PREFIX_BYTES};
+#[cfg(feature = "tokio")]
+pub use frame::{read_frame, write_frame};
+pub use messages::*;
+
+/// ALPN of the client protocol, version 1. A node refuses other ALPNs.
+pub const ALPN: &[u8] = b"shoal/1";
+
+/// Version of the client protocol carried in [`Hello`].
+pub const PROTOCOL_VERSION: u32 = 1;

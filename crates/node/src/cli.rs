@@ -1,29 +1,265 @@
-//! Command-line entry points used by the `shoal` binary.
+//! Command-line entry points used by the `shoal` binary: `shoal server` and
+//! `shoal dev`.
 
-/// Arguments of `shoal server`.
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+use crate::config::Config;
+
+/// Arguments of `shoal server`. Each flag also reads a `SHOAL_*` environment
+/// variable; flags win over the environment, which wins over the file.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ServerArgs {
-    /// Configuration file (TOML).
+    /// Configuration file (TOML); see docs/configuration.md.
     #[arg(long, env = "SHOAL_CONFIG")]
-    pub config: Option<std::path::PathBuf>,
+    pub config: Option<PathBuf>,
+    /// Stable node id (default: generated once, kept in the data directory).
+    #[arg(long, env = "SHOAL_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Data directory (node id, development certificates).
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// QUIC (UDP) listen address, e.g. 0.0.0.0:7400; port 0 picks a free port.
+    #[arg(long, env = "SHOAL_LISTEN_ADDR")]
+    pub listen_addr: Option<std::net::SocketAddr>,
+    /// HTTP listen address (health, readiness, metrics, JSON reads).
+    #[arg(long, env = "SHOAL_HTTP_ADDR")]
+    pub http_addr: Option<std::net::SocketAddr>,
+    /// Host name or IP this node is reached at (put in its development certificate).
+    #[arg(long, env = "SHOAL_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+    /// TLS certificate chain (PEM); with --tls-key and --tls-ca.
+    #[arg(long, env = "SHOAL_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "SHOAL_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Cluster CA certificate (PEM).
+    #[arg(long, env = "SHOAL_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Directory of the development CA (default: the data directory).
+    #[arg(long, env = "SHOAL_DEV_CA_DIR")]
+    pub dev_ca_dir: Option<PathBuf>,
+    /// Grace period of a session after an unclean disconnect (ms).
+    #[arg(long, env = "SHOAL_SESSION_GRACE_MS")]
+    pub session_grace_ms: Option<u64>,
+    /// Idle timeout of a client connection (ms).
+    #[arg(long, env = "SHOAL_IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<u64>,
+    /// QUIC keep-alive interval (ms).
+    #[arg(long, env = "SHOAL_KEEP_ALIVE_INTERVAL_MS")]
+    pub keep_alive_interval_ms: Option<u64>,
+    /// Largest frame accepted (bytes).
+    #[arg(long, env = "SHOAL_MAX_FRAME_BYTES")]
+    pub max_frame_bytes: Option<usize>,
+    /// Interval of the Ttl lease check (ms).
+    #[arg(long, env = "SHOAL_TTL_CHECK_INTERVAL_MS")]
+    pub ttl_check_interval_ms: Option<u64>,
+    /// Namespaces besides `public` (comma-separated or repeated).
+    #[arg(long, env = "SHOAL_NAMESPACES", value_delimiter = ',')]
+    pub namespace: Vec<String>,
+}
+
+impl ServerArgs {
+    /// The configuration: defaults, then the file, then environment and flags.
+    pub fn to_config(&self) -> Result<Config> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => {$(
+                if let Some(v) = &self.$field { c.$field = v.clone().into(); }
+            )*};
+        }
+        set!(node_id, advertise_host);
+        if let Some(v) = &self.data_dir {
+            c.data_dir = v.clone();
+        }
+        if let Some(v) = self.listen_addr {
+            c.listen_addr = v;
+        }
+        if let Some(v) = self.http_addr {
+            c.http_addr = v;
+        }
+        if let Some(v) = &self.tls_cert {
+            c.tls.cert = Some(v.clone());
+        }
+        if let Some(v) = &self.tls_key {
+            c.tls.key = Some(v.clone());
+        }
+        if let Some(v) = &self.tls_ca {
+            c.tls.ca = Some(v.clone());
+        }
+        if let Some(v) = &self.dev_ca_dir {
+            c.tls.dev_ca_dir = Some(v.clone());
+        }
+        macro_rules! set_copy {
+            ($($field:ident),*) => {$(
+                if let Some(v) = self.$field { c.$field = v; }
+            )*};
+        }
+        set_copy!(
+            session_grace_ms,
+            idle_timeout_ms,
+            keep_alive_interval_ms,
+            max_frame_bytes,
+            ttl_check_interval_ms
+        );
+        if !self.namespace.is_empty() {
+            c.namespaces = self.namespace.clone();
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Runs `shoal server` until SIGTERM or Ctrl-C.
-pub fn run_server(args: ServerArgs) -> anyhow::Result<()> {
-    let _ = args;
-    anyhow::bail!("not yet built")
+pub fn run_server(args: ServerArgs) -> Result<()> {
+    init_tracing();
+    let config = args.to_config()?;
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    rt.block_on(crate::server::run(config))
 }
 
 /// Arguments of `shoal dev`.
-#[derive(clap::Args, Debug, Clone, Default)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct DevArgs {
     /// Number of nodes to start.
     #[arg(long, default_value_t = 1)]
     pub nodes: usize,
+    /// Directory for the development CA and the nodes' data.
+    #[arg(long, default_value = ".shoal")]
+    pub dir: PathBuf,
+    /// QUIC port of the first node; node i listens on base + 10*i (QUIC) and
+    /// base + 10*i + 1 (HTTP).
+    #[arg(long, default_value_t = 7400)]
+    pub base_port: u16,
 }
 
-/// Runs `shoal dev`: starts a local cluster and stops it on Ctrl-C.
-pub fn run_dev(args: DevArgs) -> anyhow::Result<()> {
-    let _ = args;
-    anyhow::bail!("not yet built")
+/// Runs `shoal dev`: starts N local nodes as processes sharing one development CA,
+/// prints how to use them, and stops them all on Ctrl-C.
+pub fn run_dev(args: DevArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.nodes >= 1 && args.nodes <= 20,
+        "--nodes must be 1..=20"
+    );
+    std::fs::create_dir_all(&args.dir)?;
+    let dir = args.dir.canonicalize()?;
+    let ca = crate::tls::ensure_dev_ca(&dir)?;
+    let exe = std::env::current_exe().context("finding the shoal binary")?;
+    let mut children = Vec::new();
+    let mut servers = Vec::new();
+    for i in 0..args.nodes {
+        let port = args.base_port as usize + 10 * i;
+        anyhow::ensure!(port < u16::MAX as usize, "--base-port too high");
+        let quic = format!("127.0.0.1:{port}");
+        let http = format!("127.0.0.1:{}", port + 1);
+        let node_dir = dir.join(format!("node-{}", i + 1));
+        std::fs::create_dir_all(&node_dir)?;
+        let log = std::fs::File::create(node_dir.join("node.log"))?;
+        let child = std::process::Command::new(&exe)
+            .arg("server")
+            .args(["--node-id", &format!("node-{}", i + 1)])
+            .arg("--data-dir")
+            .arg(&node_dir)
+            .arg("--dev-ca-dir")
+            .arg(&dir)
+            .args(["--listen-addr", &quic, "--http-addr", &http])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting a node")?;
+        children.push(child);
+        servers.push((quic, http, node_dir));
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        // Wait until every node answers /readyz, or one of them exits.
+        for (i, (_, http, node_dir)) in servers.iter().enumerate() {
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                if http_ok(http, "/readyz").await {
+                    break;
+                }
+                if let Ok(Some(status)) = children[i].try_wait() {
+                    anyhow::bail!(
+                        "node-{} exited ({status}); see {}",
+                        i + 1,
+                        node_dir.join("node.log").display()
+                    );
+                }
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "node-{} did not become ready in 30 s",
+                    i + 1
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    })?;
+    let list: Vec<String> = servers.iter().map(|s| s.0.clone()).collect();
+    println!("Shoal dev cluster: {} node(s) running.\n", args.nodes);
+    for (i, (quic, http, node_dir)) in servers.iter().enumerate() {
+        println!(
+            "  node-{}  quic={quic}  http=http://{http}  log={}",
+            i + 1,
+            node_dir.join("node.log").display()
+        );
+    }
+    println!("\nUse it from another terminal:\n");
+    println!("  export SHOAL_SERVERS={}", list.join(","));
+    println!("  export SHOAL_CA={}", ca.display());
+    println!("  shoal register orders 10.0.0.1:8080 --meta version=1   # holds until Ctrl-C");
+    println!("  shoal list orders");
+    println!("  shoal services");
+    println!("  shoal watch orders");
+    println!("  curl http://{}/metrics", servers[0].1);
+    println!("\n(`shoal` is target/release/shoal.) Ctrl-C stops the cluster.");
+    rt.block_on(async {
+        let _ = tokio::signal::ctrl_c().await;
+    });
+    println!("stopping...");
+    for child in &mut children {
+        // SIGTERM lets each node close its sessions cleanly.
+        #[cfg(unix)]
+        unsafe_free_sigterm(child.id());
+    }
+    for child in &mut children {
+        let _ = child.wait();
+    }
+    Ok(())
+}
+
+async fn http_ok(addr: &str, path: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    buf.starts_with(b"HTTP/1.1 200")
+}
+
+#[cfg(unix)]
+fn unsafe_free_sigterm(pid: u32) {
+    // `kill` from the shell avoids an FFI dependency for one signal.
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
 }

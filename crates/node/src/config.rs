@@ -1,0 +1,176 @@
+//! Node configuration: every default timing and limit in one place.
+//!
+//! Sources, lowest to highest precedence: built-in defaults, the TOML file
+//! (`--config`), `SHOAL_*` environment variables, command-line flags. Every option is
+//! documented with its default and unit in docs/configuration.md.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// The configuration of one node.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Stable id of this node. Default: generated once and kept in `data_dir/node_id`.
+    pub node_id: Option<String>,
+    /// Where the node keeps its id and its development certificates.
+    pub data_dir: PathBuf,
+    /// UDP address of the QUIC endpoint (clients and, later, peers).
+    pub listen_addr: SocketAddr,
+    /// Host name or address other nodes and clients reach this node by; also put in
+    /// the development certificate. Default: the listen address's IP.
+    pub advertise_host: Option<String>,
+    /// TCP address of the HTTP side (health, readiness, metrics, JSON reads).
+    pub http_addr: SocketAddr,
+    /// TLS files; all unset means development certificates.
+    pub tls: TlsConfig,
+    /// How long a session's instances outlive an unclean disconnect, waiting for the
+    /// client to resume (ms).
+    pub session_grace_ms: u64,
+    /// A client connection with no traffic (not even keep-alives) for this long is
+    /// considered lost (ms).
+    pub idle_timeout_ms: u64,
+    /// QUIC keep-alive interval the node sends on client connections (ms).
+    pub keep_alive_interval_ms: u64,
+    /// Largest frame accepted or sent (bytes).
+    pub max_frame_bytes: usize,
+    /// How often Ttl leases are checked for expiry (ms).
+    pub ttl_check_interval_ms: u64,
+    /// Frames queued towards one client before the node gives up on it as too slow
+    /// and closes its connection (the client then resumes and re-subscribes).
+    pub outbound_queue_frames: usize,
+    /// How long a SIGTERM shutdown waits for connections to close (ms).
+    pub shutdown_timeout_ms: u64,
+    /// Namespaces that exist besides `public`. Requests naming any other namespace
+    /// get `UnknownNamespace`.
+    pub namespaces: Vec<String>,
+    /// Validation limits.
+    pub limits: LimitsConfig,
+}
+
+/// TLS files of a node.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM).
+    pub key: Option<PathBuf>,
+    /// The cluster CA (PEM).
+    pub ca: Option<PathBuf>,
+    /// Directory of the development CA (`ca.pem`, `ca.key`) used when no cert is
+    /// configured. Default: `data_dir`.
+    pub dev_ca_dir: Option<PathBuf>,
+}
+
+/// Validation limits, see `shoal_storage::Limits`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Longest namespace, group, service or cluster name (bytes).
+    pub max_name_len: usize,
+    /// Most metadata entries on one instance or service.
+    pub max_metadata_entries: usize,
+    /// Longest metadata key (bytes).
+    pub max_metadata_key_len: usize,
+    /// Longest metadata value (bytes).
+    pub max_metadata_value_len: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let l = shoal_storage::Limits::default();
+        LimitsConfig {
+            max_name_len: l.max_name_len,
+            max_metadata_entries: l.max_metadata_entries,
+            max_metadata_key_len: l.max_metadata_key_len,
+            max_metadata_value_len: l.max_metadata_value_len,
+        }
+    }
+}
+
+impl From<&LimitsConfig> for shoal_storage::Limits {
+    fn from(c: &LimitsConfig) -> Self {
+        shoal_storage::Limits {
+            max_name_len: c.max_name_len,
+            max_metadata_entries: c.max_metadata_entries,
+            max_metadata_key_len: c.max_metadata_key_len,
+            max_metadata_value_len: c.max_metadata_value_len,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: None,
+            data_dir: PathBuf::from("shoal-data"),
+            listen_addr: "127.0.0.1:7400".parse().expect("literal address"),
+            advertise_host: None,
+            http_addr: "127.0.0.1:7401".parse().expect("literal address"),
+            tls: TlsConfig::default(),
+            session_grace_ms: 10_000,
+            idle_timeout_ms: 10_000,
+            keep_alive_interval_ms: 2_000,
+            max_frame_bytes: shoal_proto::DEFAULT_MAX_FRAME_BYTES,
+            ttl_check_interval_ms: 1_000,
+            outbound_queue_frames: 4_096,
+            shutdown_timeout_ms: 3_000,
+            namespaces: Vec::new(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    }
+
+    /// Checks values that would make the node misbehave.
+    pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(
+            self.keep_alive_interval_ms > 0 && self.keep_alive_interval_ms < self.idle_timeout_ms,
+            "keep_alive_interval_ms ({}) must be above 0 and below idle_timeout_ms ({})",
+            self.keep_alive_interval_ms,
+            self.idle_timeout_ms
+        );
+        anyhow::ensure!(
+            self.max_frame_bytes >= 1024 && self.max_frame_bytes <= u32::MAX as usize,
+            "max_frame_bytes must be between 1024 and 4294967295"
+        );
+        anyhow::ensure!(
+            self.ttl_check_interval_ms > 0,
+            "ttl_check_interval_ms must be above 0"
+        );
+        anyhow::ensure!(
+            self.outbound_queue_frames > 0,
+            "outbound_queue_frames must be above 0"
+        );
+        let tls = &self.tls;
+        let set = [tls.cert.is_some(), tls.key.is_some(), tls.ca.is_some()];
+        anyhow::ensure!(
+            set.iter().all(|s| *s) || set.iter().all(|s| !*s),
+            "tls.cert, tls.key and tls.ca must be set together (or none, for development certificates)"
+        );
+        let limits: shoal_storage::Limits = (&self.limits).into();
+        for ns in &self.namespaces {
+            shoal_storage::validate_name(shoal_storage::NameKind::Namespace, ns, &limits)
+                .with_context(|| format!("namespace {ns:?} in the configuration"))?;
+        }
+        Ok(())
+    }
+
+    /// The host put in certificates and told to others.
+    pub fn advertise_host(&self) -> String {
+        self.advertise_host
+            .clone()
+            .unwrap_or_else(|| self.listen_addr.ip().to_string())
+    }
+}

@@ -1,0 +1,389 @@
+//! One client connection: the session stream, its requests and its pushes.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_proto::{
+    read_frame, ClientFrame, ErrorBody, ErrorCode, FrameError, Hello, Request, Response,
+    ServerFrame, Welcome, PROTOCOL_VERSION,
+};
+use shoal_storage::{ServiceKey, SessionId};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::server::{CLOSE_NORMAL, CLOSE_PROTOCOL};
+use crate::state::{read, write, ConnId, Outbox, Shared};
+
+/// How long a new connection may take to open its session stream and say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one accepted connection until it ends.
+pub async fn serve(shared: Arc<Shared>, conn: quinn::Connection) {
+    let conn_id = shared.next_conn_id();
+    let remote = conn.remote_address();
+    let span = tracing::info_span!("conn", node = %shared.node_id, conn = conn_id, %remote);
+    async move {
+        let (send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!("connection ended before its session stream: {e}");
+                return;
+            }
+            Err(_) => {
+                conn.close(CLOSE_PROTOCOL, b"no session stream");
+                return;
+            }
+        };
+        let max = shared.config.max_frame_bytes;
+        let (tx, rx) = mpsc::channel(shared.config.outbound_queue_frames);
+        let outbox = Outbox {
+            tx,
+            conn: conn.clone(),
+        };
+        let writer = tokio::spawn(write_loop(send, rx, max));
+        tokio::spawn(refuse_extra_streams(conn.clone(), max));
+
+        let hello =
+            tokio::time::timeout(HELLO_TIMEOUT, read_frame::<ClientFrame, _>(&mut recv, max)).await;
+        let hello = match hello {
+            Ok(Ok(Some(ClientFrame::Hello(h)))) => h,
+            Ok(Ok(Some(ClientFrame::Request { .. }))) => {
+                return refuse(
+                    outbox,
+                    writer,
+                    ErrorCode::ProtocolViolation,
+                    "the first frame must be Hello",
+                )
+                .await;
+            }
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => return refuse_frame(outbox, writer, e).await,
+            Err(_) => {
+                return refuse(
+                    outbox,
+                    writer,
+                    ErrorCode::ProtocolViolation,
+                    "no Hello in time",
+                )
+                .await;
+            }
+        };
+        if hello.version != PROTOCOL_VERSION {
+            let msg = format!(
+                "protocol version {} is not supported; this node speaks {PROTOCOL_VERSION}",
+                hello.version
+            );
+            return refuse(outbox, writer, ErrorCode::UnsupportedVersion, &msg).await;
+        }
+        if !shared.is_ready() {
+            return refuse(outbox, writer, ErrorCode::NotReady, "node is not ready").await;
+        }
+        let session = open_session(&shared, &hello, conn_id, &outbox);
+        let span = tracing::info_span!("session", %session, client = %hello.client_name);
+        let clean = request_loop(&shared, conn_id, session, &outbox, &mut recv)
+            .instrument(span)
+            .await;
+        shared.detach(session, conn_id, clean);
+        metrics::gauge!("shoal_connections").decrement(1.0);
+        // Let the writer flush what is queued (a Goodbye's answer, an error).
+        let conn = outbox.conn.clone();
+        drop(outbox);
+        let _ = tokio::time::timeout(Duration::from_secs(3), writer).await;
+        conn.close(CLOSE_NORMAL, b"bye");
+    }
+    .instrument(span)
+    .await
+}
+
+fn open_session(
+    shared: &Arc<Shared>,
+    hello: &Hello,
+    conn_id: ConnId,
+    outbox: &Outbox,
+) -> SessionId {
+    let session = hello
+        .resume
+        .unwrap_or_else(|| SessionId(rand::random::<u128>()));
+    let attached = shared.attach(session, conn_id);
+    metrics::gauge!("shoal_connections").increment(1.0);
+    metrics::counter!("shoal_sessions_opened_total", "resumed" => if attached.resumed { "true" } else { "false" }).increment(1);
+    tracing::debug!(%session, resumed = attached.resumed, "session attached");
+    crate::state::push(
+        outbox,
+        ServerFrame::Welcome(Welcome {
+            session_id: session,
+            resumed: attached.resumed,
+            node_id: shared.node_id.clone(),
+            session_grace_ms: shared.config.session_grace_ms,
+            max_frame_bytes: shared.config.max_frame_bytes as u32,
+        }),
+    );
+    session
+}
+
+/// Reads and answers requests. Returns true when the session ended cleanly (Goodbye).
+async fn request_loop(
+    shared: &Arc<Shared>,
+    conn_id: ConnId,
+    session: SessionId,
+    outbox: &Outbox,
+    recv: &mut quinn::RecvStream,
+) -> bool {
+    let max = shared.config.max_frame_bytes;
+    let mut subscriptions: HashSet<ServiceKey> = HashSet::new();
+    let clean = loop {
+        let frame = match read_frame::<ClientFrame, _>(recv, max).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break false,
+            Err(e) => {
+                refuse_frame_now(outbox, e);
+                break false;
+            }
+        };
+        let (id, body) = match frame {
+            ClientFrame::Request { id, body } => (id, body),
+            ClientFrame::Hello(_) => {
+                send_error(
+                    outbox,
+                    ErrorCode::ProtocolViolation,
+                    "Hello may come only once",
+                );
+                break false;
+            }
+        };
+        let kind = request_kind(&body);
+        let started = std::time::Instant::now();
+        let goodbye = matches!(body, Request::Goodbye);
+        let result = handle(
+            shared,
+            conn_id,
+            session,
+            outbox,
+            &mut subscriptions,
+            id,
+            body,
+        );
+        let outcome = match &result {
+            Some(Ok(_)) | None => "ok",
+            Some(Err(_)) => "error",
+        };
+        metrics::counter!("shoal_requests_total", "kind" => kind, "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!("shoal_request_duration_seconds", "kind" => kind)
+            .record(started.elapsed().as_secs_f64());
+        if let Some(result) = result {
+            if outbox
+                .tx
+                .send(ServerFrame::Response { id, result })
+                .await
+                .is_err()
+            {
+                break false;
+            }
+        }
+        if goodbye {
+            break true;
+        }
+    };
+    shared.unsubscribe_all(conn_id, &subscriptions);
+    clean
+}
+
+/// Applies one request. `None` when the answer was already queued (Subscribe).
+fn handle(
+    shared: &Arc<Shared>,
+    conn_id: ConnId,
+    session: SessionId,
+    outbox: &Outbox,
+    subscriptions: &mut HashSet<ServiceKey>,
+    id: u64,
+    body: Request,
+) -> Option<Result<Response, ErrorBody>> {
+    let now = shared.now_ms();
+    let applied = |r: Result<shoal_storage::Change, shoal_storage::StorageError>,
+                   registry: &shoal_storage::Registry| {
+        r.map(|change| {
+            let revision = change.revision;
+            shared.publish(registry, std::slice::from_ref(&change));
+            Response::Applied { revision }
+        })
+        .map_err(ErrorBody::from)
+    };
+    Some(match body {
+        Request::Register { service, instance } => {
+            let mut registry = write(&shared.registry);
+            let r = registry.register(&service, instance, session, now);
+            applied(r, &registry)
+        }
+        Request::Update { service, instance } => {
+            let mut registry = write(&shared.registry);
+            let r = registry.update(&service, instance, now);
+            applied(r, &registry)
+        }
+        Request::Deregister { service, instance } => {
+            let mut registry = write(&shared.registry);
+            let r = registry.deregister(&service, &instance);
+            applied(r, &registry)
+        }
+        Request::Beat { service, instance } => {
+            let mut registry = write(&shared.registry);
+            match registry.beat(&service, &instance, now) {
+                Ok(Some(change)) => applied(Ok(change), &registry),
+                Ok(None) => {
+                    let revision = registry
+                        .query(&service, &[], false)
+                        .map(|v| v.revision)
+                        .unwrap_or(0);
+                    Ok(Response::Applied { revision })
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        Request::SetServiceMeta { service, meta } => {
+            let mut registry = write(&shared.registry);
+            let r = registry.set_service_meta(&service, meta);
+            applied(r, &registry)
+        }
+        Request::Query {
+            service,
+            clusters,
+            healthy_only,
+        } => read(&shared.registry)
+            .query(&service, &clusters, healthy_only)
+            .map(Response::View)
+            .map_err(ErrorBody::from),
+        Request::ListServices { namespace, group } => read(&shared.registry)
+            .list_services(&namespace, group.as_deref())
+            .map(Response::Services)
+            .map_err(ErrorBody::from),
+        Request::Subscribe { service } => match shared.subscribe(conn_id, outbox, &service, id) {
+            Ok(()) => {
+                subscriptions.insert(service);
+                return None;
+            }
+            Err(e) => Err(e.into()),
+        },
+        Request::Unsubscribe { service } => {
+            if subscriptions.remove(&service) {
+                shared.unsubscribe(conn_id, &service);
+                Ok(Response::Done)
+            } else {
+                Err(ErrorBody::new(
+                    ErrorCode::BadRequest,
+                    format!("not subscribed to {service}"),
+                ))
+            }
+        }
+        Request::Ping | Request::Goodbye => Ok(Response::Done),
+    })
+}
+
+fn request_kind(body: &Request) -> &'static str {
+    match body {
+        Request::Register { .. } => "register",
+        Request::Update { .. } => "update",
+        Request::Deregister { .. } => "deregister",
+        Request::Beat { .. } => "beat",
+        Request::SetServiceMeta { .. } => "set_service_meta",
+        Request::Query { .. } => "query",
+        Request::ListServices { .. } => "list_services",
+        Request::Subscribe { .. } => "subscribe",
+        Request::Unsubscribe { .. } => "unsubscribe",
+        Request::Ping => "ping",
+        Request::Goodbye => "goodbye",
+    }
+}
+
+/// Writes queued frames, coalescing whatever is queued into one write.
+async fn write_loop(mut send: quinn::SendStream, mut rx: mpsc::Receiver<ServerFrame>, max: usize) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    while let Some(frame) = rx.recv().await {
+        buf.clear();
+        let mut next = Some(frame);
+        while let Some(frame) = next.take() {
+            match shoal_proto::encode_frame(&frame, max) {
+                Ok(bytes) => buf.extend_from_slice(&bytes),
+                Err(e) => {
+                    // A view too large for one frame: tell the client instead.
+                    tracing::warn!("cannot send frame: {e}");
+                    if let ServerFrame::Response { id, .. } = frame {
+                        let err = ServerFrame::Response {
+                            id,
+                            result: Err(ErrorBody::new(ErrorCode::Internal, e.to_string())),
+                        };
+                        if let Ok(bytes) = shoal_proto::encode_frame(&err, max) {
+                            buf.extend_from_slice(&bytes);
+                        }
+                    }
+                }
+            }
+            if buf.len() < 256 * 1024 {
+                next = rx.try_recv().ok();
+            }
+        }
+        if send.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
+    // Wait (briefly) until the peer has the last bytes: closing the connection now
+    // would discard them, and they may carry the error that explains the close.
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+}
+
+/// A client opens one stream; any further stream gets an error and is closed.
+async fn refuse_extra_streams(conn: quinn::Connection, max: usize) {
+    while let Ok((mut send, _recv)) = conn.accept_bi().await {
+        metrics::counter!("shoal_frame_errors_total", "kind" => "extra_stream").increment(1);
+        let frame = ServerFrame::Error(ErrorBody::new(
+            ErrorCode::ProtocolViolation,
+            "one session stream per connection",
+        ));
+        if let Ok(bytes) = shoal_proto::encode_frame(&frame, max) {
+            let _ = send.write_all(&bytes).await;
+        }
+        let _ = send.finish();
+    }
+}
+
+fn send_error(outbox: &Outbox, code: ErrorCode, message: &str) {
+    crate::state::push(outbox, ServerFrame::Error(ErrorBody::new(code, message)));
+}
+
+fn refuse_frame_now(outbox: &Outbox, e: FrameError) {
+    let (code, kind) = match &e {
+        FrameError::TooLarge { .. } => (ErrorCode::FrameTooLarge, "too_large"),
+        FrameError::Malformed(_) => (ErrorCode::MalformedFrame, "malformed"),
+        FrameError::Truncated => (ErrorCode::MalformedFrame, "truncated"),
+        FrameError::Io(_) | FrameError::Encode(_) => return,
+    };
+    metrics::counter!("shoal_frame_errors_total", "kind" => kind).increment(1);
+    tracing::info!("closing session stream: {e}");
+    send_error(outbox, code, &e.to_string());
+}
+
+/// Sends a connection-level error, lets the writer flush it, and closes.
+async fn refuse(
+    outbox: Outbox,
+    writer: tokio::task::JoinHandle<()>,
+    code: ErrorCode,
+    message: &str,
+) {
+    send_error(&outbox, code, message);
+    close_after_flush(outbox, writer).await;
+}
+
+async fn refuse_frame(outbox: Outbox, writer: tokio::task::JoinHandle<()>, e: FrameError) {
+    refuse_frame_now(&outbox, e);
+    close_after_flush(outbox, writer).await;
+}
+
+/// Drops the last sender so the writer drains its queue, finishes the stream and
+/// waits for the peer's acknowledgement; then closes the connection.
+async fn close_after_flush(outbox: Outbox, writer: tokio::task::JoinHandle<()>) {
+    let conn = outbox.conn.clone();
+    drop(outbox);
+    let _ = tokio::time::timeout(Duration::from_secs(3), writer).await;
+    conn.close(CLOSE_PROTOCOL, b"refused");
+}

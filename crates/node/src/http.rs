@@ -1,0 +1,137 @@
+//! The HTTP side: health, readiness, Prometheus metrics and JSON reads.
+//!
+//! Writes go over QUIC only; HTTP is for operators, probes and dashboards.
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use shoal_proto::{ErrorBody, ErrorCode};
+use shoal_storage::{ServiceKey, DEFAULT_GROUP, DEFAULT_NAMESPACE};
+
+use crate::state::{read, Shared};
+
+#[derive(Clone)]
+struct AppState {
+    shared: Arc<Shared>,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// The router of the HTTP side.
+pub fn router(shared: Arc<Shared>, metrics: Option<PrometheusHandle>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_page))
+        .route("/v1/node", get(node_info))
+        .route("/v1/namespaces", get(namespaces))
+        .route("/v1/services", get(services))
+        .route("/v1/instances", get(instances))
+        .route("/v1/dump", get(dump))
+        .with_state(AppState { shared, metrics })
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    if s.shared.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics_page(State(s): State<AppState>) -> Response {
+    match &s.metrics {
+        Some(h) => ([("content-type", "text/plain; version=0.0.4")], h.render()).into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics are not enabled\n").into_response(),
+    }
+}
+
+async fn node_info(State(s): State<AppState>) -> Json<serde_json::Value> {
+    let registry = read(&s.shared.registry);
+    Json(serde_json::json!({
+        "node_id": s.shared.node_id,
+        "ready": s.shared.is_ready(),
+        "listen_addr": s.shared.config.listen_addr.to_string(),
+        "services": registry.service_count(),
+        "instances": registry.instance_count(),
+        "sessions": s.shared.session_count(),
+    }))
+}
+
+async fn namespaces(State(s): State<AppState>) -> Json<Vec<String>> {
+    Json(read(&s.shared.registry).namespaces())
+}
+
+#[derive(Deserialize)]
+struct ServicesParams {
+    namespace: Option<String>,
+    group: Option<String>,
+}
+
+async fn services(State(s): State<AppState>, Query(p): Query<ServicesParams>) -> Response {
+    let ns = p.namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.into());
+    match read(&s.shared.registry).list_services(&ns, p.group.as_deref()) {
+        Ok(list) => Json(list).into_response(),
+        Err(e) => error(e.into()),
+    }
+}
+
+#[derive(Deserialize)]
+struct InstancesParams {
+    namespace: Option<String>,
+    group: Option<String>,
+    service: String,
+    /// Comma-separated cluster names.
+    clusters: Option<String>,
+    #[serde(default)]
+    healthy_only: bool,
+}
+
+async fn instances(State(s): State<AppState>, Query(p): Query<InstancesParams>) -> Response {
+    let key = ServiceKey::new(
+        p.namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
+        p.group.unwrap_or_else(|| DEFAULT_GROUP.into()),
+        p.service,
+    );
+    let clusters: Vec<String> = p
+        .clusters
+        .map(|c| {
+            c.split(',')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    match read(&s.shared.registry).query(&key, &clusters, p.healthy_only) {
+        Ok(view) => Json(view).into_response(),
+        Err(e) => error(e.into()),
+    }
+}
+
+async fn dump(State(s): State<AppState>) -> Response {
+    let dump = read(&s.shared.registry).dump();
+    let services: Vec<serde_json::Value> = dump
+        .into_iter()
+        .map(|(key, meta, instances)| serde_json::json!({"key": key, "meta": meta, "instances": instances}))
+        .collect();
+    Json(services).into_response()
+}
+
+fn error(e: ErrorBody) -> Response {
+    let status = match e.code {
+        ErrorCode::NotFound | ErrorCode::UnknownNamespace => StatusCode::NOT_FOUND,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    (status, Json(e)).into_response()
+}

@@ -1,0 +1,269 @@
+//! Starting and stopping a node: the QUIC endpoint, the HTTP side and the
+//! background tasks.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use metrics_exporter_prometheus::PrometheusHandle;
+use quinn::VarInt;
+use shoal_storage::NodeId;
+
+use crate::config::Config;
+use crate::state::{read, write, Shared};
+use crate::tls::{self, TlsFiles};
+
+/// Application close code: normal end of a session.
+pub const CLOSE_NORMAL: VarInt = VarInt::from_u32(0);
+/// Application close code: the peer broke the protocol.
+pub const CLOSE_PROTOCOL: VarInt = VarInt::from_u32(1);
+/// Application close code: the client did not read its pushes fast enough.
+pub const CLOSE_SLOW_CONSUMER: VarInt = VarInt::from_u32(2);
+/// Application close code: the node is shutting down; resume elsewhere.
+pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(3);
+
+/// A node that is running.
+pub struct RunningNode {
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    quic_addr: SocketAddr,
+    http_addr: SocketAddr,
+    ca_file: std::path::PathBuf,
+    http_shutdown: tokio::sync::oneshot::Sender<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningNode {
+    /// The bound QUIC (UDP) address.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+    /// The CA certificate clients must trust.
+    pub fn ca_file(&self) -> &std::path::Path {
+        &self.ca_file
+    }
+    /// This node's id.
+    pub fn node_id(&self) -> &NodeId {
+        &self.shared.node_id
+    }
+
+    /// Stops serving: no longer ready, closes every client connection with
+    /// [`CLOSE_SHUTDOWN`] (clients resume on another node), waits for them briefly.
+    pub async fn shutdown(self) {
+        self.shared.ready.store(false, Ordering::Release);
+        self.endpoint.close(CLOSE_SHUTDOWN, b"node shutting down");
+        let timeout = Duration::from_millis(self.shared.config.shutdown_timeout_ms);
+        let _ = tokio::time::timeout(timeout, self.endpoint.wait_idle()).await;
+        let _ = self.http_shutdown.send(());
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Reads the node id from config, else from `data_dir/node_id`, else makes one up
+/// and keeps it there so it survives restarts.
+fn node_id(config: &Config) -> Result<NodeId> {
+    if let Some(id) = &config.node_id {
+        return Ok(NodeId(id.clone()));
+    }
+    let path = config.data_dir.join("node_id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim();
+        if !id.is_empty() {
+            return Ok(NodeId(id.to_string()));
+        }
+    }
+    let id = format!("node-{:08x}", rand::random::<u32>());
+    std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+    Ok(NodeId(id))
+}
+
+fn tls_files(config: &Config, node_id: &NodeId) -> Result<TlsFiles> {
+    match (&config.tls.cert, &config.tls.key, &config.tls.ca) {
+        (Some(cert), Some(key), Some(ca)) => Ok(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+        }),
+        _ => {
+            let ca_dir = config
+                .tls
+                .dev_ca_dir
+                .clone()
+                .unwrap_or_else(|| config.data_dir.clone());
+            tls::issue_dev_cert(
+                &ca_dir,
+                &config.data_dir.join("tls"),
+                &node_id.0,
+                &[config.advertise_host()],
+            )
+        }
+    }
+}
+
+/// Starts a node and returns once it serves.
+pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> Result<RunningNode> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let node_id = node_id(&config)?;
+    let files = tls_files(&config, &node_id)?;
+    let tls_config = tls::server_config(&files, &[shoal_proto::ALPN])?;
+    let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls_config)
+        .context("QUIC needs TLS 1.3 with an initial cipher suite")?;
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(
+            Duration::from_millis(config.idle_timeout_ms)
+                .try_into()
+                .context("idle_timeout_ms too large")?,
+        ))
+        .keep_alive_interval(Some(Duration::from_millis(config.keep_alive_interval_ms)))
+        // One session stream, plus room for a misbehaving client to be refused.
+        .max_concurrent_bidi_streams(VarInt::from_u32(4))
+        .max_concurrent_uni_streams(VarInt::from_u32(0));
+    server_config.transport_config(Arc::new(transport));
+
+    let endpoint = quinn::Endpoint::server(server_config, config.listen_addr)
+        .with_context(|| format!("binding QUIC on {}", config.listen_addr))?;
+    let quic_addr = endpoint.local_addr()?;
+
+    let shared = Shared::new(node_id.clone(), config.clone());
+
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding HTTP on {}", config.http_addr))?;
+    let http_addr = listener.local_addr()?;
+    let (http_shutdown, http_stop) = tokio::sync::oneshot::channel::<()>();
+    let app = crate::http::router(Arc::clone(&shared), metrics.clone());
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+            let _ = http_stop.await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!("HTTP server failed: {e}");
+        }
+    }));
+
+    tasks.push(tokio::spawn(accept_loop(
+        Arc::clone(&shared),
+        endpoint.clone(),
+    )));
+    tasks.push(tokio::spawn(ttl_loop(Arc::clone(&shared))));
+    tasks.push(tokio::spawn(gauge_loop(Arc::clone(&shared), metrics)));
+
+    // A single node is ready as soon as it listens. In a cluster, readiness waits for
+    // the snapshot load from a peer.
+    shared.ready.store(true, Ordering::Release);
+    tracing::info!(node = %node_id, %quic_addr, %http_addr, "node ready");
+    Ok(RunningNode {
+        shared,
+        endpoint,
+        quic_addr,
+        http_addr,
+        ca_file: files.ca,
+        http_shutdown,
+        tasks,
+    })
+}
+
+async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(conn) => crate::conn::serve(shared, conn).await,
+                Err(e) => {
+                    metrics::counter!("shoal_handshake_failures_total").increment(1);
+                    tracing::debug!("handshake failed: {e}");
+                }
+            }
+        });
+    }
+}
+
+/// Expires Ttl leases every `ttl_check_interval_ms`.
+async fn ttl_loop(shared: Arc<Shared>) {
+    let mut tick =
+        tokio::time::interval(Duration::from_millis(shared.config.ttl_check_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = shared.now_ms();
+        let mut registry = write(&shared.registry);
+        let changes = registry.expire(now);
+        if !changes.is_empty() {
+            metrics::counter!("shoal_ttl_changes_total").increment(changes.len() as u64);
+            shared.publish(&registry, &changes);
+        }
+    }
+}
+
+/// Refreshes gauges once a second.
+async fn gauge_loop(shared: Arc<Shared>, metrics: Option<PrometheusHandle>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let (services, instances) = {
+            let r = read(&shared.registry);
+            (r.service_count(), r.instance_count())
+        };
+        metrics::gauge!("shoal_services").set(services as f64);
+        metrics::gauge!("shoal_instances").set(instances as f64);
+        metrics::gauge!("shoal_sessions").set(shared.session_count() as f64);
+        metrics::gauge!("shoal_subscriptions").set(shared.subscription_count() as f64);
+        metrics::gauge!("shoal_ready").set(if shared.is_ready() { 1.0 } else { 0.0 });
+        if let Some(m) = &metrics {
+            m.run_upkeep();
+        }
+    }
+}
+
+/// Runs a node until SIGTERM or Ctrl-C, then shuts it down gracefully.
+pub async fn run(config: Config) -> Result<()> {
+    let metrics = crate::metrics::install()?;
+    let node = start(config, Some(metrics)).await?;
+    // One line for people and scripts alike; tests parse it to learn the ports.
+    println!(
+        "shoal node {} ready: quic={} http={} ca={}",
+        node.node_id(),
+        node.quic_addr(),
+        node.http_addr(),
+        node.ca_file().display()
+    );
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

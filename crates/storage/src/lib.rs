@@ -17,4 +17,7 @@ mod validate;
 pub use error::StorageError;
 pub use model::*;
 pub use registry::{Change, Limits, Registry};
-pub use validate::{validate_instance, validate_name, validate_service_key, NameKind};
+pub use validate::{
+    validate_instance, validate_instance_key, validate_name, validate_service_key,
+    validate_service_meta, NameKind,
+};

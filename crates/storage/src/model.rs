@@ -76,9 +76,8 @@ impl ServiceKey {
     /// The bytes that placement hashes: the three parts, each length-prefixed (u32 LE),
     /// so that `("a","bc")` and `("ab","c")` never collide. Stable across versions.
     pub fn placement_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(
-            12 + self.namespace.len() + self.group.len() + self.service.len(),
-        );
+        let mut out =
+            Vec::with_capacity(12 + self.namespace.len() + self.group.len() + self.service.len());
         for part in [&self.namespace, &self.group, &self.service] {
             out.extend_from_slice(&(part.len() as u32).to_le_bytes());
             out.extend_from_slice(part.as_bytes());

@@ -1,7 +1,13 @@
 //! The registry: every service of every namespace, and the index of sessions.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
 use crate::error::StorageError;
 use crate::model::*;
+use crate::validate::{
+    canonical_ip, validate_instance, validate_instance_key, validate_name, validate_service_key,
+    validate_service_meta, NameKind,
+};
 
 /// Bounds that validation enforces. Defaults are documented in docs/configuration.md.
 #[derive(Clone, Debug, PartialEq)]
@@ -36,37 +42,214 @@ pub struct Change {
     pub revision: u64,
 }
 
+/// One service: its settings, revision and instances.
+#[derive(Debug, Default)]
+struct ServiceEntry {
+    meta: ServiceMeta,
+    /// The stamp of the last change to this service.
+    revision: u64,
+    instances: BTreeMap<InstanceKey, Instance>,
+    /// Ttl instances that expiry marked unhealthy ("lapsed"), each with the health its
+    /// client last declared. While lapsed an instance reads `healthy == false`; a beat
+    /// ends the lapse and restores the declared health.
+    lapsed: HashMap<InstanceKey, bool>,
+}
+
+impl ServiceEntry {
+    /// An entry with no instances and default settings is not kept.
+    fn is_disposable(&self) -> bool {
+        self.instances.is_empty() && self.meta == ServiceMeta::default()
+    }
+}
+
+/// The secondary indexes: which instances each session owns, and when each Ttl
+/// instance is next due for expiry.
+#[derive(Debug, Default)]
+struct Index {
+    sessions: HashMap<SessionId, HashMap<ServiceKey, HashSet<InstanceKey>>>,
+    /// `(due_ms, service, instance)` for every Ttl instance: when it becomes unhealthy
+    /// (not lapsed) or is removed (lapsed). See [`due_ms`].
+    deadlines: BTreeSet<(u64, ServiceKey, InstanceKey)>,
+}
+
+/// When expiry next has something to do with a Ttl instance; `None` for a session one.
+fn due_ms(inst: &Instance, lapsed: bool) -> Option<u64> {
+    match &inst.lease {
+        Lease::Ttl(t) => Some(inst.last_beat_ms.saturating_add(if lapsed {
+            t.remove_after_ms
+        } else {
+            t.unhealthy_after_ms
+        })),
+        Lease::Session(_) => None,
+    }
+}
+
+impl Index {
+    fn add(&mut self, service: &ServiceKey, inst: &Instance, lapsed: bool) {
+        match &inst.lease {
+            Lease::Session(s) => {
+                let by_service = self.sessions.entry(*s).or_default();
+                if let Some(keys) = by_service.get_mut(service) {
+                    keys.insert(inst.key());
+                } else {
+                    by_service.insert(service.clone(), HashSet::from([inst.key()]));
+                }
+            }
+            Lease::Ttl(_) => {
+                if let Some(due) = due_ms(inst, lapsed) {
+                    self.deadlines.insert((due, service.clone(), inst.key()));
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, service: &ServiceKey, inst: &Instance, lapsed: bool) {
+        match &inst.lease {
+            Lease::Session(s) => {
+                let Some(by_service) = self.sessions.get_mut(s) else {
+                    return;
+                };
+                if let Some(keys) = by_service.get_mut(service) {
+                    keys.remove(&inst.key());
+                    if keys.is_empty() {
+                        by_service.remove(service);
+                    }
+                }
+                if by_service.is_empty() {
+                    self.sessions.remove(s);
+                }
+            }
+            Lease::Ttl(_) => {
+                if let Some(due) = due_ms(inst, lapsed) {
+                    self.deadlines.remove(&(due, service.clone(), inst.key()));
+                }
+            }
+        }
+    }
+}
+
+/// Takes the next stamp of the counter.
+fn bump(counter: &mut u64) -> u64 {
+    let stamp = *counter;
+    *counter += 1;
+    stamp
+}
+
+fn not_found(service: &ServiceKey, instance: &InstanceKey) -> StorageError {
+    StorageError::NotFound(format!(
+        "instance {instance} is not registered in service {service}"
+    ))
+}
+
 /// The registry state. See the crate docs.
+///
+/// # Revisions and stamps
+///
+/// The registry has one stamp counter, starting at 1. Every change takes the next
+/// stamp: the changed service's revision becomes that stamp, and so does the `stamp`
+/// of every instance the change wrote. Revisions therefore strictly increase, per
+/// service and over the whole registry, also across the removal and re-creation of a
+/// service. A request that fails takes no stamp.
+///
+/// A service with no instances and default [`ServiceMeta`] is not kept (so churn of
+/// unique names does not leak memory). [`Registry::query`] of a service that does not
+/// exist answers revision 0, which means "no such service", even if the service existed
+/// before; the [`Change`] that removed it carries the removal's (higher) revision.
+/// Watchers should therefore order updates by the revisions of the [`Change`] stream,
+/// not by comparing query answers across a removal.
+///
+/// # Ttl expiry
+///
+/// A Ttl instance without a beat for `unhealthy_after_ms` is marked unhealthy by
+/// [`Registry::expire`] (it "lapses"); a beat ends the lapse and restores the health
+/// its client declared, so a client-declared unhealthy instance stays unhealthy. After
+/// `remove_after_ms` without a beat it is removed.
+///
+/// # Addresses
+///
+/// IP addresses are stored in canonical form (as [`std::net::IpAddr`] prints them: `::1`,
+/// not `0:0::1` or `0:0:0:0:0:0:0:1`); every operation that takes an instance key
+/// canonicalizes it the same way, so any spelling of an address names the same instance.
 #[derive(Debug)]
 pub struct Registry {
-    _todo: (),
+    limits: Limits,
+    namespaces: BTreeSet<String>,
+    /// Ordered, so that listing a namespace or group is a range scan and dumps are
+    /// sorted.
+    services: BTreeMap<ServiceKey, ServiceEntry>,
+    index: Index,
+    /// The stamp the next change takes.
+    next_stamp: u64,
 }
 
 impl Registry {
     /// An empty registry whose only namespace is [`DEFAULT_NAMESPACE`].
     pub fn new(limits: Limits) -> Self {
-        todo!()
+        Registry {
+            limits,
+            namespaces: BTreeSet::from([DEFAULT_NAMESPACE.to_string()]),
+            services: BTreeMap::new(),
+            index: Index::default(),
+            next_stamp: 1,
+        }
     }
 
     /// The limits this registry validates against.
     pub fn limits(&self) -> &Limits {
-        todo!()
+        &self.limits
     }
 
     /// Adds a namespace (validated as a name). Returns false if it already existed.
     pub fn add_namespace(&mut self, namespace: &str) -> Result<bool, StorageError> {
-        todo!()
+        validate_name(NameKind::Namespace, namespace, &self.limits)?;
+        if self.namespaces.contains(namespace) {
+            return Ok(false);
+        }
+        Ok(self.namespaces.insert(namespace.to_string()))
     }
 
     /// The namespaces, sorted.
     pub fn namespaces(&self) -> Vec<String> {
-        todo!()
+        self.namespaces.iter().cloned().collect()
+    }
+
+    /// The stamp of the latest change, 0 before the first one. Every revision and
+    /// instance stamp in the registry is at most this.
+    pub fn last_stamp(&self) -> u64 {
+        self.next_stamp - 1
+    }
+
+    fn check_namespace(&self, namespace: &str) -> Result<(), StorageError> {
+        if self.namespaces.contains(namespace) {
+            Ok(())
+        } else {
+            Err(StorageError::UnknownNamespace(namespace.to_string()))
+        }
+    }
+
+    /// Validates a service key, then checks that its namespace exists.
+    fn check_service(&self, service: &ServiceKey) -> Result<(), StorageError> {
+        validate_service_key(service, &self.limits)?;
+        self.check_namespace(&service.namespace)
+    }
+
+    /// Validates an instance key and returns it with its ip in canonical form.
+    fn canonical_key(&self, key: &InstanceKey) -> Result<InstanceKey, StorageError> {
+        validate_instance_key(key, &self.limits)?;
+        Ok(InstanceKey {
+            cluster: key.cluster.clone(),
+            ip: canonical_ip(&key.ip)?,
+            port: key.port,
+        })
     }
 
     /// Registers or replaces the instance `spec.key()` of `service`. Without a Ttl in
     /// the spec, the instance's lease is `Session(session)`; with one, `Ttl` and its
     /// last beat is `now_ms`. Creates the service if it does not exist.
     /// Validates everything first; on error nothing changes.
+    ///
+    /// Replacing resets the instance entirely: new lease, last beat `now_ms`, no lapse.
+    /// Every call is a change (takes a stamp), even if nothing differs.
     pub fn register(
         &mut self,
         service: &ServiceKey,
@@ -74,18 +257,84 @@ impl Registry {
         session: SessionId,
         now_ms: u64,
     ) -> Result<Change, StorageError> {
-        todo!()
+        self.check_service(service)?;
+        validate_instance(&spec, &self.limits)?;
+        let ip = canonical_ip(&spec.ip)?;
+
+        let stamp = bump(&mut self.next_stamp);
+        let inst = Instance {
+            ip,
+            port: spec.port,
+            cluster: spec.cluster,
+            weight: spec.weight,
+            healthy: spec.healthy,
+            enabled: spec.enabled,
+            metadata: spec.metadata,
+            lease: match spec.ttl {
+                Some(ttl) => Lease::Ttl(ttl),
+                None => Lease::Session(session),
+            },
+            last_beat_ms: now_ms,
+            stamp,
+        };
+        let key = inst.key();
+        if !self.services.contains_key(service) {
+            self.services
+                .insert(service.clone(), ServiceEntry::default());
+        }
+        let entry = self.services.get_mut(service).expect("just ensured");
+        if let Some(old) = entry.instances.remove(&key) {
+            let lapsed = entry.lapsed.remove(&key).is_some();
+            self.index.remove(service, &old, lapsed);
+        }
+        self.index.add(service, &inst, false);
+        entry.instances.insert(key, inst);
+        entry.revision = stamp;
+        Ok(Change {
+            key: service.clone(),
+            revision: stamp,
+        })
     }
 
     /// Changes weight, healthy, enabled and metadata of an existing instance; keeps
     /// its lease. `NotFound` if it is not registered.
+    ///
+    /// The spec's `ttl` is validated but ignored, and the last beat is kept (an update
+    /// is not a beat). A lapsed Ttl instance stays unhealthy until its next beat, which
+    /// then applies the health this update declared.
     pub fn update(
         &mut self,
         service: &ServiceKey,
         spec: InstanceSpec,
-        now_ms: u64,
+        _now_ms: u64,
     ) -> Result<Change, StorageError> {
-        todo!()
+        self.check_service(service)?;
+        validate_instance(&spec, &self.limits)?;
+        let key = self.canonical_key(&spec.key())?;
+        let entry = self
+            .services
+            .get_mut(service)
+            .filter(|e| e.instances.contains_key(&key))
+            .ok_or_else(|| not_found(service, &key))?;
+
+        let stamp = bump(&mut self.next_stamp);
+        let inst = entry.instances.get_mut(&key).expect("checked above");
+        inst.weight = spec.weight;
+        inst.enabled = spec.enabled;
+        inst.metadata = spec.metadata;
+        match entry.lapsed.get_mut(&key) {
+            Some(declared) => {
+                *declared = spec.healthy;
+                inst.healthy = false;
+            }
+            None => inst.healthy = spec.healthy,
+        }
+        inst.stamp = stamp;
+        entry.revision = stamp;
+        Ok(Change {
+            key: service.clone(),
+            revision: stamp,
+        })
     }
 
     /// Removes an instance. `NotFound` if it is not registered.
@@ -94,46 +343,225 @@ impl Registry {
         service: &ServiceKey,
         instance: &InstanceKey,
     ) -> Result<Change, StorageError> {
-        todo!()
+        self.check_service(service)?;
+        let key = self.canonical_key(instance)?;
+        let entry = self
+            .services
+            .get_mut(service)
+            .ok_or_else(|| not_found(service, &key))?;
+        let inst = entry
+            .instances
+            .remove(&key)
+            .ok_or_else(|| not_found(service, &key))?;
+        let lapsed = entry.lapsed.remove(&key).is_some();
+        self.index.remove(service, &inst, lapsed);
+
+        let stamp = bump(&mut self.next_stamp);
+        entry.revision = stamp;
+        if entry.is_disposable() {
+            self.services.remove(service);
+        }
+        Ok(Change {
+            key: service.clone(),
+            revision: stamp,
+        })
     }
 
     /// A beat for a Ttl instance: refreshes its last beat, and makes it healthy again
     /// if expiry had marked it unhealthy (then returns the change). `NotFound` if it is
     /// not registered; a beat for a session instance is accepted and changes nothing.
+    ///
+    /// A beat ends a lapse in every case, but only reports a change when the instance
+    /// becomes healthy again: one its client declared unhealthy stays unhealthy. The
+    /// last beat never moves backwards (a beat older than the last one only counts as
+    /// a beat at the same time).
     pub fn beat(
         &mut self,
         service: &ServiceKey,
         instance: &InstanceKey,
         now_ms: u64,
     ) -> Result<Option<Change>, StorageError> {
-        todo!()
+        self.check_service(service)?;
+        let key = self.canonical_key(instance)?;
+        let entry = self
+            .services
+            .get_mut(service)
+            .ok_or_else(|| not_found(service, &key))?;
+        let inst = entry
+            .instances
+            .get_mut(&key)
+            .ok_or_else(|| not_found(service, &key))?;
+        if !matches!(inst.lease, Lease::Ttl(_)) {
+            return Ok(None);
+        }
+
+        let declared = entry.lapsed.remove(&key);
+        self.index.remove(service, inst, declared.is_some());
+        inst.last_beat_ms = inst.last_beat_ms.max(now_ms);
+        let mut change = None;
+        if declared == Some(true) {
+            let stamp = bump(&mut self.next_stamp);
+            inst.healthy = true;
+            inst.stamp = stamp;
+            entry.revision = stamp;
+            change = Some(Change {
+                key: service.clone(),
+                revision: stamp,
+            });
+        }
+        self.index.add(service, inst, false);
+        Ok(change)
     }
 
     /// Sets a service's protection threshold and metadata, creating the service if
     /// needed.
+    ///
+    /// Setting default settings on a service without instances removes it (it is not
+    /// kept, see the type docs); the change is still reported.
     pub fn set_service_meta(
         &mut self,
         service: &ServiceKey,
         meta: ServiceMeta,
     ) -> Result<Change, StorageError> {
-        todo!()
+        self.check_service(service)?;
+        validate_service_meta(&meta, &self.limits)?;
+
+        let stamp = bump(&mut self.next_stamp);
+        if !self.services.contains_key(service) {
+            self.services
+                .insert(service.clone(), ServiceEntry::default());
+        }
+        let entry = self.services.get_mut(service).expect("just ensured");
+        entry.meta = meta;
+        entry.revision = stamp;
+        if entry.is_disposable() {
+            self.services.remove(service);
+        }
+        Ok(Change {
+            key: service.clone(),
+            revision: stamp,
+        })
     }
 
     /// Removes every instance bound to `session`; one change per service touched.
+    ///
+    /// The changes are sorted by service key. An unknown session gives no changes.
     pub fn remove_session(&mut self, session: SessionId) -> Vec<Change> {
-        todo!()
+        let Some(by_service) = self.index.sessions.remove(&session) else {
+            return Vec::new();
+        };
+        let by_service: BTreeMap<ServiceKey, HashSet<InstanceKey>> =
+            by_service.into_iter().collect();
+        let mut changes = Vec::with_capacity(by_service.len());
+        for (service, keys) in by_service {
+            let Some(entry) = self.services.get_mut(&service) else {
+                debug_assert!(false, "session index names missing service {service}");
+                continue;
+            };
+            let mut removed = false;
+            for key in keys {
+                let owned = entry
+                    .instances
+                    .get(&key)
+                    .is_some_and(|i| i.session() == Some(session));
+                debug_assert!(owned, "session index names {key} wrongly");
+                if owned {
+                    entry.instances.remove(&key);
+                    entry.lapsed.remove(&key);
+                    removed = true;
+                }
+            }
+            if !removed {
+                continue;
+            }
+            let stamp = bump(&mut self.next_stamp);
+            entry.revision = stamp;
+            if entry.is_disposable() {
+                self.services.remove(&service);
+            }
+            changes.push(Change {
+                key: service,
+                revision: stamp,
+            });
+        }
+        changes
     }
 
     /// How many instances are bound to `session`.
     pub fn session_instance_count(&self, session: SessionId) -> usize {
-        todo!()
+        self.index
+            .sessions
+            .get(&session)
+            .map_or(0, |by_service| by_service.values().map(HashSet::len).sum())
     }
 
     /// Ttl expiry at `now_ms`: instances without a beat for `unhealthy_after_ms` become
     /// unhealthy; without one for `remove_after_ms` are removed. One change per
     /// service touched.
+    ///
+    /// Marking unhealthy happens once per lapse, and is a change only if the instance
+    /// was healthy. The changes are sorted by service key. The cost is proportional to
+    /// the instances due (a deadline index), not to all instances, so calling this
+    /// every second with a million instances is cheap.
     pub fn expire(&mut self, now_ms: u64) -> Vec<Change> {
-        todo!()
+        let mut due: BTreeMap<ServiceKey, Vec<InstanceKey>> = BTreeMap::new();
+        while self
+            .index
+            .deadlines
+            .first()
+            .is_some_and(|(at, _, _)| *at <= now_ms)
+        {
+            let (_, service, key) = self.index.deadlines.pop_first().expect("checked");
+            due.entry(service).or_default().push(key);
+        }
+
+        let mut changes = Vec::new();
+        for (service, keys) in due {
+            let Some(entry) = self.services.get_mut(&service) else {
+                debug_assert!(false, "deadline index names missing service {service}");
+                continue;
+            };
+            let mut stamp: Option<u64> = None;
+            for key in keys {
+                let Some(inst) = entry.instances.get_mut(&key) else {
+                    debug_assert!(false, "deadline index names missing {key}");
+                    continue;
+                };
+                let Lease::Ttl(ttl) = &inst.lease else {
+                    debug_assert!(false, "deadline index names session instance {key}");
+                    continue;
+                };
+                let idle = now_ms.saturating_sub(inst.last_beat_ms);
+                let lapsed = entry.lapsed.contains_key(&key);
+                if idle >= ttl.remove_after_ms {
+                    entry.instances.remove(&key);
+                    entry.lapsed.remove(&key);
+                    stamp.get_or_insert_with(|| bump(&mut self.next_stamp));
+                } else if idle >= ttl.unhealthy_after_ms && !lapsed {
+                    entry.lapsed.insert(key.clone(), inst.healthy);
+                    if inst.healthy {
+                        inst.healthy = false;
+                        inst.stamp = *stamp.get_or_insert_with(|| bump(&mut self.next_stamp));
+                    }
+                    self.index.add(&service, inst, true);
+                } else {
+                    // Not due after all (the index is exact, so this does not happen):
+                    // keep it indexed.
+                    self.index.add(&service, inst, lapsed);
+                }
+            }
+            if let Some(stamp) = stamp {
+                entry.revision = stamp;
+                if entry.is_disposable() {
+                    self.services.remove(&service);
+                }
+                changes.push(Change {
+                    key: service,
+                    revision: stamp,
+                });
+            }
+        }
+        changes
     }
 
     /// The instances of a service. `clusters` empty means all clusters.
@@ -141,13 +569,56 @@ impl Registry {
     /// at or below the service's protection threshold (when that is above 0): then all
     /// enabled instances, with `protected` set. An unknown service gives an empty
     /// view at revision 0; an unknown namespace is an error.
+    ///
+    /// The healthy share is `healthy and enabled / enabled`, counted over the selected
+    /// clusters; with no enabled instance there is no protection. Without
+    /// `healthy_only` every instance of the selected clusters is returned, disabled
+    /// and unhealthy ones included, and `protected` is false. Instances are sorted by
+    /// key (cluster, ip, port). Cluster names are validated.
     pub fn query(
         &self,
         service: &ServiceKey,
         clusters: &[String],
         healthy_only: bool,
     ) -> Result<ServiceView, StorageError> {
-        todo!()
+        self.check_service(service)?;
+        for cluster in clusters {
+            validate_name(NameKind::Cluster, cluster, &self.limits)?;
+        }
+        let Some(entry) = self.services.get(service) else {
+            return Ok(ServiceView {
+                key: service.clone(),
+                revision: 0,
+                instances: Vec::new(),
+                protected: false,
+            });
+        };
+        let selected = entry
+            .instances
+            .values()
+            .filter(|i| clusters.is_empty() || clusters.contains(&i.cluster));
+        let (instances, protected) = if healthy_only {
+            let enabled: Vec<&Instance> = selected.filter(|i| i.enabled).collect();
+            let healthy = enabled.iter().filter(|i| i.healthy).count();
+            let threshold = entry.meta.protect_threshold;
+            let protected = threshold > 0.0
+                && !enabled.is_empty()
+                && (healthy as f64 / enabled.len() as f64) <= threshold;
+            let instances = enabled
+                .into_iter()
+                .filter(|i| protected || i.healthy)
+                .cloned()
+                .collect();
+            (instances, protected)
+        } else {
+            (selected.cloned().collect(), false)
+        };
+        Ok(ServiceView {
+            key: service.clone(),
+            revision: entry.revision,
+            instances,
+            protected,
+        })
     }
 
     /// The services of a namespace (optionally one group), sorted by key.
@@ -156,27 +627,1072 @@ impl Registry {
         namespace: &str,
         group: Option<&str>,
     ) -> Result<Vec<ServiceSummary>, StorageError> {
-        todo!()
+        validate_name(NameKind::Namespace, namespace, &self.limits)?;
+        if let Some(group) = group {
+            validate_name(NameKind::Group, group, &self.limits)?;
+        }
+        self.check_namespace(namespace)?;
+        let start = ServiceKey::new(namespace, group.unwrap_or(""), "");
+        Ok(self
+            .services
+            .range(start..)
+            .take_while(|(k, _)| k.namespace == namespace && group.is_none_or(|g| k.group == g))
+            .map(|(key, entry)| ServiceSummary {
+                key: key.clone(),
+                instances: entry.instances.len(),
+                healthy: entry.instances.values().filter(|i| i.healthy).count(),
+                revision: entry.revision,
+            })
+            .collect())
     }
 
     /// A service's settings, if the service exists.
     pub fn service_meta(&self, service: &ServiceKey) -> Option<&ServiceMeta> {
-        todo!()
+        self.services.get(service).map(|e| &e.meta)
     }
 
     /// Number of services.
     pub fn service_count(&self) -> usize {
-        todo!()
+        self.services.len()
     }
 
     /// Number of instances, over all services.
     pub fn instance_count(&self) -> usize {
-        todo!()
+        self.services.values().map(|e| e.instances.len()).sum()
     }
 
     /// Every service with its settings and instances, sorted by key and instance key:
     /// two registries with the same content give equal dumps.
     pub fn dump(&self) -> Vec<(ServiceKey, ServiceMeta, Vec<Instance>)> {
-        todo!()
+        self.services
+            .iter()
+            .map(|(key, entry)| {
+                (
+                    key.clone(),
+                    entry.meta.clone(),
+                    entry.instances.values().cloned().collect(),
+                )
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+impl Registry {
+    /// Checks that the indexes agree with the services; panics if not.
+    fn check_invariants(&self) {
+        let mut sessions: HashMap<SessionId, HashMap<ServiceKey, HashSet<InstanceKey>>> =
+            HashMap::new();
+        let mut deadlines = BTreeSet::new();
+        for (service, entry) in &self.services {
+            assert!(!entry.is_disposable(), "kept empty service {service}");
+            assert!(entry.revision >= 1 && entry.revision < self.next_stamp);
+            for (key, inst) in &entry.instances {
+                assert_eq!(key, &inst.key());
+                assert!(inst.stamp <= entry.revision);
+                let lapsed = entry.lapsed.contains_key(key);
+                match &inst.lease {
+                    Lease::Session(s) => {
+                        assert!(!lapsed);
+                        sessions
+                            .entry(*s)
+                            .or_default()
+                            .entry(service.clone())
+                            .or_default()
+                            .insert(key.clone());
+                    }
+                    Lease::Ttl(_) => {
+                        if lapsed {
+                            assert!(!inst.healthy, "lapsed {key} reads healthy");
+                        }
+                        deadlines.insert((
+                            due_ms(inst, lapsed).unwrap(),
+                            service.clone(),
+                            key.clone(),
+                        ));
+                    }
+                }
+            }
+            for key in entry.lapsed.keys() {
+                assert!(entry.instances.contains_key(key));
+            }
+        }
+        assert_eq!(sessions, self.index.sessions);
+        assert_eq!(deadlines, self.index.deadlines);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S1: SessionId = SessionId(1);
+    const S2: SessionId = SessionId(2);
+
+    fn reg() -> Registry {
+        Registry::new(Limits::default())
+    }
+
+    fn svc(name: &str) -> ServiceKey {
+        ServiceKey::named(name)
+    }
+
+    fn spec(ip: &str, port: u16) -> InstanceSpec {
+        InstanceSpec::new(ip, port)
+    }
+
+    fn ttl_spec(ip: &str, port: u16) -> InstanceSpec {
+        InstanceSpec {
+            ttl: Some(TtlLease::default()),
+            ..spec(ip, port)
+        }
+    }
+
+    fn ikey(ip: &str, port: u16) -> InstanceKey {
+        spec(ip, port).key()
+    }
+
+    fn all(r: &Registry, s: &ServiceKey) -> Vec<Instance> {
+        r.query(s, &[], false).unwrap().instances
+    }
+
+    fn one(r: &Registry, s: &ServiceKey, k: &InstanceKey) -> Instance {
+        all(r, s)
+            .into_iter()
+            .find(|i| &i.key() == k)
+            .expect("instance present")
+    }
+
+    #[test]
+    fn new_registry() {
+        let r = reg();
+        assert_eq!(r.namespaces(), vec!["public".to_string()]);
+        assert_eq!(r.service_count(), 0);
+        assert_eq!(r.instance_count(), 0);
+        assert_eq!(r.last_stamp(), 0);
+        assert_eq!(r.limits(), &Limits::default());
+        assert!(r.dump().is_empty());
+    }
+
+    #[test]
+    fn namespaces() {
+        let mut r = reg();
+        assert!(r.add_namespace("dev").unwrap());
+        assert!(!r.add_namespace("dev").unwrap());
+        assert!(!r.add_namespace("public").unwrap());
+        assert!(matches!(
+            r.add_namespace("bad ns"),
+            Err(StorageError::InvalidName {
+                what: "namespace",
+                ..
+            })
+        ));
+        assert_eq!(
+            r.namespaces(),
+            vec!["dev".to_string(), "public".to_string()]
+        );
+        let k = ServiceKey::new("dev", "g", "s");
+        r.register(&k, spec("10.0.0.1", 80), S1, 0).unwrap();
+        assert_eq!(all(&r, &k).len(), 1);
+    }
+
+    #[test]
+    fn register_and_query() {
+        let mut r = reg();
+        let s = svc("orders");
+        let c = r.register(&s, spec("10.0.0.1", 80), S1, 5).unwrap();
+        assert_eq!(
+            c,
+            Change {
+                key: s.clone(),
+                revision: 1
+            }
+        );
+        let v = r.query(&s, &[], true).unwrap();
+        assert_eq!(v.key, s);
+        assert_eq!(v.revision, 1);
+        assert!(!v.protected);
+        assert_eq!(
+            v.instances,
+            vec![Instance {
+                ip: "10.0.0.1".into(),
+                port: 80,
+                cluster: DEFAULT_CLUSTER.into(),
+                weight: 1.0,
+                healthy: true,
+                enabled: true,
+                metadata: BTreeMap::new(),
+                lease: Lease::Session(S1),
+                last_beat_ms: 5,
+                stamp: 1,
+            }]
+        );
+        assert_eq!(r.session_instance_count(S1), 1);
+        assert_eq!(r.service_count(), 1);
+        assert_eq!(r.instance_count(), 1);
+        r.check_invariants();
+    }
+
+    #[test]
+    fn replace_instance() {
+        let mut r = reg();
+        let s = svc("orders");
+        r.register(&s, spec("10.0.0.1", 80), S1, 0).unwrap();
+        let mut sp = spec("10.0.0.1", 80);
+        sp.weight = 3.0;
+        sp.metadata.insert("v".into(), "2".into());
+        let c = r.register(&s, sp, S1, 7).unwrap();
+        assert_eq!(c.revision, 2);
+        let v = all(&r, &s);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].weight, 3.0);
+        assert_eq!(v[0].metadata["v"], "2");
+        assert_eq!(v[0].last_beat_ms, 7);
+        assert_eq!(v[0].stamp, 2);
+        assert_eq!(r.session_instance_count(S1), 1);
+        r.check_invariants();
+    }
+
+    #[test]
+    fn replace_moves_session_index() {
+        let mut r = reg();
+        let (a, b) = (svc("a"), svc("b"));
+        let k = ikey("10.0.0.1", 80);
+        r.register(&a, spec("10.0.0.1", 80), S1, 0).unwrap();
+        r.register(&b, spec("10.0.0.1", 80), S1, 0).unwrap();
+        assert_eq!(r.session_instance_count(S1), 2);
+
+        // Another session takes over a's instance.
+        r.register(&a, spec("10.0.0.1", 80), S2, 0).unwrap();
+        assert_eq!(r.session_instance_count(S1), 1);
+        assert_eq!(r.session_instance_count(S2), 1);
+        assert_eq!(one(&r, &a, &k).lease, Lease::Session(S2));
+        r.check_invariants();
+
+        // A Ttl registration takes over b's.
+        r.register(&b, ttl_spec("10.0.0.1", 80), S1, 0).unwrap();
+        assert_eq!(r.session_instance_count(S1), 0);
+        assert!(matches!(one(&r, &b, &k).lease, Lease::Ttl(_)));
+        r.check_invariants();
+
+        // Removing S1 now touches nothing.
+        assert!(r.remove_session(S1).is_empty());
+        assert_eq!(r.instance_count(), 2);
+
+        // And a session registration takes b back from Ttl: no expiry any more.
+        r.register(&b, spec("10.0.0.1", 80), S1, 0).unwrap();
+        assert_eq!(r.session_instance_count(S1), 1);
+        assert!(r.expire(1_000_000).is_empty());
+        assert_eq!(r.instance_count(), 2);
+        r.check_invariants();
+    }
+
+    #[test]
+    fn update_instance() {
+        let mut r = reg();
+        let s = svc("orders");
+        let k = ikey("10.0.0.1", 80);
+        r.register(&s, ttl_spec("10.0.0.1", 80), S1, 100).unwrap();
+        let mut sp = spec("10.0.0.1", 80); // no ttl: the lease is kept anyway
+        sp.weight = 0.0;
+        sp.healthy = false;
+        sp.enabled = false;
+        sp.metadata.insert("k".into(), "v".into());
+        let c = r.update(&s, sp, 900).unwrap();
+        assert_eq!(c.revision, 2);
+        let i = one(&r, &s, &k);
+        assert_eq!(i.weight, 0.0);
+        assert!(!i.healthy);
+        assert!(!i.enabled);
+        assert_eq!(i.metadata["k"], "v");
+        assert_eq!(i.lease, Lease::Ttl(TtlLease::default()));
+        assert_eq!(i.last_beat_ms, 100);
+        assert_eq!(i.stamp, 2);
+        r.check_invariants();
+    }
+
+    #[test]
+    fn update_not_found() {
+        let mut r = reg();
+        let s = svc("orders");
+        assert!(matches!(
+            r.update(&s, spec("10.0.0.1", 80), 0),
+            Err(StorageError::NotFound(_))
+        ));
+        r.register(&s, spec("10.0.0.1", 80), S1, 0).unwrap();
+        let err = r.update(&s, spec("10.0.0.1", 81), 0).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "not found: instance DEFAULT/10.0.0.1:81 is not registered in service public/DEFAULT_GROUP/orders"
+        );
+    }
+
+    #[test]
+    fn deregister_instance() {
+        let mut r = reg();
+        let s = svc("orders");
+        r.register(&s, spec("10.0.0.1", 80), S1, 0).unwrap();
+        r.register(&s, spec("10.0.0.2", 80), S1, 0).unwrap();
+        let c = r.deregister(&s, &ikey("10.0.0.1", 80)).unwrap();
+        assert_eq!(c.revision, 3);
+        assert_eq!(all(&r, &s).len(), 1);
+        assert_eq!(r.session_instance_count(S1), 1);
+        assert!(matches!(
+            r.deregister(&s, &ikey("10.0.0.1", 80)),
+            Err(StorageError::NotFound(_))
+        ));
+        r.check_invariants();
+
+        // The last instance goes: the service goes with it.
+        let c = r.deregister(&s, &ikey("10.0.0.2", 80)).unwrap();
+        assert_eq!(c.revision, 4);
+        assert_eq!(r.service_count(), 0);
+        assert_eq!(r.session_instance_count(S1), 0);
+        let v = r.query(&s, &[], false).unwrap();
+        assert_eq!(v.revision, 0);
+        assert!(v.instances.is_empty());
+        assert!(matches!(
+            r.deregister(&s, &ikey("10.0.0.2", 80)),
+            Err(StorageError::NotFound(_))
+        ));
+        r.check_invariants();
+    }
+
+    #[test]
+    fn ip_spellings_name_the_same_instance() {
+        let mut r = reg();
+        let s = svc("v6");
+        r.register(&s, spec("0:0:0:0:0:0:0:1", 80), S1, 0).unwrap();
+        r.register(&s, spec("::1", 80), S1, 0).unwrap();
+        let v = all(&r, &s);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].ip, "::1");
+        r.deregister(&s, &ikey("0::1", 80)).unwrap();
+        assert_eq!(r.instance_count(), 0);
+        r.check_invariants();
+    }
+
+    #[test]
+    fn remove_session_across_services() {
+        let mut r = reg();
+        let (a, b, c) = (svc("a"), svc("b"), svc("c"));
+        r.register(&a, spec("10.0.0.1", 80), S1, 0).unwrap();
+        r.register(&a, spec("10.0.0.1", 81), S1, 0).unwrap();
+        r.register(&a, spec("10.0.0.2", 80), S2, 0).unwrap();
+        r.register(&b, spec("10.0.0.1", 80), S1, 0).unwrap();
+        r.register(&c, spec("10.0.0.3", 80), S2, 0).unwrap();
+        r.register(&c, ttl_spec("10.0.0.4", 80), S1, 0).unwrap();
+        assert_eq!(r.session_instance_count(S1), 3);
+        assert_eq!(r.session_instance_count(S2), 2);
+
+        let changes = r.remove_session(S1);
+        assert_eq!(
+            changes,
+            vec![
+                Change {
+                    key: a.clone(),
+                    revision: 7
+                },
+                Change {
+                    key: b.clone(),
+                    revision: 8
+                },
+            ]
+        );
+        assert_eq!(r.session_instance_count(S1), 0);
+        assert_eq!(r.session_instance_count(S2), 2);
+        let left: Vec<_> = all(&r, &a).iter().map(Instance::key).collect();
+        assert_eq!(left, vec![ikey("10.0.0.2", 80)]);
+        assert_eq!(r.query(&b, &[], false).unwrap().revision, 0);
+        assert_eq!(r.service_count(), 2);
+        // The Ttl instance registered over S1's connection is not bound to it.
+        assert_eq!(all(&r, &c).len(), 2);
+        assert!(r.remove_session(S1).is_empty());
+        r.check_invariants();
+    }
+
+    #[test]
+    fn ttl_unhealthy_then_removed() {
+        let mut r = reg();
+        let s = svc("legacy");
+        let k = ikey("10.0.0.1", 80);
+        r.register(&s, ttl_spec("10.0.0.1", 80), S1, 0).unwrap();
+        assert_eq!(r.session_instance_count(S1), 0);
+        assert!(r.expire(14_999).is_empty());
+        assert!(one(&r, &s, &k).healthy);
+
+        let c = r.expire(15_000);
+        assert_eq!(
+            c,
+            vec![Change {
+                key: s.clone(),
+                revision: 2
+            }]
+        );
+        let i = one(&r, &s, &k);
+        assert!(!i.healthy);
+        assert_eq!(i.stamp, 2);
+        // Marked once: no further change until removal.
+        assert!(r.expire(20_000).is_empty());
+        assert!(r.expire(29_999).is_empty());
+        r.check_invariants();
+
+        let c = r.expire(30_000);
+        assert_eq!(
+            c,
+            vec![Change {
+                key: s.clone(),
+                revision: 3
+            }]
+        );
+        assert_eq!(r.instance_count(), 0);
+        assert_eq!(r.service_count(), 0);
+        assert!(matches!(
+            r.beat(&s, &k, 30_001),
+            Err(StorageError::NotFound(_))
+        ));
+        r.check_invariants();
+    }
+
+    #[test]
+    fn ttl_removed_in_one_step_when_expire_is_late() {
+        let mut r = reg();
+        let s = svc("legacy");
+        r.register(&s, ttl_spec("10.0.0.1", 80), S1, 0).unwrap();
+        r.register(&s, ttl_spec("10.0.0.2", 80), S1, 20_000)
+            .unwrap();
+        // One pass removes the first and marks nothing else: one change.
+        let c = r.expire(31_000);
+        assert_eq!(c.len(), 1);
+        let v = all(&r, &s);
+        assert_eq!(v.len(), 1);
+        assert!(v[0].healthy);
+        // Then the second lapses and is removed.
+        assert_eq!(r.expire(35_000).len(), 1);
+        assert!(!all(&r, &s)[0].healthy);
+        assert_eq!(r.expire(50_000).len(), 1);
+        assert_eq!(r.service_count(), 0);
+        r.check_invariants();
+    }
+
+    #[test]
+    fn ttl_equal_timings() {
+        let mut r = reg();
+        let s = svc("legacy");
+        let mut sp = ttl_spec("10.0.0.1", 80);
+        sp.ttl = Some(TtlLease {
+            unhealthy_after_ms: 10,
+            remove_after_ms: 10,
+        });
+        r.register(&s, sp, S1, 0).unwrap();
+        assert!(r.expire(9).is_empty());
+        assert_eq!(r.expire(10).len(), 1);
+        assert_eq!(r.instance_count(), 0);
+        r.check_invariants();
+    }
+
+    #[test]
+    fn beat_refreshes_and_revives() {
+        let mut r = reg();
+        let s = svc("legacy");
+        let k = ikey("10.0.0.1", 80);
+        r.register(&s, ttl_spec("10.0.0.1", 80), S1, 0).unwrap();
+
+        // A beat in time changes nothing visible but moves the deadlines.
+        assert_eq!(r.beat(&s, &k, 10_000).unwrap(), None);
+        assert_eq!(one(&r, &s, &k).last_beat_ms, 10_000);
+        assert_eq!(one(&r, &s, &k).stamp, 1);
+        assert!(r.expire(15_000).is_empty());
+        assert!(r.expire(24_999).is_empty());
+        assert_eq!(r.expire(25_000).len(), 1);
+        assert!(!one(&r, &s, &k).healthy);
+        r.check_invariants();
+
+        // A beat revives an instance expiry marked unhealthy.
+        let c = r.beat(&s, &k, 26_000).unwrap();
+        assert_eq!(
+            c,
+            Some(Change {
+                key: s.clone(),
+                revision: 3
+            })
+        );
+        let i = one(&r, &s, &k);
+        assert!(i.healthy);
+        assert_eq!(i.stamp, 3);
+        assert_eq!(i.last_beat_ms, 26_000);
+        // And its deadlines start over.
+        assert!(r.expire(40_999).is_empty());
+        assert_eq!(r.expire(41_000).len(), 1);
+        r.check_invariants();
+
+        // A stale beat does not move the last beat backwards.
+        r.beat(&s, &k, 42_000).unwrap();
+        r.beat(&s, &k, 1_000).unwrap();
+        assert_eq!(one(&r, &s, &k).last_beat_ms, 42_000);
+        r.check_invariants();
+    }
+
+    #[test]
+    fn beat_keeps_client_declared_unhealthy() {
+        let mut r = reg();
+        let s = svc("legacy");
+        let k = ikey("10.0.0.1", 80);
+        let mut sp = ttl_spec("10.0.0.1", 80);
+        sp.healthy = false;
+        r.register(&s, sp, S1, 0).unwrap();
+        // Already unhealthy: lapsing is no change.
+        assert!(r.expire(15_000).is_empty());
+        assert_eq!(r.beat(&s, &k, 16_000).unwrap(), None);
+        assert!(!one(&r, &s, &k).healthy);
+        r.check_invariants();
+
+        // Declared unhealthy by update while healthy: a beat does not revive it either.
+        r.register(&s, ttl_spec("10.0.0.2", 80), S1, 16_000)
+            .unwrap();
+        let mut sp = spec("10.0.0.2", 80);
+        sp.healthy = false;
+        r.update(&s, sp, 16_000).unwrap();
+        assert_eq!(r.beat(&s, &ikey("10.0.0.2", 80), 17_000).unwrap(), None);
+        assert!(!one(&r, &s, &ikey("10.0.0.2", 80)).healthy);
+        r.check_invariants();
+    }
+
+    #[test]
+    fn update_while_lapsed() {
+        let mut r = reg();
+        let s = svc("legacy");
+        let k = ikey("10.0.0.1", 80);
+        r.register(&s, ttl_spec("10.0.0.1", 80), S1, 0).unwrap();
+        assert_eq!(r.expire(15_000).len(), 1);
+
+        // Declaring unhealthy while lapsed: the next beat keeps it unhealthy.
+        let mut sp = spec("10.0.0.1", 80);
+        sp.healthy = false;
+        r.update(&s, sp.clone(), 15_500).unwrap();
+        assert!(!one(&r, &s, &k).healthy);
+        // Declaring healthy while lapsed: still unhealthy until a beat.
+        sp.healthy = true;
+        r.update(&s, sp.clone(), 15_600).unwrap();
+        assert!(!one(&r, &s, &k).healthy);
+        r.check_invariants();
+        assert!(r.beat(&s, &k, 16_000).unwrap().is_some());
+        assert!(one(&r, &s, &k).healthy);
+
+        // Lapse again, declare unhealthy, beat: stays unhealthy.
+        assert_eq!(r.expire(31_000).len(), 1);
+        sp.healthy = false;
+        r.update(&s, sp, 31_500).unwrap();
+        assert_eq!(r.beat(&s, &k, 32_000).unwrap(), None);
+        assert!(!one(&r, &s, &k).healthy);
+        r.check_invariants();
+    }
+
+    #[test]
+    fn beat_session_instance_and_not_found() {
+        let mut r = reg();
+        let s = svc("orders");
+        let k = ikey("10.0.0.1", 80);
+        assert!(matches!(r.beat(&s, &k, 0), Err(StorageError::NotFound(_))));
+        r.register(&s, spec("10.0.0.1", 80), S1, 0).unwrap();
+        let before = r.dump();
+        assert_eq!(r.beat(&s, &k, 99).unwrap(), None);
+        assert_eq!(r.dump(), before);
+        assert!(matches!(
+            r.beat(&s, &ikey("10.0.0.1", 81), 0),
+            Err(StorageError::NotFound(_))
+        ));
+    }
+
+    /// Four enabled instances of which one healthy, plus a disabled healthy one.
+    fn protection_setup(threshold: f64) -> (Registry, ServiceKey) {
+        let mut r = reg();
+        let s = svc("orders");
+        for (n, healthy, enabled) in [
+            (1, true, true),
+            (2, false, true),
+            (3, false, true),
+            (4, false, true),
+            (5, true, false),
+        ] {
+            let mut sp = spec(&format!("10.0.0.{n}"), 80);
+            sp.healthy = healthy;
+            sp.enabled = enabled;
+            r.register(&s, sp, S1, 0).unwrap();
+        }
+        r.set_service_meta(
+            &s,
+            ServiceMeta {
+                protect_threshold: threshold,
+                metadata: BTreeMap::new(),
+            },
+        )
+        .unwrap();
+        (r, s)
+    }
+
+    fn ips(v: &ServiceView) -> Vec<String> {
+        v.instances.iter().map(|i| i.ip.clone()).collect()
+    }
+
+    #[test]
+    fn protection_off() {
+        let (r, s) = protection_setup(0.0);
+        let v = r.query(&s, &[], true).unwrap();
+        assert!(!v.protected);
+        assert_eq!(ips(&v), vec!["10.0.0.1"]);
+        // Without healthy_only: everything, disabled included, never protected.
+        let v = r.query(&s, &[], false).unwrap();
+        assert!(!v.protected);
+        assert_eq!(v.instances.len(), 5);
+    }
+
+    #[test]
+    fn protection_below_share() {
+        // Healthy share 1/4 = 0.25 is above 0.2: no protection.
+        let (r, s) = protection_setup(0.2);
+        let v = r.query(&s, &[], true).unwrap();
+        assert!(!v.protected);
+        assert_eq!(ips(&v), vec!["10.0.0.1"]);
+    }
+
+    #[test]
+    fn protection_on() {
+        for t in [0.25, 0.5, 1.0] {
+            let (r, s) = protection_setup(t);
+            let v = r.query(&s, &[], true).unwrap();
+            assert!(v.protected, "threshold {t}");
+            // All enabled instances, sorted; the disabled one still left out.
+            assert_eq!(
+                ips(&v),
+                vec!["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]
+            );
+            let v = r.query(&s, &[], false).unwrap();
+            assert!(!v.protected);
+            assert_eq!(v.instances.len(), 5);
+        }
+    }
+
+    #[test]
+    fn protection_with_no_enabled_instance() {
+        let mut r = reg();
+        let s = svc("orders");
+        let mut sp = spec("10.0.0.1", 80);
+        sp.enabled = false;
+        r.register(&s, sp, S1, 0).unwrap();
+        r.set_service_meta(
+            &s,
+            ServiceMeta {
+                protect_threshold: 1.0,
+                metadata: BTreeMap::new(),
+            },
+        )
+        .unwrap();
+        let v = r.query(&s, &[], true).unwrap();
+        assert!(!v.protected);
+        assert!(v.instances.is_empty());
+    }
+
+    #[test]
+    fn cluster_filter() {
+        let mut r = reg();
+        let s = svc("orders");
+        for (cluster, ip) in [
+            ("b", "10.0.0.2"),
+            ("a", "10.0.0.9"),
+            ("a", "10.0.0.1"),
+            ("c", "10.0.0.3"),
+        ] {
+            let mut sp = spec(ip, 80);
+            sp.cluster = cluster.into();
+            r.register(&s, sp, S1, 0).unwrap();
+        }
+        let v = r.query(&s, &["c".into(), "a".into()], false).unwrap();
+        let keys: Vec<_> = v
+            .instances
+            .iter()
+            .map(|i| (i.cluster.as_str(), i.ip.as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![("a", "10.0.0.1"), ("a", "10.0.0.9"), ("c", "10.0.0.3")]
+        );
+        assert!(r
+            .query(&s, &["zz".into()], true)
+            .unwrap()
+            .instances
+            .is_empty());
+        assert!(matches!(
+            r.query(&s, &["".into()], true),
+            Err(StorageError::InvalidName {
+                what: "cluster",
+                ..
+            })
+        ));
+        // Protection counts only the selected clusters.
+        let mut sp = spec("10.0.0.2", 80);
+        sp.cluster = "b".into();
+        sp.healthy = false;
+        r.update(&s, sp, 0).unwrap();
+        r.set_service_meta(
+            &s,
+            ServiceMeta {
+                protect_threshold: 0.5,
+                metadata: BTreeMap::new(),
+            },
+        )
+        .unwrap();
+        let v = r.query(&s, &["b".into()], true).unwrap();
+        assert!(v.protected);
+        assert_eq!(v.instances.len(), 1);
+        let v = r.query(&s, &["a".into()], true).unwrap();
+        assert!(!v.protected);
+        assert_eq!(v.instances.len(), 2);
+    }
+
+    #[test]
+    fn service_meta_lifecycle() {
+        let mut r = reg();
+        let s = svc("orders");
+        assert_eq!(r.service_meta(&s), None);
+        let mut meta = ServiceMeta {
+            protect_threshold: 0.5,
+            metadata: BTreeMap::new(),
+        };
+        meta.metadata.insert("owner".into(), "team-a".into());
+        let c = r.set_service_meta(&s, meta.clone()).unwrap();
+        assert_eq!(c.revision, 1);
+        // A service with settings and no instances is kept.
+        assert_eq!(r.service_meta(&s), Some(&meta));
+        assert_eq!(r.service_count(), 1);
+        assert_eq!(r.query(&s, &[], true).unwrap().revision, 1);
+        r.register(&s, spec("10.0.0.1", 80), S1, 0).unwrap();
+        r.deregister(&s, &ikey("10.0.0.1", 80)).unwrap();
+        assert_eq!(r.service_meta(&s), Some(&meta));
+        // Back to defaults with no instances: the service is dropped.
+        let c = r.set_service_meta(&s, ServiceMeta::default()).unwrap();
+        assert_eq!(c.revision, 4);
+        assert_eq!(r.service_meta(&s), None);
+        assert_eq!(r.service_count(), 0);
+        r.check_invariants();
+    }
+
+    #[test]
+    fn revisions_strictly_increase() {
+        let mut r = reg();
+        let (a, b) = (svc("a"), svc("b"));
+        let k = ikey("10.0.0.1", 80);
+        let mut revs = vec![
+            r.register(&a, spec("10.0.0.1", 80), S1, 0)
+                .unwrap()
+                .revision,
+            r.register(&b, ttl_spec("10.0.0.1", 80), S1, 0)
+                .unwrap()
+                .revision,
+            r.update(&a, spec("10.0.0.1", 80), 0).unwrap().revision,
+            r.deregister(&a, &k).unwrap().revision,
+            // a is gone; re-creating it continues above its last revision.
+            r.register(&a, spec("10.0.0.1", 80), S2, 0)
+                .unwrap()
+                .revision,
+        ];
+        assert_eq!(r.query(&a, &[], false).unwrap().revision, 5);
+        revs.extend(r.expire(15_000).iter().map(|c| c.revision));
+        revs.push(r.beat(&b, &k, 16_000).unwrap().unwrap().revision);
+        revs.push(
+            r.set_service_meta(&b, ServiceMeta::default())
+                .unwrap()
+                .revision,
+        );
+        revs.extend(r.remove_session(S2).iter().map(|c| c.revision));
+        revs.extend(r.expire(100_000).iter().map(|c| c.revision));
+        assert_eq!(revs, (1..=10).collect::<Vec<u64>>());
+        assert_eq!(r.last_stamp(), 10);
+        assert_eq!(r.service_count(), 0);
+        r.check_invariants();
+    }
+
+    #[test]
+    fn unknown_namespace_on_every_operation() {
+        let mut r = reg();
+        let s = ServiceKey::new("nope", DEFAULT_GROUP, "orders");
+        let k = ikey("10.0.0.1", 80);
+        let unknown = || StorageError::UnknownNamespace("nope".into());
+        assert_eq!(r.register(&s, spec("10.0.0.1", 80), S1, 0), Err(unknown()));
+        assert_eq!(r.update(&s, spec("10.0.0.1", 80), 0), Err(unknown()));
+        assert_eq!(r.deregister(&s, &k), Err(unknown()));
+        assert_eq!(r.beat(&s, &k, 0), Err(unknown()));
+        assert_eq!(
+            r.set_service_meta(&s, ServiceMeta::default()),
+            Err(unknown())
+        );
+        assert_eq!(r.query(&s, &[], true), Err(unknown()));
+        assert_eq!(r.list_services("nope", None), Err(unknown()));
+        assert_eq!(r.list_services("nope", Some("g")), Err(unknown()));
+        assert_eq!(r.service_meta(&s), None);
+        assert_eq!(r.last_stamp(), 0);
+        assert!(r.dump().is_empty());
+
+        // The key is validated before the namespace is looked up.
+        let bad = ServiceKey::new("no pe", DEFAULT_GROUP, "orders");
+        assert!(matches!(
+            r.query(&bad, &[], true),
+            Err(StorageError::InvalidName {
+                what: "namespace",
+                ..
+            })
+        ));
+        let bad = ServiceKey::new("nope", DEFAULT_GROUP, "or/ders");
+        assert!(matches!(
+            r.register(&bad, spec("10.0.0.1", 80), S1, 0),
+            Err(StorageError::InvalidName {
+                what: "service",
+                ..
+            })
+        ));
+        // And the namespace before the instance.
+        assert_eq!(r.register(&s, spec("bad", 80), S1, 0), Err(unknown()));
+    }
+
+    #[test]
+    fn bad_requests_change_nothing() {
+        let mut r = reg();
+        let s = svc("orders");
+        let k = ikey("10.0.0.1", 80);
+        r.register(&s, spec("10.0.0.1", 80), S1, 0).unwrap();
+        r.register(&s, ttl_spec("10.0.0.2", 80), S1, 0).unwrap();
+        let before = r.dump();
+        let stamp = r.last_stamp();
+
+        let weird = |f: &dyn Fn(&mut InstanceSpec)| {
+            let mut sp = spec("10.0.0.1", 80);
+            f(&mut sp);
+            sp
+        };
+        let bad_specs = [
+            weird(&|s| s.port = 0),
+            weird(&|s| s.ip = "10.0.0.300".into()),
+            weird(&|s| s.weight = f64::NAN),
+            weird(&|s| s.weight = -1.0),
+            weird(&|s| s.cluster = "a b".into()),
+            weird(&|s| {
+                s.metadata.insert("".into(), "v".into());
+            }),
+            weird(&|s| {
+                s.metadata.insert("k".into(), "v".repeat(1025));
+            }),
+            weird(&|s| {
+                s.ttl = Some(TtlLease {
+                    unhealthy_after_ms: 2,
+                    remove_after_ms: 1,
+                })
+            }),
+        ];
+        for sp in bad_specs {
+            assert!(r.register(&s, sp.clone(), S2, 1).is_err(), "{sp:?}");
+            assert!(r.update(&s, sp, 1).is_err());
+        }
+        let bad_keys = [
+            ServiceKey::new("", DEFAULT_GROUP, "orders"),
+            ServiceKey::new(DEFAULT_NAMESPACE, "g g", "orders"),
+            ServiceKey::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, "x".repeat(129)),
+        ];
+        for bk in &bad_keys {
+            assert!(r.register(bk, spec("10.0.0.1", 80), S2, 1).is_err());
+            assert!(r.deregister(bk, &k).is_err());
+            assert!(r.beat(bk, &k, 1).is_err());
+            assert!(r.set_service_meta(bk, ServiceMeta::default()).is_err());
+        }
+        assert_eq!(
+            r.deregister(&s, &ikey("10.0.0.1", 0)),
+            Err(StorageError::InvalidPort(0))
+        );
+        assert_eq!(
+            r.beat(&s, &ikey("nonsense", 80), 1),
+            Err(StorageError::InvalidIp("nonsense".into()))
+        );
+        assert!(r.deregister(&s, &ikey("10.0.0.9", 80)).is_err());
+        assert!(r.beat(&s, &ikey("10.0.0.9", 80), 1).is_err());
+        assert!(r.update(&s, spec("10.0.0.9", 80), 1).is_err());
+        for t in [f64::NAN, -0.1, 1.5] {
+            let meta = ServiceMeta {
+                protect_threshold: t,
+                metadata: BTreeMap::new(),
+            };
+            assert!(matches!(
+                r.set_service_meta(&s, meta),
+                Err(StorageError::InvalidSetting(_))
+            ));
+        }
+        let mut meta = ServiceMeta::default();
+        for i in 0..65 {
+            meta.metadata.insert(format!("k{i}"), String::new());
+        }
+        assert!(matches!(
+            r.set_service_meta(&s, meta),
+            Err(StorageError::InvalidMetadata(_))
+        ));
+        assert!(r.add_namespace("").is_err());
+        assert!(r.list_services("", None).is_err());
+        assert!(r.list_services(DEFAULT_NAMESPACE, Some("a b")).is_err());
+
+        assert_eq!(r.dump(), before);
+        assert_eq!(r.last_stamp(), stamp);
+        assert_eq!(r.namespaces(), vec![DEFAULT_NAMESPACE.to_string()]);
+        assert_eq!(r.session_instance_count(S2), 0);
+        // No stamp was taken: the next change is the next revision.
+        let c = r.deregister(&s, &k).unwrap();
+        assert_eq!(c.revision, stamp + 1);
+        r.check_invariants();
+    }
+
+    #[test]
+    fn list_services_sorted_with_counts() {
+        let mut r = reg();
+        r.add_namespace("dev").unwrap();
+        let keys = [
+            ServiceKey::new("public", "g2", "a"),
+            ServiceKey::new("public", "g1", "b"),
+            ServiceKey::new("public", "g1", "a"),
+            ServiceKey::new("dev", "g1", "a"),
+            ServiceKey::new("public", "g10", "z"),
+        ];
+        for k in &keys {
+            r.register(k, spec("10.0.0.1", 80), S1, 0).unwrap();
+        }
+        let mut sp = spec("10.0.0.2", 80);
+        sp.healthy = false;
+        r.register(&keys[2], sp, S1, 0).unwrap();
+
+        let list = r.list_services("public", None).unwrap();
+        let names: Vec<_> = list
+            .iter()
+            .map(|s| (s.key.group.as_str(), s.key.service.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![("g1", "a"), ("g1", "b"), ("g10", "z"), ("g2", "a")]
+        );
+        assert_eq!(
+            list[0],
+            ServiceSummary {
+                key: keys[2].clone(),
+                instances: 2,
+                healthy: 1,
+                revision: 6,
+            }
+        );
+        let g1: Vec<_> = r
+            .list_services("public", Some("g1"))
+            .unwrap()
+            .into_iter()
+            .map(|s| s.key)
+            .collect();
+        assert_eq!(g1, vec![keys[2].clone(), keys[1].clone()]);
+        assert!(r.list_services("public", Some("g3")).unwrap().is_empty());
+        assert_eq!(r.list_services("dev", None).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn dump_is_sorted_and_deterministic() {
+        let build = |order: &[usize]| {
+            let mut r = reg();
+            let items = [
+                (svc("b"), "10.0.0.2"),
+                (svc("a"), "10.0.0.9"),
+                (svc("a"), "10.0.0.1"),
+                (ServiceKey::new("public", "A", "z"), "::1"),
+            ];
+            for &i in order {
+                r.register(&items[i].0, spec(items[i].1, 80), S1, 0)
+                    .unwrap();
+            }
+            r
+        };
+        let d = build(&[0, 1, 2, 3]).dump();
+        let keys: Vec<_> = d
+            .iter()
+            .map(|(k, _, inst)| {
+                (
+                    k.to_string(),
+                    inst.iter().map(|i| i.ip.clone()).collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                ("public/A/z".to_string(), vec!["::1".to_string()]),
+                (
+                    "public/DEFAULT_GROUP/a".to_string(),
+                    vec!["10.0.0.1".to_string(), "10.0.0.9".to_string()]
+                ),
+                (
+                    "public/DEFAULT_GROUP/b".to_string(),
+                    vec!["10.0.0.2".to_string()]
+                ),
+            ]
+        );
+        // Same operations in the same order: equal dumps.
+        assert_eq!(d, build(&[0, 1, 2, 3]).dump());
+    }
+
+    /// Random operations; the indexes must agree with the content after every one.
+    #[test]
+    fn random_operations_keep_indexes_consistent() {
+        let mut r = reg();
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |n: u64| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        };
+        let mut now = 0u64;
+        let mut last = 0u64;
+        for _ in 0..5_000 {
+            let s = svc(&format!("s{}", next(4)));
+            let ip = format!("10.0.0.{}", next(6));
+            let session = SessionId(u128::from(next(3) as u8));
+            let changes: Vec<Change> = match next(8) {
+                0 | 1 => {
+                    let mut sp = if next(2) == 0 {
+                        spec(&ip, 80)
+                    } else {
+                        ttl_spec(&ip, 80)
+                    };
+                    sp.healthy = next(4) != 0;
+                    vec![r.register(&s, sp, session, now).unwrap()]
+                }
+                2 => {
+                    let mut sp = spec(&ip, 80);
+                    sp.healthy = next(2) == 0;
+                    r.update(&s, sp, now).into_iter().collect()
+                }
+                3 => r.deregister(&s, &ikey(&ip, 80)).into_iter().collect(),
+                4 => r
+                    .beat(&s, &ikey(&ip, 80), now)
+                    .unwrap_or(None)
+                    .into_iter()
+                    .collect(),
+                5 => r.remove_session(session),
+                6 => {
+                    now += next(20_000);
+                    r.expire(now)
+                }
+                _ => {
+                    let meta = ServiceMeta {
+                        protect_threshold: if next(2) == 0 { 0.0 } else { 0.5 },
+                        metadata: BTreeMap::new(),
+                    };
+                    vec![r.set_service_meta(&s, meta).unwrap()]
+                }
+            };
+            for c in changes {
+                assert!(c.revision > last);
+                last = c.revision;
+            }
+            r.check_invariants();
+        }
     }
 }

@@ -10,6 +10,7 @@ pub mod config;
 mod conn;
 mod http;
 pub mod metrics;
+pub mod peer;
 pub mod server;
 mod state;
 pub mod tls;

@@ -149,16 +149,48 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
         .with_context(|| format!("no private key in {}", path.display()))
 }
 
-/// The server side of the QUIC endpoint: TLS 1.3 only, ALPN `shoal/1`.
+fn roots(files: &TlsFiles) -> Result<Arc<rustls::RootCertStore>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(&files.ca)? {
+        roots.add(cert).context("adding the cluster CA")?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The server side of the QUIC endpoint: TLS 1.3 only, the given ALPNs.
+///
+/// A client certificate is optional (applications connect without one) but, when
+/// presented, must chain to the cluster CA. Peer links additionally require one:
+/// see `peer::accept`.
 pub fn server_config(files: &TlsFiles, alpns: &[&[u8]]) -> Result<rustls::ServerConfig> {
     let certs = load_certs(&files.cert)?;
     let key = load_key(&files.key)?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(files)?, provider())
+            .allow_unauthenticated()
+            .build()
+            .context("building the client certificate verifier")?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("TLS 1.3 with the ring provider")?
-        .with_no_client_auth()
+        .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
         .context("the node certificate and key do not match")?;
     config.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
+    Ok(config)
+}
+
+/// The client side of a peer link: trusts the cluster CA and presents this node's
+/// certificate (mutual TLS), ALPN `shoal-peer/1`.
+pub fn peer_client_config(files: &TlsFiles) -> Result<rustls::ClientConfig> {
+    let certs = load_certs(&files.cert)?;
+    let key = load_key(&files.key)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3 with the ring provider")?
+        .with_root_certificates(roots(files)?)
+        .with_client_auth_cert(certs, key)
+        .context("the node certificate and key do not match")?;
+    config.alpn_protocols = vec![shoal_proto::PEER_ALPN.to_vec()];
     Ok(config)
 }

@@ -20,13 +20,19 @@ mod frame;
 mod messages;
 
 pub use error::{ErrorBody, ErrorCode};
-pub use frame::{decode, decode_len, encode_frame, FrameError, DEFAULT_MAX_FRAME_BYTES, LEN_PREFIX_BYTES};
+pub use frame::{
+    decode, decode_len, encode_frame, FrameError, DEFAULT_MAX_FRAME_BYTES, LEN_PREFIX_BYTES,
+};
 #[cfg(feature = "tokio")]
 pub use frame::{read_frame, write_frame};
 pub use messages::*;
 
 /// ALPN of the client protocol, version 1. A node refuses other ALPNs.
 pub const ALPN: &[u8] = b"shoal/1";
+
+/// ALPN of the peer protocol between nodes, version 1. Requires a client
+/// certificate from the cluster CA.
+pub const PEER_ALPN: &[u8] = b"shoal-peer/1";
 
 /// Version of the client protocol carried in [`Hello`].
 pub const PROTOCOL_VERSION: u32 = 1;

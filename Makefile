@@ -1,0 +1,34 @@
+# Shoal: the two commands of the README, and a few more.
+CARGO ?= cargo
+NODES ?= 1
+
+.PHONY: run test build lint fmt bench clean
+
+## Build, then start a local cluster with development certificates (Ctrl-C stops it).
+run:
+	$(CARGO) build --release --bin shoal
+	./target/release/shoal dev --nodes $(NODES)
+
+## The whole suite: unit tests, then integration tests against real node processes.
+test:
+	$(CARGO) build --bin shoal
+	$(CARGO) test --workspace --no-fail-fast
+
+build:
+	$(CARGO) build --release --workspace
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## Single-node benchmark over QUIC; figures go to docs/benchmarks.md by hand.
+bench:
+	$(CARGO) build --release --bin shoal --bin shoal-bench
+	./target/release/shoal-bench single-node
+
+clean:
+	$(CARGO) clean
+	rm -rf .shoal

@@ -1,0 +1,307 @@
+//! Peer links: one QUIC connection per pair of nodes, mutual TLS with the cluster CA,
+//! ALPN `shoal-peer/1`. This is the QUIC implementation of the replication engine's
+//! transport: it moves opaque peer messages and reports links going up and down;
+//! every protocol decision is the engine's.
+//!
+//! Each side of a link opens one unidirectional stream for what it sends. The first
+//! frame on it is a [`PeerHello`] naming the sender; the rest are messages. When both
+//! nodes dial each other at once, the link dialed by the lower node id is kept.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use shoal_proto::{read_frame, write_frame};
+use shoal_storage::NodeId;
+use tokio::sync::mpsc;
+
+use crate::state::lock;
+
+/// Version of the peer protocol.
+pub const PEER_PROTOCOL_VERSION: u32 = 1;
+
+/// Close code: a duplicate link between the same pair of nodes.
+const CLOSE_DUPLICATE: quinn::VarInt = quinn::VarInt::from_u32(10);
+/// Close code: a peer without a certificate from the cluster CA.
+const CLOSE_UNAUTHENTICATED: quinn::VarInt = quinn::VarInt::from_u32(11);
+
+/// First frame on a peer stream.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerHello {
+    /// The sender's node id.
+    pub node_id: NodeId,
+    /// The address the sender's QUIC endpoint is dialed at.
+    pub addr: String,
+    /// Peer protocol version.
+    pub version: u32,
+}
+
+/// What the links report to the node.
+#[derive(Debug)]
+pub enum LinkEvent<M> {
+    /// A link to `id` is up.
+    Up {
+        /// The peer.
+        id: NodeId,
+        /// Its dial address.
+        addr: String,
+    },
+    /// The link to `id` went down.
+    Down {
+        /// The peer.
+        id: NodeId,
+    },
+    /// A message arrived.
+    Message {
+        /// The sender.
+        from: NodeId,
+        /// The message.
+        msg: M,
+    },
+}
+
+struct Link<M> {
+    conn: quinn::Connection,
+    tx: mpsc::Sender<M>,
+    dialed_by: NodeId,
+}
+
+/// The set of peer links of one node.
+pub struct Links<M> {
+    me: NodeId,
+    my_addr: String,
+    endpoint: quinn::Endpoint,
+    client_config: quinn::ClientConfig,
+    max_frame: usize,
+    queue: usize,
+    links: Mutex<HashMap<NodeId, Link<M>>>,
+    dialing: Mutex<std::collections::HashSet<String>>,
+    events: mpsc::UnboundedSender<LinkEvent<M>>,
+}
+
+impl<M> Links<M>
+where
+    M: Serialize + DeserializeOwned + Send + 'static,
+{
+    /// Links of node `me`, reachable at `my_addr`, using `endpoint` both to dial and to
+    /// accept. Events arrive on the returned receiver.
+    pub fn new(
+        me: NodeId,
+        my_addr: String,
+        endpoint: quinn::Endpoint,
+        client_config: quinn::ClientConfig,
+        max_frame: usize,
+        queue: usize,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<LinkEvent<M>>) {
+        let (events, rx) = mpsc::unbounded_channel();
+        (
+            Arc::new(Links {
+                me,
+                my_addr,
+                endpoint,
+                client_config,
+                max_frame,
+                queue,
+                links: Mutex::new(HashMap::new()),
+                dialing: Mutex::new(Default::default()),
+                events,
+            }),
+            rx,
+        )
+    }
+
+    /// Queues `msg` for `to`. False if there is no link or its queue is full (the
+    /// message is dropped: the engine's anti-entropy repairs what a drop loses).
+    pub fn send(&self, to: &NodeId, msg: M) -> bool {
+        let links = lock(&self.links);
+        match links.get(to) {
+            Some(link) => link.tx.try_send(msg).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Whether a link to `id` is up.
+    pub fn is_linked(&self, id: &NodeId) -> bool {
+        lock(&self.links).contains_key(id)
+    }
+
+    /// Ids of the peers linked now.
+    pub fn linked(&self) -> Vec<NodeId> {
+        lock(&self.links).keys().cloned().collect()
+    }
+
+    /// Dials `addr` (host:port) unless a dial to it is under way. Runs in the
+    /// background; the outcome arrives as an event.
+    pub fn dial(self: &Arc<Self>, addr: String) {
+        if !lock(&self.dialing).insert(addr.clone()) {
+            return;
+        }
+        let links = Arc::clone(self);
+        tokio::spawn(async move {
+            let result = links.dial_once(&addr).await;
+            lock(&links.dialing).remove(&addr);
+            if let Err(e) = result {
+                tracing::debug!(peer = %addr, "dial failed: {e:#}");
+            }
+        });
+    }
+
+    async fn dial_once(self: &Arc<Self>, addr: &str) -> anyhow::Result<()> {
+        let sock: SocketAddr = resolve(addr).await?;
+        let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let connecting = self
+            .endpoint
+            .connect_with(self.client_config.clone(), sock, host)?;
+        let conn = tokio::time::timeout(Duration::from_secs(5), connecting).await??;
+        let me = self.me.clone();
+        self.run_link(conn, me).await
+    }
+
+    /// Takes over an accepted connection with the peer ALPN.
+    pub fn accept(self: &Arc<Self>, conn: quinn::Connection) {
+        // The TLS layer verified any certificate presented; a peer must present one.
+        if conn.peer_identity().is_none() {
+            metrics::counter!("shoal_peer_refused_total", "reason" => "no_certificate")
+                .increment(1);
+            tracing::warn!(remote = %conn.remote_address(), "peer link without a cluster certificate refused");
+            conn.close(CLOSE_UNAUTHENTICATED, b"peer certificate required");
+            return;
+        }
+        let links = Arc::clone(self);
+        tokio::spawn(async move {
+            // The dialer is the remote; its id is learned from its hello.
+            if let Err(e) = links.run_link(conn, NodeId(String::new())).await {
+                tracing::debug!("peer link ended: {e:#}");
+            }
+        });
+    }
+
+    /// Exchanges hellos on a fresh connection, registers the link and pumps it.
+    /// `dialed_by` is our id when we dialed; empty when the remote dialed.
+    async fn run_link(
+        self: &Arc<Self>,
+        conn: quinn::Connection,
+        dialed_by: NodeId,
+    ) -> anyhow::Result<()> {
+        let mut send = conn.open_uni().await?;
+        let hello = PeerHello {
+            node_id: self.me.clone(),
+            addr: self.my_addr.clone(),
+            version: PEER_PROTOCOL_VERSION,
+        };
+        write_frame(&mut send, &hello, self.max_frame).await?;
+        let mut recv = tokio::time::timeout(Duration::from_secs(5), conn.accept_uni()).await??;
+        let their: PeerHello = tokio::time::timeout(
+            Duration::from_secs(5),
+            read_frame(&mut recv, self.max_frame),
+        )
+        .await??
+        .ok_or_else(|| anyhow::anyhow!("peer closed before its hello"))?;
+        anyhow::ensure!(
+            their.version == PEER_PROTOCOL_VERSION,
+            "peer speaks version {}",
+            their.version
+        );
+        if their.node_id == self.me {
+            conn.close(CLOSE_DUPLICATE, b"self");
+            return Ok(());
+        }
+        let dialed_by = if dialed_by.0.is_empty() {
+            their.node_id.clone()
+        } else {
+            dialed_by
+        };
+        let (tx, mut rx) = mpsc::channel::<M>(self.queue);
+        {
+            let mut links = lock(&self.links);
+            if let Some(existing) = links.get(&their.node_id) {
+                // Two links between the same pair: keep the one dialed by the lower id.
+                let keep_existing =
+                    existing.dialed_by <= dialed_by && existing.conn.close_reason().is_none();
+                if keep_existing {
+                    drop(links);
+                    conn.close(CLOSE_DUPLICATE, b"duplicate link");
+                    return Ok(());
+                }
+                existing.conn.close(CLOSE_DUPLICATE, b"duplicate link");
+            }
+            links.insert(
+                their.node_id.clone(),
+                Link {
+                    conn: conn.clone(),
+                    tx,
+                    dialed_by,
+                },
+            );
+        }
+        let peer = their.node_id.clone();
+        tracing::info!(%peer, addr = %their.addr, "peer link up");
+        let _ = self.events.send(LinkEvent::Up {
+            id: peer.clone(),
+            addr: their.addr.clone(),
+        });
+
+        let max = self.max_frame;
+        let writer = tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(64 * 1024);
+            while let Some(msg) = rx.recv().await {
+                buf.clear();
+                let mut next = Some(msg);
+                while let Some(msg) = next.take() {
+                    match shoal_proto::encode_frame(&msg, max) {
+                        Ok(bytes) => buf.extend_from_slice(&bytes),
+                        Err(e) => tracing::warn!("peer message not sent: {e}"),
+                    }
+                    if buf.len() < 256 * 1024 {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                if send.write_all(&buf).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let result = loop {
+            match read_frame::<M, _>(&mut recv, max).await {
+                Ok(Some(msg)) => {
+                    let _ = self.events.send(LinkEvent::Message {
+                        from: peer.clone(),
+                        msg,
+                    });
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(anyhow::Error::from(e)),
+            }
+        };
+        writer.abort();
+        let removed = {
+            let mut links = lock(&self.links);
+            match links.get(&peer) {
+                Some(l) if l.conn.stable_id() == conn.stable_id() => {
+                    links.remove(&peer);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if removed {
+            tracing::info!(%peer, "peer link down");
+            let _ = self.events.send(LinkEvent::Down { id: peer });
+        }
+        result
+    }
+}
+
+async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    tokio::net::lookup_host(addr)
+        .await?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{addr} resolves to nothing"))
+}

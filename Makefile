@@ -1,6 +1,6 @@
 # Shoal: the two commands of the README, and a few more.
 CARGO ?= cargo
-NODES ?= 1
+NODES ?= 3
 
 .PHONY: run test build lint fmt bench clean
 

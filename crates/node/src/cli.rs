@@ -53,9 +53,12 @@ pub struct ServerArgs {
     /// Largest frame accepted (bytes).
     #[arg(long, env = "SHOAL_MAX_FRAME_BYTES")]
     pub max_frame_bytes: Option<usize>,
-    /// Interval of the Ttl lease check (ms).
-    #[arg(long, env = "SHOAL_TTL_CHECK_INTERVAL_MS")]
-    pub ttl_check_interval_ms: Option<u64>,
+    /// Addresses of other nodes to join through (comma-separated or repeated).
+    #[arg(long, env = "SHOAL_SEEDS", value_delimiter = ',')]
+    pub seed: Vec<String>,
+    /// How long a forwarded write waits for its owner (ms).
+    #[arg(long, env = "SHOAL_FORWARD_TIMEOUT_MS")]
+    pub forward_timeout_ms: Option<u64>,
     /// Namespaces besides `public` (comma-separated or repeated).
     #[arg(long, env = "SHOAL_NAMESPACES", value_delimiter = ',')]
     pub namespace: Vec<String>,
@@ -105,8 +108,11 @@ impl ServerArgs {
             idle_timeout_ms,
             keep_alive_interval_ms,
             max_frame_bytes,
-            ttl_check_interval_ms
+            forward_timeout_ms
         );
+        if !self.seed.is_empty() {
+            c.seeds = self.seed.clone();
+        }
         if !self.namespace.is_empty() {
             c.namespaces = self.namespace.clone();
         }
@@ -136,7 +142,7 @@ pub fn run_server(args: ServerArgs) -> Result<()> {
 #[derive(clap::Args, Debug, Clone)]
 pub struct DevArgs {
     /// Number of nodes to start.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 3)]
     pub nodes: usize,
     /// Directory for the development CA and the nodes' data.
     #[arg(long, default_value = ".shoal")]
@@ -160,6 +166,9 @@ pub fn run_dev(args: DevArgs) -> Result<()> {
     let exe = std::env::current_exe().context("finding the shoal binary")?;
     let mut children = Vec::new();
     let mut servers = Vec::new();
+    let all: Vec<String> = (0..args.nodes)
+        .map(|i| format!("127.0.0.1:{}", args.base_port as usize + 10 * i))
+        .collect();
     for i in 0..args.nodes {
         let port = args.base_port as usize + 10 * i;
         anyhow::ensure!(port < u16::MAX as usize, "--base-port too high");
@@ -176,6 +185,11 @@ pub fn run_dev(args: DevArgs) -> Result<()> {
             .arg("--dev-ca-dir")
             .arg(&dir)
             .args(["--listen-addr", &quic, "--http-addr", &http])
+            .args(
+                all.iter()
+                    .filter(|a| **a != quic)
+                    .flat_map(|a| ["--seed".to_string(), a.clone()]),
+            )
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
@@ -222,7 +236,12 @@ pub fn run_dev(args: DevArgs) -> Result<()> {
     println!("  export SHOAL_SERVERS={}", list.join(","));
     println!("  export SHOAL_CA={}", ca.display());
     println!("  shoal register orders 10.0.0.1:8080 --meta version=1   # holds until Ctrl-C");
-    println!("  shoal list orders");
+    println!(
+        "  shoal list orders --server {}   # any node answers",
+        list.last().cloned().unwrap_or_default()
+    );
+    println!("  shoal members");
+    println!("  shoal ring orders");
     println!("  shoal services");
     println!("  shoal watch orders");
     println!("  curl http://{}/metrics", servers[0].1);

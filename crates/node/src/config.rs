@@ -37,8 +37,6 @@ pub struct Config {
     pub keep_alive_interval_ms: u64,
     /// Largest frame accepted or sent (bytes).
     pub max_frame_bytes: usize,
-    /// How often Ttl leases are checked for expiry (ms).
-    pub ttl_check_interval_ms: u64,
     /// Frames queued towards one client before the node gives up on it as too slow
     /// and closes its connection (the client then resumes and re-subscribes).
     pub outbound_queue_frames: usize,
@@ -49,6 +47,89 @@ pub struct Config {
     pub namespaces: Vec<String>,
     /// Validation limits.
     pub limits: LimitsConfig,
+    /// Addresses (`host:port`, DNS names allowed) of other nodes to join through.
+    /// Empty: a cluster of one, ready at once.
+    pub seeds: Vec<String>,
+    /// How long a write forwarded to its owner waits for the answer before it is
+    /// routed again (ms).
+    pub forward_timeout_ms: u64,
+    /// Replication timings and limits.
+    pub replication: ReplicationConfig,
+}
+
+/// Replication timings and limits; see docs/replication.md.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Longest wait of a change in a peer's batch (ms).
+    pub batch_window_ms: u64,
+    /// A batch leaves at once at this many operations.
+    pub batch_max_ops: usize,
+    /// Probe interval of each member (ms).
+    pub probe_interval_ms: u64,
+    /// Not heard from this long: suspect (still owns its services) (ms).
+    pub suspect_after_ms: u64,
+    /// Not heard from this long: down, out of the ring (ms).
+    pub down_after_ms: u64,
+    /// Interval of the anti-entropy digests (ms).
+    pub anti_entropy_interval_ms: u64,
+    /// How long a starting node with seeds waits for a ready peer before it declares
+    /// itself ready with what it has (ms).
+    pub bootstrap_wait_ms: u64,
+    /// How long deletion tombstones are kept (ms).
+    pub tombstone_ttl_ms: u64,
+    /// Liveness deletions pause while more than this share of the other members is down.
+    pub self_preservation_fraction: f64,
+    /// Vnodes per member on the ring; the same on every node of a cluster.
+    pub vnodes: u32,
+    /// Messages queued towards one peer before further ones are dropped
+    /// (anti-entropy repairs what a drop loses).
+    pub peer_queue_messages: usize,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        let e = shoal_replication::Config::default();
+        ReplicationConfig {
+            batch_window_ms: e.batch_window_ms,
+            batch_max_ops: e.batch_max_ops,
+            probe_interval_ms: e.probe_interval_ms,
+            suspect_after_ms: e.suspect_after_ms,
+            down_after_ms: e.down_after_ms,
+            anti_entropy_interval_ms: e.anti_entropy_interval_ms,
+            bootstrap_wait_ms: e.bootstrap_wait_ms,
+            tombstone_ttl_ms: e.tombstone_ttl_ms,
+            self_preservation_fraction: e.self_preservation_fraction,
+            vnodes: e.vnodes,
+            peer_queue_messages: 4_096,
+        }
+    }
+}
+
+impl Config {
+    /// The engine's settings from this configuration.
+    pub fn engine_config(&self) -> shoal_replication::Config {
+        let r = &self.replication;
+        shoal_replication::Config {
+            batch_window_ms: r.batch_window_ms,
+            batch_max_ops: r.batch_max_ops,
+            probe_interval_ms: r.probe_interval_ms,
+            suspect_after_ms: r.suspect_after_ms,
+            down_after_ms: r.down_after_ms,
+            anti_entropy_interval_ms: r.anti_entropy_interval_ms,
+            session_grace_ms: self.session_grace_ms,
+            // A node without seeds is a cluster of one: nothing to wait for.
+            bootstrap_wait_ms: if self.seeds.is_empty() {
+                0
+            } else {
+                r.bootstrap_wait_ms
+            },
+            tombstone_ttl_ms: r.tombstone_ttl_ms,
+            self_preservation_fraction: r.self_preservation_fraction,
+            vnodes: r.vnodes,
+            ..shoal_replication::Config::default()
+        }
+    }
 }
 
 /// TLS files of a node.
@@ -116,11 +197,13 @@ impl Default for Config {
             idle_timeout_ms: 10_000,
             keep_alive_interval_ms: 2_000,
             max_frame_bytes: shoal_proto::DEFAULT_MAX_FRAME_BYTES,
-            ttl_check_interval_ms: 1_000,
             outbound_queue_frames: 4_096,
             shutdown_timeout_ms: 3_000,
             namespaces: Vec::new(),
             limits: LimitsConfig::default(),
+            seeds: Vec::new(),
+            forward_timeout_ms: 2_000,
+            replication: ReplicationConfig::default(),
         }
     }
 }
@@ -144,10 +227,6 @@ impl Config {
         anyhow::ensure!(
             self.max_frame_bytes >= 1024 && self.max_frame_bytes <= u32::MAX as usize,
             "max_frame_bytes must be between 1024 and 4294967295"
-        );
-        anyhow::ensure!(
-            self.ttl_check_interval_ms > 0,
-            "ttl_check_interval_ms must be above 0"
         );
         anyhow::ensure!(
             self.outbound_queue_frames > 0,

@@ -8,12 +8,13 @@ use shoal_proto::{
     read_frame, ClientFrame, ErrorBody, ErrorCode, FrameError, Hello, Request, Response,
     ServerFrame, Welcome, PROTOCOL_VERSION,
 };
+use shoal_replication::Write;
 use shoal_storage::{ServiceKey, SessionId};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::server::{CLOSE_NORMAL, CLOSE_PROTOCOL};
-use crate::state::{read, write, ConnId, Outbox, Shared};
+use crate::state::{read, ConnId, Outbox, Shared};
 
 /// How long a new connection may take to open its session stream and say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -163,7 +164,8 @@ async fn request_loop(
             &mut subscriptions,
             id,
             body,
-        );
+        )
+        .await;
         let outcome = match &result {
             Some(Ok(_)) | None => "ok",
             Some(Err(_)) => "error",
@@ -191,7 +193,7 @@ async fn request_loop(
 }
 
 /// Applies one request. `None` when the answer was already queued (Subscribe).
-fn handle(
+async fn handle(
     shared: &Arc<Shared>,
     conn_id: ConnId,
     session: SessionId,
@@ -200,63 +202,45 @@ fn handle(
     id: u64,
     body: Request,
 ) -> Option<Result<Response, ErrorBody>> {
-    let now = shared.now_ms();
-    let applied = |r: Result<shoal_storage::Change, shoal_storage::StorageError>,
-                   registry: &shoal_storage::Registry| {
-        r.map(|change| {
-            let revision = change.revision;
-            shared.publish(registry, std::slice::from_ref(&change));
-            Response::Applied { revision }
-        })
-        .map_err(ErrorBody::from)
-    };
+    let storage_err = |e: shoal_storage::StorageError| ErrorBody::from(e);
     Some(match body {
         Request::Register { service, instance } => {
-            let mut registry = write(&shared.registry);
-            let r = registry.register(&service, instance, session, now);
-            applied(r, &registry)
+            crate::cluster::write(
+                shared,
+                Write::Register {
+                    service,
+                    instance,
+                    session,
+                },
+            )
+            .await
         }
         Request::Update { service, instance } => {
-            let mut registry = write(&shared.registry);
-            let r = registry.update(&service, instance, now);
-            applied(r, &registry)
+            crate::cluster::write(shared, Write::Update { service, instance }).await
         }
         Request::Deregister { service, instance } => {
-            let mut registry = write(&shared.registry);
-            let r = registry.deregister(&service, &instance);
-            applied(r, &registry)
+            crate::cluster::write(shared, Write::Deregister { service, instance }).await
         }
         Request::Beat { service, instance } => {
-            let mut registry = write(&shared.registry);
-            match registry.beat(&service, &instance, now) {
-                Ok(Some(change)) => applied(Ok(change), &registry),
-                Ok(None) => {
-                    let revision = registry
-                        .query(&service, &[], false)
-                        .map(|v| v.revision)
-                        .unwrap_or(0);
-                    Ok(Response::Applied { revision })
-                }
-                Err(e) => Err(e.into()),
-            }
+            crate::cluster::write(shared, Write::Beat { service, instance }).await
         }
         Request::SetServiceMeta { service, meta } => {
-            let mut registry = write(&shared.registry);
-            let r = registry.set_service_meta(&service, meta);
-            applied(r, &registry)
+            crate::cluster::write(shared, Write::SetServiceMeta { service, meta }).await
         }
         Request::Query {
             service,
             clusters,
             healthy_only,
-        } => read(&shared.registry)
+        } => read(&shared.replica)
+            .registry()
             .query(&service, &clusters, healthy_only)
             .map(Response::View)
-            .map_err(ErrorBody::from),
-        Request::ListServices { namespace, group } => read(&shared.registry)
+            .map_err(storage_err),
+        Request::ListServices { namespace, group } => read(&shared.replica)
+            .registry()
             .list_services(&namespace, group.as_deref())
             .map(Response::Services)
-            .map_err(ErrorBody::from),
+            .map_err(storage_err),
         Request::Subscribe { service } => match shared.subscribe(conn_id, outbox, &service, id) {
             Ok(()) => {
                 subscriptions.insert(service);
@@ -275,6 +259,10 @@ fn handle(
                 ))
             }
         }
+        Request::Members => Ok(Response::Members(crate::cluster::members(shared))),
+        Request::Ring { service } => {
+            crate::cluster::ring(shared, service.as_ref()).map(Response::Ring)
+        }
         Request::Ping | Request::Goodbye => Ok(Response::Done),
     })
 }
@@ -290,6 +278,8 @@ fn request_kind(body: &Request) -> &'static str {
         Request::ListServices { .. } => "list_services",
         Request::Subscribe { .. } => "subscribe",
         Request::Unsubscribe { .. } => "unsubscribe",
+        Request::Members => "members",
+        Request::Ring { .. } => "ring",
         Request::Ping => "ping",
         Request::Goodbye => "goodbye",
     }

@@ -33,6 +33,8 @@ pub fn router(shared: Arc<Shared>, metrics: Option<PrometheusHandle>) -> Router 
         .route("/v1/services", get(services))
         .route("/v1/instances", get(instances))
         .route("/v1/dump", get(dump))
+        .route("/v1/members", get(members))
+        .route("/v1/ring", get(ring))
         .with_state(AppState { shared, metrics })
 }
 
@@ -56,19 +58,21 @@ async fn metrics_page(State(s): State<AppState>) -> Response {
 }
 
 async fn node_info(State(s): State<AppState>) -> Json<serde_json::Value> {
-    let registry = read(&s.shared.registry);
+    let replica = read(&s.shared.replica);
+    let registry = replica.registry();
     Json(serde_json::json!({
         "node_id": s.shared.node_id,
         "ready": s.shared.is_ready(),
-        "listen_addr": s.shared.config.listen_addr.to_string(),
+        "addr": s.shared.my_addr(),
         "services": registry.service_count(),
         "instances": registry.instance_count(),
+        "self_preservation": replica.self_preservation_active(),
         "sessions": s.shared.session_count(),
     }))
 }
 
 async fn namespaces(State(s): State<AppState>) -> Json<Vec<String>> {
-    Json(read(&s.shared.registry).namespaces())
+    Json(read(&s.shared.replica).registry().namespaces())
 }
 
 #[derive(Deserialize)]
@@ -79,7 +83,10 @@ struct ServicesParams {
 
 async fn services(State(s): State<AppState>, Query(p): Query<ServicesParams>) -> Response {
     let ns = p.namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.into());
-    match read(&s.shared.registry).list_services(&ns, p.group.as_deref()) {
+    match read(&s.shared.replica)
+        .registry()
+        .list_services(&ns, p.group.as_deref())
+    {
         Ok(list) => Json(list).into_response(),
         Err(e) => error(e.into()),
     }
@@ -111,19 +118,63 @@ async fn instances(State(s): State<AppState>, Query(p): Query<InstancesParams>) 
                 .collect()
         })
         .unwrap_or_default();
-    match read(&s.shared.registry).query(&key, &clusters, p.healthy_only) {
+    match read(&s.shared.replica)
+        .registry()
+        .query(&key, &clusters, p.healthy_only)
+    {
         Ok(view) => Json(view).into_response(),
         Err(e) => error(e.into()),
     }
 }
 
+/// The replicated content, comparable across nodes: node-local fields (the local
+/// change counter, the last beat time) are left out.
 async fn dump(State(s): State<AppState>) -> Response {
-    let dump = read(&s.shared.registry).dump();
+    let dump = read(&s.shared.replica).registry().dump_replicated();
     let services: Vec<serde_json::Value> = dump
         .into_iter()
-        .map(|(key, meta, instances)| serde_json::json!({"key": key, "meta": meta, "instances": instances}))
+        .map(|svc| {
+            let instances: Vec<serde_json::Value> = svc
+                .instances
+                .iter()
+                .map(|(stamp, i)| {
+                    serde_json::json!({
+                        "cluster": i.cluster, "ip": i.ip, "port": i.port,
+                        "weight": i.weight, "healthy": i.healthy, "enabled": i.enabled,
+                        "metadata": i.metadata, "lease": i.lease,
+                        "version": [stamp.time, stamp.origin],
+                    })
+                })
+                .collect();
+            serde_json::json!({"key": svc.key, "meta": svc.meta, "instances": instances})
+        })
         .collect();
     Json(services).into_response()
+}
+
+async fn members(State(s): State<AppState>) -> Response {
+    Json(crate::cluster::members(&s.shared)).into_response()
+}
+
+#[derive(Deserialize)]
+struct RingParams {
+    namespace: Option<String>,
+    group: Option<String>,
+    service: Option<String>,
+}
+
+async fn ring(State(s): State<AppState>, Query(p): Query<RingParams>) -> Response {
+    let key = p.service.map(|svc| {
+        ServiceKey::new(
+            p.namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
+            p.group.unwrap_or_else(|| DEFAULT_GROUP.into()),
+            svc,
+        )
+    });
+    match crate::cluster::ring(&s.shared, key.as_ref()) {
+        Ok(view) => Json(view).into_response(),
+        Err(e) => error(e),
+    }
 }
 
 fn error(e: ErrorBody) -> Response {

@@ -6,6 +6,7 @@
 //! (the `shoal server` command: runs until SIGTERM).
 
 pub mod cli;
+mod cluster;
 pub mod config;
 mod conn;
 mod http;

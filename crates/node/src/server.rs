@@ -12,8 +12,10 @@ use quinn::VarInt;
 use shoal_storage::NodeId;
 
 use crate::config::Config;
+use crate::peer::LinkEvent;
 use crate::state::{read, write, Shared};
 use crate::tls::{self, TlsFiles};
+use shoal_replication::{MemberState, PeerMsg, Replica};
 
 /// Application close code: normal end of a session.
 pub const CLOSE_NORMAL: VarInt = VarInt::from_u32(0);
@@ -115,7 +117,7 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> Result<
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let node_id = node_id(&config)?;
     let files = tls_files(&config, &node_id)?;
-    let tls_config = tls::server_config(&files, &[shoal_proto::ALPN])?;
+    let tls_config = tls::server_config(&files, &[shoal_proto::ALPN, shoal_proto::PEER_ALPN])?;
     let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls_config)
         .context("QUIC needs TLS 1.3 with an initial cipher suite")?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
@@ -129,14 +131,65 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> Result<
         .keep_alive_interval(Some(Duration::from_millis(config.keep_alive_interval_ms)))
         // One session stream, plus room for a misbehaving client to be refused.
         .max_concurrent_bidi_streams(VarInt::from_u32(4))
-        .max_concurrent_uni_streams(VarInt::from_u32(0));
+        // Peer links send on one unidirectional stream each way.
+        .max_concurrent_uni_streams(VarInt::from_u32(2));
     server_config.transport_config(Arc::new(transport));
 
     let endpoint = quinn::Endpoint::server(server_config, config.listen_addr)
         .with_context(|| format!("binding QUIC on {}", config.listen_addr))?;
     let quic_addr = endpoint.local_addr()?;
+    let my_addr = format!(
+        "{}:{}",
+        fmt_host(&config.advertise_host()),
+        quic_addr.port()
+    );
 
-    let shared = Shared::new(node_id.clone(), config.clone());
+    let peer_tls = tls::peer_client_config(&files)?;
+    let mut peer_client = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(peer_tls)
+            .context("QUIC needs TLS 1.3 with an initial cipher suite")?,
+    ));
+    let mut peer_transport = quinn::TransportConfig::default();
+    peer_transport
+        .max_idle_timeout(Some(
+            Duration::from_millis(config.replication.down_after_ms.max(1_000))
+                .try_into()
+                .context("down_after_ms too large")?,
+        ))
+        .keep_alive_interval(Some(Duration::from_millis(
+            config.replication.probe_interval_ms,
+        )));
+    peer_client.transport_config(Arc::new(peer_transport));
+    let (links, link_events) = crate::peer::Links::new(
+        node_id.clone(),
+        my_addr.clone(),
+        endpoint.clone(),
+        peer_client,
+        config.max_frame_bytes,
+        config.replication.peer_queue_messages,
+    );
+
+    let now = crate::state::wall_ms();
+    let mut registry = shoal_storage::Registry::new((&config.limits).into());
+    for ns in &config.namespaces {
+        // Names were validated with the config; a duplicate is harmless.
+        let _ = registry.add_namespace(ns);
+    }
+    let replica = Replica::with_registry(
+        node_id.clone(),
+        my_addr.clone(),
+        config.engine_config(),
+        registry,
+        rand::random::<u64>(),
+        now,
+    );
+    let shared = Shared::new(
+        node_id.clone(),
+        my_addr.clone(),
+        config.clone(),
+        replica,
+        links,
+    );
 
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
@@ -158,12 +211,22 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> Result<
         Arc::clone(&shared),
         endpoint.clone(),
     )));
-    tasks.push(tokio::spawn(ttl_loop(Arc::clone(&shared))));
+    tasks.push(tokio::spawn(tick_loop(Arc::clone(&shared))));
+    tasks.push(tokio::spawn(link_loop(Arc::clone(&shared), link_events)));
+    tasks.push(tokio::spawn(seed_loop(Arc::clone(&shared))));
     tasks.push(tokio::spawn(gauge_loop(Arc::clone(&shared), metrics)));
 
-    // A single node is ready as soon as it listens. In a cluster, readiness waits for
-    // the snapshot load from a peer.
-    shared.ready.store(true, Ordering::Release);
+    // Ready when the engine says so: at once for a node without seeds, after the
+    // snapshot load (or the bootstrap wait) otherwise.
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_millis(config.replication.bootstrap_wait_ms + 30_000);
+    while !shared.is_ready() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "not ready: could not load the registry from a peer"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tracing::info!(node = %node_id, %quic_addr, %http_addr, "node ready");
     Ok(RunningNode {
         shared,
@@ -176,11 +239,22 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> Result<
     })
 }
 
+fn fmt_host(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
 async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
             match incoming.await {
+                Ok(conn) if alpn(&conn).as_deref() == Some(shoal_proto::PEER_ALPN) => {
+                    shared.links.accept(conn)
+                }
                 Ok(conn) => crate::conn::serve(shared, conn).await,
                 Err(e) => {
                     metrics::counter!("shoal_handshake_failures_total").increment(1);
@@ -191,20 +265,62 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     }
 }
 
-/// Expires Ttl leases every `ttl_check_interval_ms`.
-async fn ttl_loop(shared: Arc<Shared>) {
-    let mut tick =
-        tokio::time::interval(Duration::from_millis(shared.config.ttl_check_interval_ms));
+fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
+
+/// Drives the engine's timers: batches, probes, anti-entropy, leases.
+async fn tick_loop(shared: Arc<Shared>) {
+    let period = Duration::from_millis(shared.config.replication.batch_window_ms.max(1));
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let now = shared.now_ms();
-        let mut registry = write(&shared.registry);
-        let changes = registry.expire(now);
-        if !changes.is_empty() {
-            metrics::counter!("shoal_ttl_changes_total").increment(changes.len() as u64);
-            shared.publish(&registry, &changes);
+        let mut replica = write(&shared.replica);
+        let actions = replica.tick(now);
+        shared.execute(&replica, actions);
+    }
+}
+
+/// Feeds what the peer links report into the engine.
+async fn link_loop(
+    shared: Arc<Shared>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<LinkEvent<PeerMsg>>,
+) {
+    while let Some(event) = events.recv().await {
+        let now = shared.now_ms();
+        let mut replica = write(&shared.replica);
+        let actions = match event {
+            LinkEvent::Up { id, addr } => replica.peer_link_up(id, addr, now),
+            LinkEvent::Down { id } => replica.peer_link_down(&id, now),
+            LinkEvent::Message { from, msg } => replica.handle(&from, msg, now),
+        };
+        shared.execute(&replica, actions);
+    }
+}
+
+/// Dials the seeds until this node has a link; again whenever it has none.
+async fn seed_loop(shared: Arc<Shared>) {
+    if shared.config.seeds.is_empty() {
+        return;
+    }
+    let me = shared.my_addr();
+    loop {
+        if shared.links.linked().is_empty() {
+            for seed in &shared.config.seeds {
+                if seed != &me && seed != &shared.config.listen_addr.to_string() {
+                    shared.links.dial(seed.clone());
+                }
+            }
         }
+        tokio::time::sleep(Duration::from_millis(
+            shared.config.replication.probe_interval_ms * 2,
+        ))
+        .await;
     }
 }
 
@@ -213,10 +329,37 @@ async fn gauge_loop(shared: Arc<Shared>, metrics: Option<PrometheusHandle>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let (services, instances) = {
-            let r = read(&shared.registry);
-            (r.service_count(), r.instance_count())
+        let (services, instances, members, ring, owned, self_preservation) = {
+            let r = read(&shared.replica);
+            let members = r.members();
+            let owned: usize = r
+                .registry()
+                .namespaces()
+                .iter()
+                .filter_map(|ns| r.registry().list_services(ns, None).ok())
+                .map(|list| list.iter().filter(|s| r.owns(&s.key)).count())
+                .sum();
+            (
+                r.registry().service_count(),
+                r.registry().instance_count(),
+                members,
+                r.ring().len(),
+                owned,
+                r.self_preservation_active(),
+            )
         };
+        for state in [MemberState::Up, MemberState::Suspect, MemberState::Down] {
+            let n = members.iter().filter(|m| m.state == state).count();
+            let label = match state {
+                MemberState::Up => "up",
+                MemberState::Suspect => "suspect",
+                MemberState::Down => "down",
+            };
+            metrics::gauge!("shoal_members", "state" => label).set(n as f64);
+        }
+        metrics::gauge!("shoal_ring_members").set(ring as f64);
+        metrics::gauge!("shoal_owned_services").set(owned as f64);
+        metrics::gauge!("shoal_self_preservation").set(if self_preservation { 1.0 } else { 0.0 });
         metrics::gauge!("shoal_services").set(services as f64);
         metrics::gauge!("shoal_instances").set(instances as f64);
         metrics::gauge!("shoal_sessions").set(shared.session_count() as f64);

@@ -1,16 +1,18 @@
-//! The state one node shares between its tasks: the registry, the sessions and the
-//! subscribers, and the rules that tie them together.
+//! The state one node shares between its tasks: the replica (registry + cluster view),
+//! the peer links, the sessions homed here and the subscribers, and the rules that tie
+//! them together.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use shoal_proto::ServerFrame;
+use shoal_replication::{Action, ForwardOutcome, PeerMsg, Replica};
 use shoal_storage::{Change, NodeId, Registry, ServiceKey, SessionId};
-use tokio::sync::mpsc;
-use tokio::time::Instant;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
+use crate::peer::Links;
 
 /// Identifies one client connection on this node (sessions outlive connections).
 pub type ConnId = u64;
@@ -25,62 +27,85 @@ pub struct Outbox {
     pub conn: quinn::Connection,
 }
 
-/// A session as this node knows it.
+/// A session homed here: the connection carrying it, `None` once it disconnected.
 struct SessionEntry {
-    /// The connection carrying it now, `None` while it waits out its grace period.
     conn: Option<ConnId>,
-    /// Grows on every attach, so a stale grace timer knows it lost.
-    generation: u64,
+    since_ms: u64,
 }
 
 /// Everything a node's tasks share.
 pub struct Shared {
     /// This node's id.
     pub node_id: NodeId,
+    my_addr: String,
     /// The configuration it runs with.
     pub config: Config,
-    /// The registry. Writers hold the write lock while they queue pushes, so every
-    /// subscriber sees changes in revision order.
-    pub registry: RwLock<Registry>,
+    /// The replica: the registry and the engine's view of the cluster. Whoever
+    /// changes it holds the write lock while executing the engine's actions, so pushes
+    /// leave in revision order.
+    pub replica: RwLock<Replica>,
+    /// The links to the other nodes.
+    pub links: Arc<Links<PeerMsg>>,
     sessions: Mutex<HashMap<SessionId, SessionEntry>>,
     subscribers: Mutex<HashMap<ServiceKey, HashMap<ConnId, Outbox>>>,
-    /// Whether the node answers requests (false while starting or stopping).
+    pending_forwards: Mutex<HashMap<u64, oneshot::Sender<ForwardOutcome>>>,
+    /// Whether the node answers clients (false while loading its snapshot, and while
+    /// stopping).
     pub ready: AtomicBool,
     next_conn: AtomicU64,
-    started: Instant,
+    /// When the node started (ms, wall clock): for the snapshot-load duration metric.
+    pub started_ms: u64,
 }
 
 /// The outcome of attaching a connection to a session.
 pub struct Attached {
-    /// True if the session was known here (live or in its grace period): its
-    /// instances were kept.
+    /// True if the session was known here (live or disconnected within its grace
+    /// period): its instances were kept.
     pub resumed: bool,
+}
+
+/// Wall-clock milliseconds since the UNIX epoch. Replication stamps are hybrid logical
+/// clocks built on it, so nodes of a cluster need roughly synchronized clocks (NTP);
+/// the logical part keeps stamps monotonic when a clock steps back.
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl Shared {
     /// New state for a node.
-    pub fn new(node_id: NodeId, config: Config) -> Arc<Self> {
-        let limits = (&config.limits).into();
-        let mut registry = Registry::new(limits);
-        for ns in &config.namespaces {
-            // Names were validated with the config; a duplicate is harmless.
-            let _ = registry.add_namespace(ns);
-        }
+    pub fn new(
+        node_id: NodeId,
+        my_addr: String,
+        config: Config,
+        replica: Replica,
+        links: Arc<Links<PeerMsg>>,
+    ) -> Arc<Self> {
         Arc::new(Shared {
             node_id,
+            my_addr,
             config,
-            registry: RwLock::new(registry),
+            replica: RwLock::new(replica),
+            links,
             sessions: Mutex::new(HashMap::new()),
             subscribers: Mutex::new(HashMap::new()),
+            pending_forwards: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
-            started: Instant::now(),
+            started_ms: wall_ms(),
         })
     }
 
-    /// Milliseconds on this node's clock (tokio time, so tests can pause it).
+    /// The clock every engine and registry call uses.
     pub fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        wall_ms()
+    }
+
+    /// The address peers and clients reach this node at.
+    pub fn my_addr(&self) -> String {
+        self.my_addr.clone()
     }
 
     /// A fresh connection id.
@@ -88,14 +113,17 @@ impl Shared {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Whether the node serves requests.
+    /// Whether the node serves clients.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Number of sessions known (connected or in grace).
+    /// Number of sessions connected here now.
     pub fn session_count(&self) -> usize {
-        lock(&self.sessions).len()
+        lock(&self.sessions)
+            .values()
+            .filter(|e| e.conn.is_some())
+            .count()
     }
 
     /// Number of (connection, service) subscriptions.
@@ -103,33 +131,37 @@ impl Shared {
         lock(&self.subscribers).values().map(|m| m.len()).sum()
     }
 
-    /// Binds `session` to connection `conn`. A session already known here is resumed;
-    /// an unknown id (a new session, or one whose home node died) is taken as is.
+    /// Binds `session` to connection `conn` and announces it to the cluster. A session
+    /// known here is resumed; an unknown id (a new session, or one whose home node
+    /// died) is taken as is.
     pub fn attach(&self, session: SessionId, conn: ConnId) -> Attached {
-        let mut sessions = lock(&self.sessions);
-        match sessions.get_mut(&session) {
-            Some(entry) => {
-                entry.conn = Some(conn);
-                entry.generation += 1;
-                Attached { resumed: true }
-            }
-            None => {
-                sessions.insert(
+        let now = self.now_ms();
+        let resumed = {
+            let mut sessions = lock(&self.sessions);
+            let grace = self.config.session_grace_ms;
+            sessions.retain(|_, e| e.conn.is_some() || now.saturating_sub(e.since_ms) < grace);
+            sessions
+                .insert(
                     session,
                     SessionEntry {
                         conn: Some(conn),
-                        generation: 0,
+                        since_ms: now,
                     },
-                );
-                Attached { resumed: false }
-            }
-        }
+                )
+                .is_some()
+        };
+        let mut replica = write(&self.replica);
+        let actions = replica.session_opened(session, now);
+        self.execute(&replica, actions);
+        Attached { resumed }
     }
 
-    /// The connection `conn` of `session` ended. On a clean end (Goodbye) the session's
-    /// instances go now; otherwise they wait `session_grace_ms` for a resume.
-    pub fn detach(self: &Arc<Self>, session: SessionId, conn: ConnId, clean: bool) {
-        let generation = {
+    /// The connection `conn` of `session` ended. On a clean end (Goodbye) the
+    /// session's instances go now; otherwise the owners keep them for
+    /// `session_grace_ms`, waiting for a resume here or on another node.
+    pub fn detach(&self, session: SessionId, conn: ConnId, clean: bool) {
+        let now = self.now_ms();
+        {
             let mut sessions = lock(&self.sessions);
             let Some(entry) = sessions.get_mut(&session) else {
                 return;
@@ -140,44 +172,77 @@ impl Shared {
             }
             if clean {
                 sessions.remove(&session);
-                drop(sessions);
-                self.end_session(session);
-                return;
+            } else {
+                entry.conn = None;
+                entry.since_ms = now;
             }
-            entry.conn = None;
-            entry.generation
-        };
-        let shared = Arc::clone(self);
-        let grace = std::time::Duration::from_millis(self.config.session_grace_ms);
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            let expired = {
-                let mut sessions = lock(&shared.sessions);
-                match sessions.get(&session) {
-                    Some(e) if e.conn.is_none() && e.generation == generation => {
-                        sessions.remove(&session);
-                        true
-                    }
-                    _ => false,
-                }
-            };
-            if expired {
-                tracing::info!(%session, "session not resumed within its grace period");
-                metrics::counter!("shoal_sessions_expired_total").increment(1);
-                shared.end_session(session);
-            }
-        });
+        }
+        let mut replica = write(&self.replica);
+        let actions = replica.session_closed(session, clean, now);
+        self.execute(&replica, actions);
     }
 
-    fn end_session(&self, session: SessionId) {
-        let mut registry = write(&self.registry);
-        let changes = registry.remove_session(session);
-        self.publish(&registry, &changes);
+    /// Does what the engine asked. Call with the replica's write lock held (pass the
+    /// guarded replica), so pushes leave in revision order.
+    pub fn execute(&self, replica: &Replica, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Send { to, msg } => {
+                    let forward_id = match &msg {
+                        PeerMsg::Forward { id, .. } => Some(*id),
+                        _ => None,
+                    };
+                    if !self.links.send(&to, msg) {
+                        metrics::counter!("shoal_peer_messages_dropped_total").increment(1);
+                        if let Some(id) = forward_id {
+                            // The owner is unreachable: fail the forward now.
+                            lock(&self.pending_forwards).remove(&id);
+                        }
+                    }
+                }
+                Action::Connect { addr, .. } => self.links.dial(addr),
+                Action::Publish(changes) => self.publish(replica.registry(), &changes),
+                Action::ForwardDone { id, outcome } => {
+                    if let Some(tx) = lock(&self.pending_forwards).remove(&id) {
+                        let _ = tx.send(outcome);
+                    }
+                }
+                Action::BatchApplied {
+                    ops, max_lag_ms, ..
+                } => {
+                    metrics::histogram!("shoal_replication_batch_ops").record(ops as f64);
+                    metrics::histogram!("shoal_replication_lag_seconds")
+                        .record(max_lag_ms as f64 / 1000.0);
+                }
+                Action::Ready => {
+                    let took = self.now_ms().saturating_sub(self.started_ms);
+                    metrics::counter!("shoal_snapshot_loads_total").increment(1);
+                    metrics::histogram!("shoal_snapshot_load_seconds").record(took as f64 / 1000.0);
+                    tracing::info!(node = %self.node_id, took_ms = took, "ready: registry loaded");
+                    self.ready.store(true, Ordering::Release);
+                }
+                Action::RingChanged(members) => {
+                    metrics::counter!("shoal_ring_changes_total").increment(1);
+                    tracing::info!(node = %self.node_id, ?members, "ring changed");
+                }
+            }
+        }
+    }
+
+    /// Registers a pending forward; the answer arrives through [`Action::ForwardDone`].
+    pub fn expect_forward(&self, id: u64) -> oneshot::Receiver<ForwardOutcome> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending_forwards).insert(id, tx);
+        rx
+    }
+
+    /// Forgets a forward that timed out.
+    pub fn forget_forward(&self, id: u64) {
+        lock(&self.pending_forwards).remove(&id);
     }
 
     /// Queues a push of each changed service to its subscribers. Call with the
-    /// registry's write lock held (pass the guarded registry), so pushes leave in
-    /// revision order.
+    /// replica's write lock held.
     pub fn publish(&self, registry: &Registry, changes: &[Change]) {
         if changes.is_empty() {
             return;
@@ -191,6 +256,7 @@ impl Shared {
                 Ok(v) => v,
                 Err(_) => continue,
             };
+            metrics::counter!("shoal_pushes_total").increment(subs.len() as u64);
             for outbox in subs.values() {
                 push(outbox, ServerFrame::Push(view.clone()));
             }
@@ -198,7 +264,7 @@ impl Shared {
     }
 
     /// Adds a subscription and queues the current view as the response to request
-    /// `id`, under the registry's read lock so that no push can overtake it.
+    /// `id`, under the replica's read lock so that no push can overtake it.
     pub fn subscribe(
         &self,
         conn: ConnId,
@@ -206,8 +272,8 @@ impl Shared {
         key: &ServiceKey,
         id: u64,
     ) -> Result<(), shoal_storage::StorageError> {
-        let registry = read(&self.registry);
-        let view = registry.query(key, &[], false)?;
+        let replica = read(&self.replica);
+        let view = replica.registry().query(key, &[], false)?;
         lock(&self.subscribers)
             .entry(key.clone())
             .or_default()
@@ -258,12 +324,12 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Read-locks the registry (see [`lock`] about poisoning).
+/// Read-locks (see [`lock`] about poisoning).
 pub fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     m.read().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Write-locks the registry (see [`lock`] about poisoning).
+/// Write-locks (see [`lock`] about poisoning).
 pub fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(|e| e.into_inner())
 }

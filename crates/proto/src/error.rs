@@ -32,6 +32,9 @@ pub enum ErrorCode {
     UnsupportedVersion,
     /// The node is not ready to serve (still starting or shutting down).
     NotReady,
+    /// The write could not reach the service's owner (it may have just failed);
+    /// retry, possibly on another node.
+    Unavailable,
     /// A request for a subscription that does not exist, or similar misuse.
     BadRequest,
     /// A failure inside the node; the request may be retried.

@@ -135,6 +135,19 @@ mod tests {
     }
 
     #[test]
+    fn session_ids_keep_all_128_bits() {
+        let id = shoal_storage::SessionId(u128::MAX - 12345);
+        let frame = ClientFrame::Hello(Hello {
+            version: 1,
+            client_name: String::new(),
+            resume: Some(id),
+        });
+        let bytes = encode_frame(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        let back: ClientFrame = decode(&bytes[4..]).unwrap();
+        assert_eq!(back, frame);
+    }
+
+    #[test]
     fn oversized_prefix_is_refused_before_allocation() {
         let err = decode_len(u32::MAX.to_be_bytes(), DEFAULT_MAX_FRAME_BYTES).unwrap_err();
         assert!(matches!(err, FrameError::TooLarge { .. }));

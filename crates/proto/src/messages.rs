@@ -108,6 +108,14 @@ pub enum Request {
         /// The service.
         service: ServiceKey,
     },
+    /// The cluster's members as the asked node sees them.
+    Members,
+    /// The ring: each member's ownership share and, if a service is given, its owner.
+    Ring {
+        /// The service whose owner to name.
+        #[serde(default)]
+        service: Option<ServiceKey>,
+    },
     /// Round trip, for liveness checks and latency measurement.
     Ping,
     /// End the session cleanly: its instances are removed now, without a grace period.
@@ -160,6 +168,44 @@ pub enum Response {
     View(ServiceView),
     /// The services of a namespace.
     Services(Vec<ServiceSummary>),
+    /// The members, as the asked node sees them.
+    Members(Vec<MemberView>),
+    /// The ring.
+    Ring(RingView),
     /// Answer to Unsubscribe, Ping and Goodbye.
     Done,
+}
+
+/// A member of the cluster as one node sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemberView {
+    /// Its node id.
+    pub id: NodeId,
+    /// The address it is reached at.
+    pub addr: String,
+    /// `up`, `suspect` or `down`.
+    pub state: String,
+    /// Whether it has loaded the registry and owns services.
+    pub ready: bool,
+    /// Whether it is the node that answered.
+    pub is_self: bool,
+    /// Milliseconds since it was last heard from (`None` for the answering node or a
+    /// member known only from gossip).
+    #[serde(default)]
+    pub last_heard_ago_ms: Option<u64>,
+}
+
+/// The ring as one node sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RingView {
+    /// Virtual nodes per member.
+    pub vnodes: u32,
+    /// Each member in the ring with its share of the hash space (0..=1).
+    pub shares: Vec<(NodeId, f64)>,
+    /// The owner of the asked service, when one was asked and the ring is not empty.
+    #[serde(default)]
+    pub owner: Option<NodeId>,
+    /// The asked service's position on the ring.
+    #[serde(default)]
+    pub position: Option<u64>,
 }

@@ -35,3 +35,21 @@ pub enum StorageError {
     #[error("not found: {0}")]
     NotFound(String),
 }
+
+impl StorageError {
+    /// A stable short name of the variant, for the wire and for metrics labels:
+    /// `invalid_name`, `invalid_port`, `invalid_weight`, `invalid_ip`,
+    /// `invalid_metadata`, `invalid_setting`, `unknown_namespace`, `not_found`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StorageError::InvalidName { .. } => "invalid_name",
+            StorageError::InvalidPort(_) => "invalid_port",
+            StorageError::InvalidWeight(_) => "invalid_weight",
+            StorageError::InvalidIp(_) => "invalid_ip",
+            StorageError::InvalidMetadata(_) => "invalid_metadata",
+            StorageError::InvalidSetting(_) => "invalid_setting",
+            StorageError::UnknownNamespace(_) => "unknown_namespace",
+            StorageError::NotFound(_) => "not_found",
+        }
+    }
+}

@@ -7,16 +7,28 @@
 //!
 //! The [`Registry`] holds every service of every namespace. Each write returns the
 //! [`Change`] it made, so the caller (the node) knows which subscribers to notify.
+//!
+//! For replication (see [`Stamp`] and the `replica` module docs), every record also
+//! carries a version stamp, deletions leave tombstones, and remote operations merge
+//! last-writer-wins with [`Registry::apply_remote`]. Local writes record the operations
+//! to send to peers ([`Registry::take_ops`]) once [`Registry::set_replication`] turns
+//! recording on. Digests per service and per ring arc let anti-entropy find what
+//! differs without shipping the data.
 #![deny(missing_docs)]
 
 mod error;
 mod model;
 mod registry;
+mod replica;
 mod validate;
 
 pub use error::StorageError;
 pub use model::*;
 pub use registry::{Change, Limits, Registry};
+pub use replica::{
+    in_arc, origin_of, stable_hash, InstanceOp, MetaOp, Op, ReplicatedService, ReplicationSettings,
+    ServiceRecord, Stamp,
+};
 pub use validate::{
     validate_instance, validate_instance_key, validate_name, validate_service_key,
     validate_service_meta, NameKind,

@@ -4,6 +4,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::error::StorageError;
 use crate::model::*;
+use crate::replica::{
+    instance_hash, meta_hash, InstanceOp, MetaOp, Op, ReplicationSettings, Stamp, Tomb, Tombs,
+};
 use crate::validate::{
     canonical_ip, validate_instance, validate_instance_key, validate_name, validate_service_key,
     validate_service_meta, NameKind,
@@ -44,15 +47,22 @@ pub struct Change {
 
 /// One service: its settings, revision and instances.
 #[derive(Debug, Default)]
-struct ServiceEntry {
-    meta: ServiceMeta,
+pub(crate) struct ServiceEntry {
+    pub(crate) meta: ServiceMeta,
     /// The stamp of the last change to this service.
-    revision: u64,
-    instances: BTreeMap<InstanceKey, Instance>,
+    pub(crate) revision: u64,
+    pub(crate) instances: BTreeMap<InstanceKey, Instance>,
     /// Ttl instances that expiry marked unhealthy ("lapsed"), each with the health its
     /// client last declared. While lapsed an instance reads `healthy == false`; a beat
     /// ends the lapse and restores the declared health.
-    lapsed: HashMap<InstanceKey, bool>,
+    pub(crate) lapsed: HashMap<InstanceKey, bool>,
+    /// The replication version of each instance (same keys as `instances`).
+    pub(crate) versions: HashMap<InstanceKey, Stamp>,
+    /// The version of `meta`: [`Stamp::ZERO`] while `meta` is the default (the version
+    /// of explicitly set default settings is kept as a tombstone).
+    pub(crate) meta_stamp: Stamp,
+    /// Wrapping sum of the digest hashes of the live instances and of the settings.
+    pub(crate) sum: u64,
 }
 
 impl ServiceEntry {
@@ -65,11 +75,11 @@ impl ServiceEntry {
 /// The secondary indexes: which instances each session owns, and when each Ttl
 /// instance is next due for expiry.
 #[derive(Debug, Default)]
-struct Index {
-    sessions: HashMap<SessionId, HashMap<ServiceKey, HashSet<InstanceKey>>>,
+pub(crate) struct Index {
+    pub(crate) sessions: HashMap<SessionId, HashMap<ServiceKey, HashSet<InstanceKey>>>,
     /// `(due_ms, service, instance)` for every Ttl instance: when it becomes unhealthy
     /// (not lapsed) or is removed (lapsed). See [`due_ms`].
-    deadlines: BTreeSet<(u64, ServiceKey, InstanceKey)>,
+    pub(crate) deadlines: BTreeSet<(u64, ServiceKey, InstanceKey)>,
 }
 
 /// When expiry next has something to do with a Ttl instance; `None` for a session one.
@@ -172,14 +182,28 @@ fn not_found(service: &ServiceKey, instance: &InstanceKey) -> StorageError {
 /// canonicalizes it the same way, so any spelling of an address names the same instance.
 #[derive(Debug)]
 pub struct Registry {
-    limits: Limits,
-    namespaces: BTreeSet<String>,
+    pub(crate) limits: Limits,
+    pub(crate) namespaces: BTreeSet<String>,
     /// Ordered, so that listing a namespace or group is a range scan and dumps are
     /// sorted.
-    services: BTreeMap<ServiceKey, ServiceEntry>,
-    index: Index,
+    pub(crate) services: BTreeMap<ServiceKey, ServiceEntry>,
+    pub(crate) index: Index,
     /// The stamp the next change takes.
     next_stamp: u64,
+    /// How this registry takes part in replication.
+    pub(crate) repl: ReplicationSettings,
+    /// The hybrid logical clock: the highest version time assigned or seen.
+    pub(crate) hlc: u64,
+    /// The latest `now_ms` any operation was given (for operations that take none).
+    pub(crate) last_now_ms: u64,
+    /// Tombstones, by service.
+    pub(crate) tombs: BTreeMap<ServiceKey, Tombs>,
+    /// `(deleted_at_ms, service, instance or None for settings)` of every tombstone.
+    pub(crate) tomb_gc: BTreeSet<(u64, ServiceKey, Option<InstanceKey>)>,
+    /// `(ring position, service)` of every service with live data or tombstones.
+    pub(crate) placed: BTreeSet<(u64, ServiceKey)>,
+    /// Operations recorded by local writes, for [`Registry::take_ops`].
+    pub(crate) outbox: Vec<Op>,
 }
 
 impl Registry {
@@ -191,6 +215,13 @@ impl Registry {
             services: BTreeMap::new(),
             index: Index::default(),
             next_stamp: 1,
+            repl: ReplicationSettings::default(),
+            hlc: 0,
+            last_now_ms: 0,
+            tombs: BTreeMap::new(),
+            tomb_gc: BTreeSet::new(),
+            placed: BTreeSet::new(),
+            outbox: Vec::new(),
         }
     }
 
@@ -261,6 +292,7 @@ impl Registry {
         validate_instance(&spec, &self.limits)?;
         let ip = canonical_ip(&spec.ip)?;
 
+        let version = self.next_version(now_ms);
         let stamp = bump(&mut self.next_stamp);
         let inst = Instance {
             ip,
@@ -277,19 +309,9 @@ impl Registry {
             last_beat_ms: now_ms,
             stamp,
         };
-        let key = inst.key();
-        if !self.services.contains_key(service) {
-            self.services
-                .insert(service.clone(), ServiceEntry::default());
-        }
-        let entry = self.services.get_mut(service).expect("just ensured");
-        if let Some(old) = entry.instances.remove(&key) {
-            let lapsed = entry.lapsed.remove(&key).is_some();
-            self.index.remove(service, &old, lapsed);
-        }
-        self.index.add(service, &inst, false);
-        entry.instances.insert(key, inst);
-        entry.revision = stamp;
+        self.record_instance(service, &inst.key(), version, Some(&inst), None, false);
+        self.put_live(service, inst, version, None);
+        self.set_revision(service, stamp);
         Ok(Change {
             key: service.clone(),
             revision: stamp,
@@ -306,31 +328,29 @@ impl Registry {
         &mut self,
         service: &ServiceKey,
         spec: InstanceSpec,
-        _now_ms: u64,
+        now_ms: u64,
     ) -> Result<Change, StorageError> {
         self.check_service(service)?;
         validate_instance(&spec, &self.limits)?;
         let key = self.canonical_key(&spec.key())?;
         let entry = self
             .services
-            .get_mut(service)
+            .get(service)
             .filter(|e| e.instances.contains_key(&key))
             .ok_or_else(|| not_found(service, &key))?;
 
+        let mut inst = entry.instances.get(&key).expect("checked above").clone();
+        let lapsed = entry.lapsed.get(&key).map(|_| spec.healthy);
+        let version = self.next_version(now_ms);
         let stamp = bump(&mut self.next_stamp);
-        let inst = entry.instances.get_mut(&key).expect("checked above");
         inst.weight = spec.weight;
         inst.enabled = spec.enabled;
         inst.metadata = spec.metadata;
-        match entry.lapsed.get_mut(&key) {
-            Some(declared) => {
-                *declared = spec.healthy;
-                inst.healthy = false;
-            }
-            None => inst.healthy = spec.healthy,
-        }
+        inst.healthy = lapsed.is_none() && spec.healthy;
         inst.stamp = stamp;
-        entry.revision = stamp;
+        self.record_instance(service, &key, version, Some(&inst), lapsed, false);
+        self.put_live(service, inst, version, lapsed);
+        self.set_revision(service, stamp);
         Ok(Change {
             key: service.clone(),
             revision: stamp,
@@ -338,29 +358,35 @@ impl Registry {
     }
 
     /// Removes an instance. `NotFound` if it is not registered.
+    ///
+    /// Leaves a tombstone dated by the latest `now_ms` the registry was given.
     pub fn deregister(
         &mut self,
         service: &ServiceKey,
         instance: &InstanceKey,
     ) -> Result<Change, StorageError> {
+        self.deregister_at(service, instance, self.last_now_ms)
+    }
+
+    /// [`Registry::deregister`] at `now_ms` (which dates the tombstone and stamps the
+    /// deletion).
+    pub fn deregister_at(
+        &mut self,
+        service: &ServiceKey,
+        instance: &InstanceKey,
+        now_ms: u64,
+    ) -> Result<Change, StorageError> {
         self.check_service(service)?;
         let key = self.canonical_key(instance)?;
-        let entry = self
-            .services
-            .get_mut(service)
-            .ok_or_else(|| not_found(service, &key))?;
-        let inst = entry
-            .instances
-            .remove(&key)
-            .ok_or_else(|| not_found(service, &key))?;
-        let lapsed = entry.lapsed.remove(&key).is_some();
-        self.index.remove(service, &inst, lapsed);
-
-        let stamp = bump(&mut self.next_stamp);
-        entry.revision = stamp;
-        if entry.is_disposable() {
-            self.services.remove(service);
+        if self.instance(service, &key).is_none() {
+            return Err(not_found(service, &key));
         }
+        let version = self.next_version(now_ms);
+        let stamp = bump(&mut self.next_stamp);
+        self.kill(service, &key, version, self.last_now_ms, false);
+        self.record_instance(service, &key, version, None, None, false);
+        self.set_revision(service, stamp);
+        self.settle(service);
         Ok(Change {
             key: service.clone(),
             revision: stamp,
@@ -383,34 +409,41 @@ impl Registry {
     ) -> Result<Option<Change>, StorageError> {
         self.check_service(service)?;
         let key = self.canonical_key(instance)?;
+        self.note_now(now_ms);
         let entry = self
             .services
             .get_mut(service)
             .ok_or_else(|| not_found(service, &key))?;
         let inst = entry
             .instances
-            .get_mut(&key)
+            .get(&key)
             .ok_or_else(|| not_found(service, &key))?;
         if !matches!(inst.lease, Lease::Ttl(_)) {
             return Ok(None);
         }
 
-        let declared = entry.lapsed.remove(&key);
-        self.index.remove(service, inst, declared.is_some());
-        inst.last_beat_ms = inst.last_beat_ms.max(now_ms);
-        let mut change = None;
-        if declared == Some(true) {
+        if entry.lapsed.get(&key) == Some(&true) {
+            // The lapse ends and the declared health comes back: a replicated change.
+            let mut inst = inst.clone();
+            let version = self.next_version(now_ms);
             let stamp = bump(&mut self.next_stamp);
             inst.healthy = true;
             inst.stamp = stamp;
-            entry.revision = stamp;
-            change = Some(Change {
+            inst.last_beat_ms = inst.last_beat_ms.max(now_ms);
+            self.record_instance(service, &key, version, Some(&inst), None, false);
+            self.put_live(service, inst, version, None);
+            self.set_revision(service, stamp);
+            return Ok(Some(Change {
                 key: service.clone(),
                 revision: stamp,
-            });
+            }));
         }
+        let declared = entry.lapsed.remove(&key);
+        let inst = entry.instances.get_mut(&key).expect("checked above");
+        self.index.remove(service, inst, declared.is_some());
+        inst.last_beat_ms = inst.last_beat_ms.max(now_ms);
         self.index.add(service, inst, false);
-        Ok(change)
+        Ok(None)
     }
 
     /// Sets a service's protection threshold and metadata, creating the service if
@@ -426,17 +459,19 @@ impl Registry {
         self.check_service(service)?;
         validate_service_meta(&meta, &self.limits)?;
 
+        let now_ms = self.last_now_ms;
+        let version = self.next_version(now_ms);
         let stamp = bump(&mut self.next_stamp);
-        if !self.services.contains_key(service) {
-            self.services
-                .insert(service.clone(), ServiceEntry::default());
+        if self.repl.record_ops {
+            self.outbox.push(Op::Meta(MetaOp {
+                service: service.clone(),
+                stamp: version,
+                meta: meta.clone(),
+            }));
         }
-        let entry = self.services.get_mut(service).expect("just ensured");
-        entry.meta = meta;
-        entry.revision = stamp;
-        if entry.is_disposable() {
-            self.services.remove(service);
-        }
+        self.put_meta(service, meta, version, now_ms);
+        self.set_revision(service, stamp);
+        self.settle(service);
         Ok(Change {
             key: service.clone(),
             revision: stamp,
@@ -447,27 +482,39 @@ impl Registry {
     ///
     /// The changes are sorted by service key. An unknown session gives no changes.
     pub fn remove_session(&mut self, session: SessionId) -> Vec<Change> {
-        let Some(by_service) = self.index.sessions.remove(&session) else {
+        self.remove_session_in(session, &|_| true)
+    }
+
+    /// Removes the instances bound to `session` in the services `filter` selects (for
+    /// an owner, the services it owns); one change per service touched, sorted by
+    /// service key. The deletions are recorded as reaped (liveness, not the client).
+    pub fn remove_session_in(
+        &mut self,
+        session: SessionId,
+        filter: &dyn Fn(&ServiceKey) -> bool,
+    ) -> Vec<Change> {
+        let Some(by_service) = self.index.sessions.get(&session) else {
             return Vec::new();
         };
-        let by_service: BTreeMap<ServiceKey, HashSet<InstanceKey>> =
-            by_service.into_iter().collect();
+        let by_service: BTreeMap<ServiceKey, Vec<InstanceKey>> = by_service
+            .iter()
+            .filter(|(s, _)| filter(s))
+            .map(|(s, keys)| (s.clone(), keys.iter().cloned().collect()))
+            .collect();
+        let now_ms = self.last_now_ms;
         let mut changes = Vec::with_capacity(by_service.len());
-        for (service, keys) in by_service {
-            let Some(entry) = self.services.get_mut(&service) else {
-                debug_assert!(false, "session index names missing service {service}");
-                continue;
-            };
+        for (service, mut keys) in by_service {
+            keys.sort();
             let mut removed = false;
             for key in keys {
-                let owned = entry
-                    .instances
-                    .get(&key)
+                let owned = self
+                    .instance(&service, &key)
                     .is_some_and(|i| i.session() == Some(session));
                 debug_assert!(owned, "session index names {key} wrongly");
                 if owned {
-                    entry.instances.remove(&key);
-                    entry.lapsed.remove(&key);
+                    let version = self.next_version(now_ms);
+                    self.kill(&service, &key, version, now_ms, true);
+                    self.record_instance(&service, &key, version, None, None, true);
                     removed = true;
                 }
             }
@@ -475,10 +522,8 @@ impl Registry {
                 continue;
             }
             let stamp = bump(&mut self.next_stamp);
-            entry.revision = stamp;
-            if entry.is_disposable() {
-                self.services.remove(&service);
-            }
+            self.set_revision(&service, stamp);
+            self.settle(&service);
             changes.push(Change {
                 key: service,
                 revision: stamp,
@@ -504,6 +549,14 @@ impl Registry {
     /// the instances due (a deadline index), not to all instances, so calling this
     /// every second with a million instances is cheap.
     pub fn expire(&mut self, now_ms: u64) -> Vec<Change> {
+        self.expire_in(now_ms, &|_| true)
+    }
+
+    /// [`Registry::expire`] for the services `filter` selects (those this node owns).
+    /// A due instance of another service is left to its owner: its lease restarts here
+    /// (as if it had beaten now), so it does not come due again at every call.
+    pub fn expire_in(&mut self, now_ms: u64, filter: &dyn Fn(&ServiceKey) -> bool) -> Vec<Change> {
+        self.note_now(now_ms);
         let mut due: BTreeMap<ServiceKey, Vec<InstanceKey>> = BTreeMap::new();
         while self
             .index
@@ -517,13 +570,19 @@ impl Registry {
 
         let mut changes = Vec::new();
         for (service, keys) in due {
-            let Some(entry) = self.services.get_mut(&service) else {
-                debug_assert!(false, "deadline index names missing service {service}");
+            if !filter(&service) {
+                for key in keys {
+                    self.touch_ttl_unindexed(&service, &key, now_ms);
+                }
                 continue;
-            };
+            }
             let mut stamp: Option<u64> = None;
             for key in keys {
-                let Some(inst) = entry.instances.get_mut(&key) else {
+                let Some(entry) = self.services.get_mut(&service) else {
+                    debug_assert!(false, "deadline index names missing service {service}");
+                    continue;
+                };
+                let Some(inst) = entry.instances.get(&key) else {
                     debug_assert!(false, "deadline index names missing {key}");
                     continue;
                 };
@@ -534,27 +593,46 @@ impl Registry {
                 let idle = now_ms.saturating_sub(inst.last_beat_ms);
                 let lapsed = entry.lapsed.contains_key(&key);
                 if idle >= ttl.remove_after_ms {
-                    entry.instances.remove(&key);
-                    entry.lapsed.remove(&key);
+                    // The index entry is already popped: put it back so kill removes it.
+                    self.index.add(&service, &inst.clone(), lapsed);
+                    let version = self.next_version(now_ms);
+                    self.kill(&service, &key, version, now_ms, true);
+                    self.record_instance(&service, &key, version, None, None, true);
                     stamp.get_or_insert_with(|| bump(&mut self.next_stamp));
                 } else if idle >= ttl.unhealthy_after_ms && !lapsed {
-                    entry.lapsed.insert(key.clone(), inst.healthy);
-                    if inst.healthy {
+                    let declared = inst.healthy;
+                    if declared {
+                        let mut inst = inst.clone();
+                        let version = self.next_version(now_ms);
                         inst.healthy = false;
                         inst.stamp = *stamp.get_or_insert_with(|| bump(&mut self.next_stamp));
+                        self.record_instance(
+                            &service,
+                            &key,
+                            version,
+                            Some(&inst),
+                            Some(true),
+                            false,
+                        );
+                        // Re-index first (put_live removes the current entry).
+                        let old = inst.clone();
+                        self.index.add(&service, &old, false);
+                        self.put_live(&service, inst, version, Some(true));
+                    } else {
+                        entry.lapsed.insert(key.clone(), false);
+                        let inst = inst.clone();
+                        self.index.add(&service, &inst, true);
                     }
-                    self.index.add(&service, inst, true);
                 } else {
                     // Not due after all (the index is exact, so this does not happen):
                     // keep it indexed.
-                    self.index.add(&service, inst, lapsed);
+                    let inst = inst.clone();
+                    self.index.add(&service, &inst, lapsed);
                 }
             }
             if let Some(stamp) = stamp {
-                entry.revision = stamp;
-                if entry.is_disposable() {
-                    self.services.remove(&service);
-                }
+                self.set_revision(&service, stamp);
+                self.settle(&service);
                 changes.push(Change {
                     key: service,
                     revision: stamp,
@@ -562,6 +640,241 @@ impl Registry {
             }
         }
         changes
+    }
+
+    // ---- internal record keeping shared by local writes and replication ----
+
+    /// Remembers the latest `now_ms` seen: operations that take no time (deregister,
+    /// set_service_meta, remove_session) stamp and date their tombstones with it.
+    pub fn note_now(&mut self, now_ms: u64) {
+        self.last_now_ms = self.last_now_ms.max(now_ms);
+    }
+
+    /// Takes the next local revision.
+    pub(crate) fn bump_revision(&mut self) -> u64 {
+        bump(&mut self.next_stamp)
+    }
+
+    /// Sets a service's revision, if the service is kept.
+    pub(crate) fn set_revision(&mut self, service: &ServiceKey, revision: u64) {
+        if let Some(e) = self.services.get_mut(service) {
+            e.revision = revision;
+        }
+    }
+
+    /// Records an instance operation for replication (when recording is on).
+    fn record_instance(
+        &mut self,
+        service: &ServiceKey,
+        key: &InstanceKey,
+        version: Stamp,
+        state: Option<&Instance>,
+        lapsed: Option<bool>,
+        reaped: bool,
+    ) {
+        if self.repl.record_ops {
+            self.outbox.push(Op::Instance(InstanceOp {
+                service: service.clone(),
+                key: key.clone(),
+                stamp: version,
+                state: state.cloned(),
+                lapsed,
+                reaped,
+            }));
+        }
+    }
+
+    /// Stores `inst` live at `version` (lapsed with the declared health `lapsed`),
+    /// replacing what its key held, live or deleted. Keeps the indexes and the digest
+    /// sum; creates the service entry if needed. The caller sets the revision and
+    /// calls [`Registry::settle`] when the entry may have become disposable.
+    pub(crate) fn put_live(
+        &mut self,
+        service: &ServiceKey,
+        inst: Instance,
+        version: Stamp,
+        lapsed: Option<bool>,
+    ) {
+        let key = inst.key();
+        self.drop_tomb(service, Some(&key));
+        if !self.services.contains_key(service) {
+            self.services
+                .insert(service.clone(), ServiceEntry::default());
+            self.place(service);
+        }
+        let entry = self.services.get_mut(service).expect("just ensured");
+        if let Some(old) = entry.instances.remove(&key) {
+            let was_lapsed = entry.lapsed.remove(&key).is_some();
+            self.index.remove(service, &old, was_lapsed);
+            let old_version = entry.versions.remove(&key).unwrap_or_default();
+            entry.sum = entry.sum.wrapping_sub(instance_hash(&key, old_version));
+        }
+        self.index.add(service, &inst, lapsed.is_some());
+        if let Some(declared) = lapsed {
+            entry.lapsed.insert(key.clone(), declared);
+        }
+        entry.sum = entry.sum.wrapping_add(instance_hash(&key, version));
+        entry.versions.insert(key.clone(), version);
+        entry.instances.insert(key, inst);
+    }
+
+    /// Deletes an instance at `version`: removes it if live and leaves a tombstone.
+    /// Returns whether a live instance was removed.
+    pub(crate) fn kill(
+        &mut self,
+        service: &ServiceKey,
+        key: &InstanceKey,
+        version: Stamp,
+        now_ms: u64,
+        reaped: bool,
+    ) -> bool {
+        let mut removed = false;
+        if let Some(entry) = self.services.get_mut(service) {
+            if let Some(old) = entry.instances.remove(key) {
+                let was_lapsed = entry.lapsed.remove(key).is_some();
+                self.index.remove(service, &old, was_lapsed);
+                let old_version = entry.versions.remove(key).unwrap_or_default();
+                entry.sum = entry.sum.wrapping_sub(instance_hash(key, old_version));
+                removed = true;
+            }
+        }
+        self.drop_tomb(service, Some(key));
+        let tomb = Tomb {
+            stamp: version,
+            deleted_at_ms: now_ms,
+            reaped,
+        };
+        self.tombs
+            .entry(service.clone())
+            .or_default()
+            .instances
+            .insert(key.clone(), tomb);
+        self.tomb_gc
+            .insert((now_ms, service.clone(), Some(key.clone())));
+        self.place(service);
+        removed
+    }
+
+    /// Sets a service's settings at `version`. Default settings are kept as a
+    /// tombstone of the settings, others on the entry (created if needed).
+    pub(crate) fn put_meta(
+        &mut self,
+        service: &ServiceKey,
+        meta: ServiceMeta,
+        version: Stamp,
+        now_ms: u64,
+    ) {
+        self.drop_tomb(service, None);
+        if let Some(e) = self.services.get_mut(service) {
+            if e.meta_stamp != Stamp::ZERO {
+                e.sum = e.sum.wrapping_sub(meta_hash(e.meta_stamp));
+            }
+            e.meta_stamp = Stamp::ZERO;
+            e.meta = ServiceMeta::default();
+        }
+        if meta == ServiceMeta::default() {
+            self.tombs.entry(service.clone()).or_default().meta = Some(Tomb {
+                stamp: version,
+                deleted_at_ms: now_ms,
+                reaped: false,
+            });
+            self.tomb_gc.insert((now_ms, service.clone(), None));
+        } else {
+            if !self.services.contains_key(service) {
+                self.services
+                    .insert(service.clone(), ServiceEntry::default());
+            }
+            let e = self.services.get_mut(service).expect("just ensured");
+            e.meta = meta;
+            e.meta_stamp = version;
+            e.sum = e.sum.wrapping_add(meta_hash(version));
+        }
+        self.place(service);
+    }
+
+    /// Drops the tombstone of an instance (`Some`) or of the settings (`None`).
+    fn drop_tomb(&mut self, service: &ServiceKey, key: Option<&InstanceKey>) {
+        let Some(t) = self.tombs.get_mut(service) else {
+            return;
+        };
+        let tomb = match key {
+            Some(k) => t.instances.remove(k),
+            None => t.meta.take(),
+        };
+        if let Some(tomb) = tomb {
+            self.tomb_gc
+                .remove(&(tomb.deleted_at_ms, service.clone(), key.cloned()));
+        }
+        if t.is_empty() {
+            self.tombs.remove(service);
+        }
+    }
+
+    /// Drops a service entry that holds nothing, and keeps the placement index in step
+    /// with what is held about the service.
+    pub(crate) fn settle(&mut self, service: &ServiceKey) {
+        if self
+            .services
+            .get(service)
+            .is_some_and(ServiceEntry::is_disposable)
+        {
+            self.services.remove(service);
+        }
+        self.place(service);
+    }
+
+    /// Adds or removes the service in the placement index, as it is held or not.
+    fn place(&mut self, service: &ServiceKey) {
+        let held = self.services.contains_key(service) || self.tombs.contains_key(service);
+        let entry = (self.placement_of(service), service.clone());
+        if held {
+            if !self.placed.contains(&entry) {
+                self.placed.insert(entry);
+            }
+        } else {
+            self.placed.remove(&entry);
+        }
+    }
+
+    /// Rebuilds the placement index (after the placement function changed).
+    pub(crate) fn rebuild_placed(&mut self) {
+        let keys: BTreeSet<ServiceKey> = self
+            .services
+            .keys()
+            .chain(self.tombs.keys())
+            .cloned()
+            .collect();
+        self.placed = keys
+            .into_iter()
+            .map(|k| (self.placement_of(&k), k))
+            .collect();
+    }
+
+    /// Restarts a Ttl instance's lease at `now_ms` (indexed).
+    pub(crate) fn touch_ttl(&mut self, service: &ServiceKey, key: &InstanceKey, now_ms: u64) {
+        let Some(entry) = self.services.get_mut(service) else {
+            return;
+        };
+        let Some(inst) = entry.instances.get_mut(key) else {
+            return;
+        };
+        let lapsed = entry.lapsed.contains_key(key);
+        self.index.remove(service, inst, lapsed);
+        inst.last_beat_ms = inst.last_beat_ms.max(now_ms);
+        self.index.add(service, inst, lapsed);
+    }
+
+    /// Restarts a Ttl instance's lease whose deadline was already popped.
+    fn touch_ttl_unindexed(&mut self, service: &ServiceKey, key: &InstanceKey, now_ms: u64) {
+        let Some(entry) = self.services.get_mut(service) else {
+            return;
+        };
+        let Some(inst) = entry.instances.get_mut(key) else {
+            return;
+        };
+        let lapsed = entry.lapsed.contains_key(key);
+        inst.last_beat_ms = inst.last_beat_ms.max(now_ms);
+        self.index.add(service, inst, lapsed);
     }
 
     /// The instances of a service. `clusters` empty means all clusters.
@@ -680,7 +993,7 @@ impl Registry {
 #[cfg(test)]
 impl Registry {
     /// Checks that the indexes agree with the services; panics if not.
-    fn check_invariants(&self) {
+    pub(crate) fn check_invariants(&self) {
         let mut sessions: HashMap<SessionId, HashMap<ServiceKey, HashSet<InstanceKey>>> =
             HashMap::new();
         let mut deadlines = BTreeSet::new();
@@ -716,9 +1029,53 @@ impl Registry {
             for key in entry.lapsed.keys() {
                 assert!(entry.instances.contains_key(key));
             }
+            // Versions and digest sum agree with the content.
+            assert_eq!(
+                entry.versions.keys().collect::<BTreeSet<_>>(),
+                entry.instances.keys().collect::<BTreeSet<_>>()
+            );
+            let mut sum = 0u64;
+            for (key, v) in &entry.versions {
+                assert!(v.time <= self.hlc);
+                sum = sum.wrapping_add(instance_hash(key, *v));
+            }
+            assert_eq!(
+                entry.meta_stamp == Stamp::ZERO,
+                entry.meta == ServiceMeta::default()
+            );
+            if entry.meta_stamp != Stamp::ZERO {
+                sum = sum.wrapping_add(meta_hash(entry.meta_stamp));
+            }
+            assert_eq!(sum, entry.sum, "digest sum of {service}");
         }
         assert_eq!(sessions, self.index.sessions);
         assert_eq!(deadlines, self.index.deadlines);
+        // Tombstones: never beside a live record; each indexed for collection.
+        let mut gc = BTreeSet::new();
+        for (service, t) in &self.tombs {
+            assert!(!t.is_empty());
+            for (key, tomb) in &t.instances {
+                assert!(self.instance(service, key).is_none(), "{key} live and dead");
+                gc.insert((tomb.deleted_at_ms, service.clone(), Some(key.clone())));
+            }
+            if let Some(tomb) = t.meta {
+                assert_eq!(
+                    self.services
+                        .get(service)
+                        .map_or(Stamp::ZERO, |e| e.meta_stamp),
+                    Stamp::ZERO
+                );
+                gc.insert((tomb.deleted_at_ms, service.clone(), None));
+            }
+        }
+        assert_eq!(gc, self.tomb_gc);
+        let placed: BTreeSet<(u64, ServiceKey)> = self
+            .services
+            .keys()
+            .chain(self.tombs.keys())
+            .map(|k| (self.placement_of(k), k.clone()))
+            .collect();
+        assert_eq!(placed, self.placed);
     }
 }
 

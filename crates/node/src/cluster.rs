@@ -1,0 +1,146 @@
+//! The write path of a client request, and the cluster views the CLI asks for.
+//!
+//! A write goes to the owner of its service: applied here when this node owns it,
+//! else forwarded once over the peer link. If the owner does not answer in
+//! `forward_timeout_ms` (it may just have died), the route is looked up again, once:
+//! by then the ring may name another owner, possibly this node.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_proto::{ErrorBody, ErrorCode, MemberView, Response, RingView};
+use shoal_replication::{ForwardOutcome, MemberState, Route, Write};
+use shoal_storage::ServiceKey;
+
+use crate::state::{read, write as write_lock, Shared};
+
+/// Applies `w` at its owner and answers with the service's revision there.
+pub async fn write(shared: &Arc<Shared>, w: Write) -> Result<Response, ErrorBody> {
+    let timeout = Duration::from_millis(shared.config.forward_timeout_ms);
+    for _attempt in 0..2 {
+        let route = read(&shared.replica).route(w.service());
+        match route {
+            Route::Local => return apply_here(shared, w),
+            Route::Unavailable => {
+                return Err(ErrorBody::new(
+                    ErrorCode::NotReady,
+                    "no ready node owns services yet",
+                ))
+            }
+            Route::Forward(owner) => {
+                metrics::counter!("shoal_forwarded_writes_total").increment(1);
+                let rx = {
+                    let mut replica = write_lock(&shared.replica);
+                    let (id, actions) = replica.forward(&owner, w.clone());
+                    let rx = shared.expect_forward(id);
+                    shared.execute(&replica, actions);
+                    (id, rx)
+                };
+                let (id, rx) = rx;
+                match tokio::time::timeout(timeout, rx).await {
+                    Ok(Ok(ForwardOutcome::Applied { revision })) => {
+                        return Ok(Response::Applied { revision })
+                    }
+                    Ok(Ok(ForwardOutcome::Rejected { code, message })) => {
+                        return Err(ErrorBody::new(code_of(&code), message))
+                    }
+                    // Dropped (no link to the owner) or timed out: look again.
+                    Ok(Err(_)) | Err(_) => {
+                        shared.forget_forward(id);
+                        metrics::counter!("shoal_forward_failures_total").increment(1);
+                        tracing::debug!(%owner, "forwarded write got no answer; routing again");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+    }
+    Err(ErrorBody::new(
+        ErrorCode::Unavailable,
+        "the owner of this service did not answer; retry",
+    ))
+}
+
+fn apply_here(shared: &Arc<Shared>, w: Write) -> Result<Response, ErrorBody> {
+    let now = shared.now_ms();
+    let service = w.service().clone();
+    let mut replica = write_lock(&shared.replica);
+    let (change, actions) = replica.apply_write(w, now).map_err(ErrorBody::from)?;
+    shared.execute(&replica, actions);
+    let revision = match change {
+        Some(c) => c.revision,
+        None => replica
+            .registry()
+            .query(&service, &[], false)
+            .map(|v| v.revision)
+            .unwrap_or(0),
+    };
+    Ok(Response::Applied { revision })
+}
+
+/// Maps a storage error code carried by a forward reply back to the wire code.
+fn code_of(code: &str) -> ErrorCode {
+    match code {
+        "invalid_name" => ErrorCode::InvalidName,
+        "invalid_port" => ErrorCode::InvalidPort,
+        "invalid_weight" => ErrorCode::InvalidWeight,
+        "invalid_ip" => ErrorCode::InvalidIp,
+        "invalid_metadata" => ErrorCode::InvalidMetadata,
+        "invalid_setting" => ErrorCode::InvalidSetting,
+        "unknown_namespace" => ErrorCode::UnknownNamespace,
+        "not_found" => ErrorCode::NotFound,
+        _ => ErrorCode::Internal,
+    }
+}
+
+/// The members as this node sees them, itself included.
+pub fn members(shared: &Shared) -> Vec<MemberView> {
+    let now = shared.now_ms();
+    let replica = read(&shared.replica);
+    let mut out = vec![MemberView {
+        id: shared.node_id.clone(),
+        addr: shared.my_addr(),
+        state: "up".into(),
+        ready: replica.is_ready(),
+        is_self: true,
+        last_heard_ago_ms: None,
+    }];
+    for m in replica.members() {
+        out.push(MemberView {
+            id: m.id,
+            addr: m.addr,
+            state: match m.state {
+                MemberState::Up => "up",
+                MemberState::Suspect => "suspect",
+                MemberState::Down => "down",
+            }
+            .into(),
+            ready: m.ready,
+            is_self: false,
+            last_heard_ago_ms: m.last_heard_ms.map(|t| now.saturating_sub(t)),
+        });
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out
+}
+
+/// The ring as this node sees it, and the owner of `service` if given.
+pub fn ring(shared: &Shared, service: Option<&ServiceKey>) -> Result<RingView, ErrorBody> {
+    let replica = read(&shared.replica);
+    if let Some(key) = service {
+        let limits = replica.registry().limits().clone();
+        shoal_storage::validate_service_key(key, &limits).map_err(ErrorBody::from)?;
+    }
+    let ring = replica.ring();
+    let shares = ring
+        .ownership_shares()
+        .into_iter()
+        .map(|(id, share)| (shoal_storage::NodeId(id), share))
+        .collect();
+    Ok(RingView {
+        vnodes: ring.vnodes_per_weight(),
+        shares,
+        owner: service.and_then(|k| replica.owner(k)),
+        position: service.map(|k| shoal_ring::position(&k.placement_bytes())),
+    })
+}

@@ -1,0 +1,57 @@
+//! Every timing and limit of the engine, in one place.
+
+/// The engine's settings. Every timing is in milliseconds of the clock the caller passes
+/// as `now_ms`. Defaults are documented in `docs/replication.md`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// How long a change may wait in a peer's batch before the batch leaves.
+    pub batch_window_ms: u64,
+    /// A batch leaves at once when it holds this many operations and announcements.
+    pub batch_max_ops: usize,
+    /// How often each member is pinged.
+    pub probe_interval_ms: u64,
+    /// A member not heard from for this long is Suspect (still owns its services).
+    pub suspect_after_ms: u64,
+    /// A member not heard from for this long is Down (leaves the ring).
+    pub down_after_ms: u64,
+    /// How often an owner sends each peer the digests of the ranges it owns.
+    pub anti_entropy_interval_ms: u64,
+    /// How long the instances of a disconnected, orphaned or unknown session are kept
+    /// before the owners delete them.
+    pub session_grace_ms: u64,
+    /// How long a starting node waits to hear from a ready peer before it declares
+    /// itself ready with what it has (cold start of a whole cluster).
+    pub bootstrap_wait_ms: u64,
+    /// How long a deletion's tombstone is kept (it stops a late, older write from
+    /// bringing the record back).
+    pub tombstone_ttl_ms: u64,
+    /// Liveness deletions stop while more than this share of the other members is Down.
+    pub self_preservation_fraction: f64,
+    /// Vnodes per member on the ring. Every node of a cluster must use the same value.
+    pub vnodes: u32,
+    /// Services per snapshot chunk and per anti-entropy repair message.
+    pub chunk_max_services: usize,
+    /// How long a snapshot request may go unanswered before it is asked again
+    /// (possibly of another peer).
+    pub snapshot_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            batch_window_ms: 5,
+            batch_max_ops: 512,
+            probe_interval_ms: 500,
+            suspect_after_ms: 1_500,
+            down_after_ms: 3_000,
+            anti_entropy_interval_ms: 5_000,
+            session_grace_ms: 10_000,
+            bootstrap_wait_ms: 2_000,
+            tombstone_ttl_ms: 60_000,
+            self_preservation_fraction: 0.5,
+            vnodes: shoal_ring::DEFAULT_VNODES,
+            chunk_max_services: 256,
+            snapshot_timeout_ms: 3_000,
+        }
+    }
+}

@@ -1,0 +1,1251 @@
+//! The engine: one node's view of the cluster and its replica of the registry.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use shoal_ring::Ring;
+use shoal_storage::{
+    origin_of, Change, Instance, InstanceSpec, Lease, Limits, NodeId, Op, Registry,
+    ReplicationSettings, ServiceKey, ServiceRecord, SessionId, Stamp, StorageError,
+};
+
+use crate::config::Config;
+use crate::msg::*;
+
+/// How a member looks from here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MemberState {
+    /// Heard from within `suspect_after_ms`.
+    Up,
+    /// Not heard from for `suspect_after_ms`; still owns its services (no flapping).
+    Suspect,
+    /// Not heard from for `down_after_ms`, or never heard from: out of the ring.
+    Down,
+}
+
+/// A member as [`Replica::members`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberInfo {
+    /// Its id.
+    pub id: NodeId,
+    /// The address it is dialled at.
+    pub addr: String,
+    /// Up, Suspect or Down.
+    pub state: MemberState,
+    /// Whether it said it is ready (owns services).
+    pub ready: bool,
+    /// When it was last heard from (`None`: only known from gossip).
+    pub last_heard_ms: Option<u64>,
+}
+
+/// Where a write must go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// This node owns the service: [`Replica::apply_write`].
+    Local,
+    /// Forward it to the owner: [`Replica::forward`].
+    Forward(NodeId),
+    /// No ready node is known (this node is starting and has no ready peer yet).
+    Unavailable,
+}
+
+/// What the node must do for the engine.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Send a message to a peer (drop it if there is no link or the link's queue is
+    /// full: anti-entropy repairs what is lost).
+    Send {
+        /// The peer.
+        to: NodeId,
+        /// The message.
+        msg: PeerMsg,
+    },
+    /// Open a link to a member learned from gossip (or whose link is down); call
+    /// [`Replica::peer_link_up`] when it is up. Repeated every probe interval while
+    /// the link is down: the node should ignore it while a dial is in flight.
+    Connect {
+        /// The member.
+        to: NodeId,
+        /// Its address.
+        addr: String,
+    },
+    /// These services changed here: push them to their local subscribers.
+    Publish(Vec<Change>),
+    /// The owner answered a write this node forwarded with [`Replica::forward`]. Ids
+    /// the node does not know are the engine's own forwards (re-asserted instances):
+    /// ignore them.
+    ForwardDone {
+        /// The id [`Replica::forward`] returned.
+        id: u64,
+        /// What the owner did.
+        outcome: ForwardOutcome,
+    },
+    /// A batch from a peer was applied: for the replication lag metric.
+    BatchApplied {
+        /// The writer.
+        from: NodeId,
+        /// Operations in the batch.
+        ops: usize,
+        /// `now_ms` minus the oldest owner stamp (ms part) of the batch: how long the
+        /// oldest change took to get here (meaningful when node clocks are UNIX time).
+        max_lag_ms: u64,
+    },
+    /// This node just became ready: it serves reads and owns services from now on.
+    Ready,
+    /// The ring changed; its members now.
+    RingChanged(Vec<NodeId>),
+}
+
+/// A member as the engine keeps it.
+#[derive(Clone, Debug)]
+struct Member {
+    addr: String,
+    last_heard_ms: Option<u64>,
+    ready: bool,
+    link_up: bool,
+    state: MemberState,
+    /// When this node saw it go Down (or learned of it without hearing it).
+    down_since_ms: u64,
+}
+
+/// Changes waiting to be sent to one peer.
+#[derive(Debug, Default)]
+struct Outq {
+    ops: Vec<Op>,
+    sessions: Vec<SessionAnnounce>,
+    since_ms: u64,
+}
+
+impl Outq {
+    fn len(&self) -> usize {
+        self.ops.len() + self.sessions.len()
+    }
+}
+
+/// A session as this node knows it.
+#[derive(Clone, Debug)]
+struct SessionEntry {
+    home: NodeId,
+    state: SessionState,
+    stamp: Stamp,
+    /// Local time of the last state change here.
+    since_ms: u64,
+    /// Local time this node first saw the (Live) session's home Down.
+    orphaned_since_ms: Option<u64>,
+}
+
+/// Progress of the snapshot a starting node loads.
+#[derive(Clone, Debug)]
+struct SnapshotLoad {
+    from: NodeId,
+    after: Option<ServiceKey>,
+    asked_ms: u64,
+}
+
+/// Why a session's instances are to be deleted.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Doom {
+    /// Closed cleanly: always.
+    Closed,
+    /// Disconnected, orphaned or unknown past the grace period: not under
+    /// self-preservation.
+    Lapsed,
+}
+
+/// One node's Distro engine. See the crate docs.
+#[derive(Debug)]
+pub struct Replica {
+    me: NodeId,
+    my_addr: String,
+    config: Config,
+    registry: Registry,
+    members: BTreeMap<NodeId, Member>,
+    ring: Ring,
+    ready: bool,
+    started_ms: u64,
+    snapshot: Option<SnapshotLoad>,
+    queues: BTreeMap<NodeId, Outq>,
+    sessions: HashMap<SessionId, SessionEntry>,
+    unknown_since: HashMap<SessionId, u64>,
+    next_probe_ms: u64,
+    next_anti_entropy_ms: u64,
+    self_preservation: bool,
+    next_forward_id: u64,
+    rng: u64,
+}
+
+impl Replica {
+    /// A starting node with an empty registry of default limits.
+    pub fn new(me: NodeId, my_addr: String, config: Config, seed: u64, now_ms: u64) -> Self {
+        Self::with_registry(
+            me,
+            my_addr,
+            config,
+            Registry::new(Limits::default()),
+            seed,
+            now_ms,
+        )
+    }
+
+    /// A starting node around the given registry (with the node's limits and
+    /// namespaces). Turns the registry's replication on.
+    pub fn with_registry(
+        me: NodeId,
+        my_addr: String,
+        config: Config,
+        mut registry: Registry,
+        seed: u64,
+        now_ms: u64,
+    ) -> Self {
+        registry.set_replication(ReplicationSettings {
+            origin: origin_of(&me),
+            placement: shoal_ring::position,
+            tombstone_ttl_ms: config.tombstone_ttl_ms,
+            record_ops: true,
+        });
+        registry.note_now(now_ms);
+        let ring = Ring::new(config.vnodes.max(1)).expect("vnodes is at least 1");
+        Replica {
+            me,
+            my_addr,
+            registry,
+            members: BTreeMap::new(),
+            ring,
+            ready: false,
+            started_ms: now_ms,
+            snapshot: None,
+            queues: BTreeMap::new(),
+            sessions: HashMap::new(),
+            unknown_since: HashMap::new(),
+            next_probe_ms: now_ms,
+            next_anti_entropy_ms: now_ms + config.anti_entropy_interval_ms,
+            self_preservation: false,
+            next_forward_id: 1,
+            rng: seed | 1,
+            config,
+        }
+    }
+
+    // ---------------------------------------------------------------- reads
+
+    /// This node's id.
+    pub fn me(&self) -> &NodeId {
+        &self.me
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The local copy of the registry; reads are served from it.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The registry, for setup (adding namespaces). Writes made through it are not
+    /// replicated: use [`Replica::apply_write`].
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// Whether this node has loaded its snapshot (or given up waiting for one): it
+    /// owns services and answers reads.
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
+    /// Whether liveness deletions are suspended because too many members are Down.
+    pub fn self_preservation_active(&self) -> bool {
+        self.self_preservation
+    }
+
+    /// The members other than this node, sorted by id.
+    pub fn members(&self) -> Vec<MemberInfo> {
+        self.members
+            .iter()
+            .map(|(id, m)| MemberInfo {
+                id: id.clone(),
+                addr: m.addr.clone(),
+                state: m.state,
+                ready: m.ready,
+                last_heard_ms: m.last_heard_ms,
+            })
+            .collect()
+    }
+
+    /// The ring: this node if ready, and the members that are Up or Suspect and ready.
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// The owner of a service on this node's ring (`None` while the ring is empty).
+    pub fn owner(&self, service: &ServiceKey) -> Option<NodeId> {
+        self.ring
+            .owner(&service.placement_bytes())
+            .map(|id| NodeId(id.to_string()))
+    }
+
+    /// Whether this node owns the service.
+    pub fn owns(&self, service: &ServiceKey) -> bool {
+        owns(&self.ring, &self.me, service)
+    }
+
+    /// Where a client write to `service` must go.
+    pub fn route(&self, service: &ServiceKey) -> Route {
+        match self.owner(service) {
+            Some(o) if o == self.me => Route::Local,
+            Some(o) => Route::Forward(o),
+            None => Route::Unavailable,
+        }
+    }
+
+    /// Operations and announcements waiting for a peer (for a queue-depth metric).
+    pub fn queued_for(&self, peer: &NodeId) -> usize {
+        self.queues.get(peer).map_or(0, Outq::len)
+    }
+
+    // ---------------------------------------------------------------- writes
+
+    /// Applies a client write here (this node owns the service, or the write was
+    /// forwarded to it: a forwarded write is applied whatever this node's ring says,
+    /// so views that differ for a moment cause no loop). Stamps it, queues its
+    /// operations for every peer, and returns the change (none for a beat that only
+    /// refreshed a lease) with the actions, which include [`Action::Publish`].
+    /// On error nothing changed and nothing is sent.
+    pub fn apply_write(
+        &mut self,
+        write: Write,
+        now_ms: u64,
+    ) -> Result<(Option<Change>, Vec<Action>), StorageError> {
+        self.registry.note_now(now_ms);
+        let r = &mut self.registry;
+        let change = match write {
+            Write::Register {
+                service,
+                instance,
+                session,
+            } => r.register(&service, instance, session, now_ms).map(Some),
+            Write::Update { service, instance } => r.update(&service, instance, now_ms).map(Some),
+            Write::Deregister { service, instance } => {
+                r.deregister_at(&service, &instance, now_ms).map(Some)
+            }
+            Write::Beat { service, instance } => r.beat(&service, &instance, now_ms),
+            Write::SetServiceMeta { service, meta } => r.set_service_meta(&service, meta).map(Some),
+        }?;
+        let mut actions = self.queue_local_ops(now_ms);
+        if let Some(c) = &change {
+            actions.push(Action::Publish(vec![c.clone()]));
+        }
+        Ok((change, actions))
+    }
+
+    /// Sends a client write to `owner` (what [`Replica::route`] said). The answer comes
+    /// back as [`Action::ForwardDone`] with the returned id; the node times it out.
+    pub fn forward(&mut self, owner: &NodeId, write: Write) -> (u64, Vec<Action>) {
+        let id = self.next_forward_id;
+        self.next_forward_id += 1;
+        let msg = PeerMsg::Forward { id, write };
+        (
+            id,
+            vec![Action::Send {
+                to: owner.clone(),
+                msg,
+            }],
+        )
+    }
+
+    /// A client session opened (or resumed) on this node, its home.
+    pub fn session_opened(&mut self, session: SessionId, now_ms: u64) -> Vec<Action> {
+        self.announce(session, SessionState::Live, now_ms)
+    }
+
+    /// A client session's connection ended on this node: `clean` for a Goodbye (its
+    /// instances go now), otherwise it may resume within `session_grace_ms`, here or
+    /// on another node.
+    pub fn session_closed(&mut self, session: SessionId, clean: bool, now_ms: u64) -> Vec<Action> {
+        let state = if clean {
+            SessionState::Closed
+        } else {
+            SessionState::Disconnected
+        };
+        let mut actions = self.announce(session, state, now_ms);
+        if clean {
+            // Delete what this node owns at once; the other owners do on receipt.
+            actions.extend(self.reap(session, now_ms));
+        }
+        actions
+    }
+
+    fn announce(&mut self, session: SessionId, state: SessionState, now_ms: u64) -> Vec<Action> {
+        let ann = SessionAnnounce {
+            session,
+            home: self.me.clone(),
+            state,
+            stamp: self.registry.next_version(now_ms),
+        };
+        self.merge_session(ann.clone(), now_ms);
+        self.queue(Vec::new(), vec![ann], now_ms)
+    }
+
+    // ---------------------------------------------------------------- links
+
+    /// A link to `node` (at `addr`) is up: the node dialled it (a seed, or after an
+    /// [`Action::Connect`]) or accepted it.
+    pub fn peer_link_up(&mut self, node: NodeId, addr: String, now_ms: u64) -> Vec<Action> {
+        if node == self.me || !valid_id(&node) {
+            return Vec::new();
+        }
+        let m = self.members.entry(node.clone()).or_insert(Member {
+            addr: addr.clone(),
+            last_heard_ms: None,
+            ready: false,
+            link_up: false,
+            state: MemberState::Down,
+            down_since_ms: now_ms,
+        });
+        m.link_up = true;
+        if !addr.is_empty() {
+            m.addr = addr;
+        }
+        let mut actions = self.heard(&node, now_ms);
+        actions.push(Action::Send {
+            to: node,
+            msg: PeerMsg::Ping(self.ping()),
+        });
+        actions
+    }
+
+    /// The link to `node` went down. Its state follows from the probes.
+    pub fn peer_link_down(&mut self, node: &NodeId, _now_ms: u64) -> Vec<Action> {
+        if let Some(m) = self.members.get_mut(node) {
+            m.link_up = false;
+        }
+        Vec::new()
+    }
+
+    // ---------------------------------------------------------------- input
+
+    /// A message from a peer.
+    pub fn handle(&mut self, from: &NodeId, msg: PeerMsg, now_ms: u64) -> Vec<Action> {
+        if from == &self.me || !valid_id(from) {
+            return Vec::new();
+        }
+        let mut actions = Vec::new();
+        match &msg {
+            PeerMsg::Ping(p) if p.version != PEER_PROTOCOL_VERSION => return actions,
+            PeerMsg::Ack(a) if a.version != PEER_PROTOCOL_VERSION => return actions,
+            PeerMsg::Ping(p) => {
+                let m = self.members.entry(from.clone()).or_insert(Member {
+                    addr: p.addr.clone(),
+                    last_heard_ms: None,
+                    ready: false,
+                    link_up: true,
+                    state: MemberState::Down,
+                    down_since_ms: now_ms,
+                });
+                m.addr = p.addr.clone();
+            }
+            _ => {}
+        }
+        if !self.members.contains_key(from) {
+            // Not introduced by a ping or a link yet: take the data (it merges safely)
+            // but do not make it a member without an address.
+            self.members.insert(
+                from.clone(),
+                Member {
+                    addr: String::new(),
+                    last_heard_ms: None,
+                    ready: false,
+                    link_up: true,
+                    state: MemberState::Down,
+                    down_since_ms: now_ms,
+                },
+            );
+        }
+        actions.extend(self.heard(from, now_ms));
+        match msg {
+            PeerMsg::Ping(p) => {
+                actions.extend(self.set_ready(from, p.ready, now_ms));
+                for (id, addr) in p.members {
+                    if id == self.me || !valid_id(&id) || self.members.contains_key(&id) {
+                        continue;
+                    }
+                    self.members.insert(
+                        id.clone(),
+                        Member {
+                            addr: addr.clone(),
+                            last_heard_ms: None,
+                            ready: false,
+                            link_up: false,
+                            state: MemberState::Down,
+                            down_since_ms: now_ms,
+                        },
+                    );
+                    actions.push(Action::Connect { to: id, addr });
+                }
+                actions.push(Action::Send {
+                    to: from.clone(),
+                    msg: PeerMsg::Ack(Ack {
+                        version: PEER_PROTOCOL_VERSION,
+                        ready: self.ready,
+                    }),
+                });
+            }
+            PeerMsg::Ack(a) => actions.extend(self.set_ready(from, a.ready, now_ms)),
+            PeerMsg::Batch(b) => actions.extend(self.on_batch(from, b, now_ms)),
+            PeerMsg::Forward { id, write } => {
+                let outcome = match self.apply_write(write, now_ms) {
+                    Ok((change, more)) => {
+                        actions.extend(more);
+                        ForwardOutcome::Applied {
+                            revision: change.map_or(0, |c| c.revision),
+                        }
+                    }
+                    Err(e) => ForwardOutcome::Rejected {
+                        code: e.code().to_string(),
+                        message: e.to_string(),
+                    },
+                };
+                actions.push(Action::Send {
+                    to: from.clone(),
+                    msg: PeerMsg::ForwardReply { id, outcome },
+                });
+            }
+            PeerMsg::ForwardReply { id, outcome } => {
+                actions.push(Action::ForwardDone { id, outcome })
+            }
+            PeerMsg::SnapshotRequest { after } => {
+                if self.ready {
+                    let (records, next) = self
+                        .registry
+                        .snapshot_chunk(after.as_ref(), self.config.chunk_max_services);
+                    let done = next.is_none();
+                    let sessions = if done {
+                        self.session_table()
+                    } else {
+                        Vec::new()
+                    };
+                    actions.push(Action::Send {
+                        to: from.clone(),
+                        msg: PeerMsg::SnapshotChunk(SnapshotChunk {
+                            records,
+                            next,
+                            done,
+                            sessions,
+                        }),
+                    });
+                }
+            }
+            PeerMsg::SnapshotChunk(chunk) => actions.extend(self.on_chunk(from, chunk, now_ms)),
+            PeerMsg::Digest { ranges } => {
+                let differing: Vec<(u64, u64)> = ranges
+                    .iter()
+                    .filter(|r| self.registry.range_digest(r.start, r.end) != r.hash)
+                    .map(|r| (r.start, r.end))
+                    .collect();
+                if !differing.is_empty() {
+                    let services = differing
+                        .iter()
+                        .flat_map(|&(s, e)| self.registry.service_digests_in(s, e))
+                        .collect();
+                    actions.push(Action::Send {
+                        to: from.clone(),
+                        msg: PeerMsg::DigestReply {
+                            services,
+                            ranges: differing,
+                        },
+                    });
+                }
+            }
+            PeerMsg::DigestReply { services, ranges } => {
+                let theirs: HashMap<ServiceKey, u64> = services.into_iter().collect();
+                let mut send = Vec::new();
+                let mut ask = Vec::new();
+                let mut mine_seen = BTreeSet::new();
+                for &(s, e) in &ranges {
+                    for (key, d) in self.registry.service_digests_in(s, e) {
+                        match theirs.get(&key) {
+                            Some(t) if *t == d => {}
+                            Some(t) => {
+                                if *t != 0 {
+                                    ask.push(key.clone());
+                                }
+                                send.push(key.clone());
+                            }
+                            None => send.push(key.clone()),
+                        }
+                        mine_seen.insert(key);
+                    }
+                }
+                for (key, d) in &theirs {
+                    if *d != 0 && !mine_seen.contains(key) {
+                        ask.push(key.clone());
+                    }
+                }
+                let records = self.registry.records_of(&send);
+                actions.extend(self.repair_msgs(from, records));
+                if !ask.is_empty() {
+                    actions.push(Action::Send {
+                        to: from.clone(),
+                        msg: PeerMsg::RepairRequest { services: ask },
+                    });
+                }
+            }
+            PeerMsg::Repair { records } => actions.extend(self.apply_records(records, now_ms)),
+            PeerMsg::RepairRequest { services } => {
+                let records = self.registry.records_of(&services);
+                actions.extend(self.repair_msgs(from, records));
+            }
+        }
+        actions
+    }
+
+    /// Time passes: probes, failure detection, batches, bootstrap, liveness, expiry,
+    /// anti-entropy. Call it often (every few ms: batches leave on ticks).
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Action> {
+        self.registry.note_now(now_ms);
+        let mut actions = Vec::new();
+        actions.extend(self.detect(now_ms));
+        actions.extend(self.bootstrap(now_ms));
+
+        if now_ms >= self.next_probe_ms {
+            self.next_probe_ms = now_ms + self.config.probe_interval_ms;
+            let ping = self.ping();
+            for (id, m) in &self.members {
+                if !m.link_up && !m.addr.is_empty() {
+                    actions.push(Action::Connect {
+                        to: id.clone(),
+                        addr: m.addr.clone(),
+                    });
+                }
+                actions.push(Action::Send {
+                    to: id.clone(),
+                    msg: PeerMsg::Ping(ping.clone()),
+                });
+            }
+            actions.extend(self.housekeeping(now_ms));
+        }
+
+        if self.ready && now_ms >= self.next_anti_entropy_ms {
+            self.next_anti_entropy_ms = now_ms + self.config.anti_entropy_interval_ms;
+            actions.extend(self.anti_entropy());
+        }
+
+        let due: Vec<NodeId> = self
+            .queues
+            .iter()
+            .filter(|(_, q)| q.len() > 0 && now_ms >= q.since_ms + self.config.batch_window_ms)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            actions.extend(self.flush(&id));
+        }
+        actions
+    }
+
+    // ---------------------------------------------------------------- membership
+
+    fn ping(&self) -> Ping {
+        Ping {
+            version: PEER_PROTOCOL_VERSION,
+            addr: self.my_addr.clone(),
+            ready: self.ready,
+            members: self
+                .members
+                .iter()
+                .filter(|(_, m)| m.state != MemberState::Down && !m.addr.is_empty())
+                .map(|(id, m)| (id.clone(), m.addr.clone()))
+                .collect(),
+        }
+    }
+
+    /// Any message from `node` counts as hearing from it.
+    fn heard(&mut self, node: &NodeId, now_ms: u64) -> Vec<Action> {
+        let Some(m) = self.members.get_mut(node) else {
+            return Vec::new();
+        };
+        m.last_heard_ms = Some(now_ms);
+        let was = m.state;
+        m.state = MemberState::Up;
+        let mut actions = Vec::new();
+        if was == MemberState::Down {
+            // Back (or new): tell it the sessions this node is home to, which it may
+            // have missed, and let it in the ring if it is ready.
+            let anns = self.own_sessions();
+            if !anns.is_empty() {
+                let q = self.queues.entry(node.clone()).or_default();
+                if q.len() == 0 {
+                    q.since_ms = now_ms;
+                }
+                q.sessions.extend(anns);
+            }
+            actions.extend(self.rebuild_ring(now_ms));
+        }
+        actions
+    }
+
+    fn set_ready(&mut self, node: &NodeId, ready: bool, now_ms: u64) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if let Some(m) = self.members.get_mut(node) {
+            if m.ready != ready {
+                m.ready = ready;
+                actions.extend(self.rebuild_ring(now_ms));
+            }
+        }
+        actions.extend(self.bootstrap(now_ms));
+        actions
+    }
+
+    /// Failure detection from last-heard times.
+    fn detect(&mut self, now_ms: u64) -> Vec<Action> {
+        let mut changed = false;
+        let mut gone = Vec::new();
+        for (id, m) in self.members.iter_mut() {
+            let state = match m.last_heard_ms {
+                Some(t) if now_ms.saturating_sub(t) < self.config.suspect_after_ms => {
+                    MemberState::Up
+                }
+                Some(t) if now_ms.saturating_sub(t) < self.config.down_after_ms => {
+                    MemberState::Suspect
+                }
+                _ => MemberState::Down,
+            };
+            if state != m.state {
+                if state == MemberState::Down {
+                    m.down_since_ms = now_ms;
+                    gone.push(id.clone());
+                }
+                changed |= (state == MemberState::Down) != (m.state == MemberState::Down);
+                m.state = state;
+            }
+        }
+        for id in gone {
+            // A Down peer gets no batches; anti-entropy repairs it when it is back.
+            self.queues.remove(&id);
+        }
+        if changed {
+            self.rebuild_ring(now_ms)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Rebuilds the ring from the view; on a change, restarts the Ttl leases of the
+    /// services this node just took over (the beats went to the previous owner).
+    fn rebuild_ring(&mut self, now_ms: u64) -> Vec<Action> {
+        let mut ids: Vec<&str> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.state != MemberState::Down && m.ready)
+            .map(|(id, _)| id.0.as_str())
+            .collect();
+        if self.ready {
+            ids.push(self.me.0.as_str());
+        }
+        ids.sort_unstable();
+        let current: Vec<&str> = self.ring.members().iter().map(|m| m.id.as_str()).collect();
+        if ids == current {
+            return Vec::new();
+        }
+        let Ok(ring) = Ring::from_members(self.ring.vnodes_per_weight(), ids.iter().copied())
+        else {
+            // Ids are validated when members are learned; keep the old ring.
+            return Vec::new();
+        };
+        let old = std::mem::replace(&mut self.ring, ring);
+        let me = self.me.clone();
+        let new = &self.ring;
+        self.registry
+            .refresh_ttl_leases(&|s| owns(new, &me, s) && !owns(&old, &me, s), now_ms);
+        vec![Action::RingChanged(
+            self.ring
+                .members()
+                .iter()
+                .map(|m| NodeId(m.id.clone()))
+                .collect(),
+        )]
+    }
+
+    // ---------------------------------------------------------------- readiness
+
+    fn bootstrap(&mut self, now_ms: u64) -> Vec<Action> {
+        if self.ready {
+            return Vec::new();
+        }
+        if let Some(load) = &self.snapshot {
+            let source_ok = self
+                .members
+                .get(&load.from)
+                .is_some_and(|m| m.state != MemberState::Down && m.ready);
+            if source_ok && now_ms < load.asked_ms + self.config.snapshot_timeout_ms {
+                return Vec::new();
+            }
+        }
+        let ready_peers: Vec<NodeId> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.state == MemberState::Up && m.ready)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if ready_peers.is_empty() {
+            if self.snapshot.is_none() && now_ms >= self.started_ms + self.config.bootstrap_wait_ms
+            {
+                return self.become_ready(now_ms);
+            }
+            return Vec::new();
+        }
+        let from = ready_peers[(self.random() % ready_peers.len() as u64) as usize].clone();
+        // Start over from the same cursor: chunks merge, so repeats are harmless.
+        let after = self.snapshot.take().and_then(|l| l.after);
+        self.snapshot = Some(SnapshotLoad {
+            from: from.clone(),
+            after: after.clone(),
+            asked_ms: now_ms,
+        });
+        vec![Action::Send {
+            to: from,
+            msg: PeerMsg::SnapshotRequest { after },
+        }]
+    }
+
+    fn on_chunk(&mut self, from: &NodeId, chunk: SnapshotChunk, now_ms: u64) -> Vec<Action> {
+        let mut actions = self.apply_records(chunk.records, now_ms);
+        let Some(load) = &mut self.snapshot else {
+            return actions;
+        };
+        if &load.from != from || self.ready {
+            return actions;
+        }
+        if chunk.done {
+            for ann in chunk.sessions {
+                self.merge_session(ann, now_ms);
+            }
+            self.snapshot = None;
+            actions.extend(self.become_ready(now_ms));
+        } else {
+            load.after = chunk.next.clone();
+            load.asked_ms = now_ms;
+            actions.push(Action::Send {
+                to: from.clone(),
+                msg: PeerMsg::SnapshotRequest { after: chunk.next },
+            });
+        }
+        actions
+    }
+
+    fn become_ready(&mut self, now_ms: u64) -> Vec<Action> {
+        self.ready = true;
+        self.snapshot = None;
+        self.next_anti_entropy_ms = now_ms + self.config.anti_entropy_interval_ms;
+        let mut actions = vec![Action::Ready];
+        actions.extend(self.rebuild_ring(now_ms));
+        let ping = self.ping();
+        for id in self.members.keys() {
+            actions.push(Action::Send {
+                to: id.clone(),
+                msg: PeerMsg::Ping(ping.clone()),
+            });
+        }
+        actions
+    }
+
+    // ---------------------------------------------------------------- replication
+
+    /// Queues the operations the registry recorded for every peer.
+    fn queue_local_ops(&mut self, now_ms: u64) -> Vec<Action> {
+        let ops = self.registry.take_ops();
+        if ops.is_empty() {
+            return Vec::new();
+        }
+        self.queue(ops, Vec::new(), now_ms)
+    }
+
+    /// Queues operations and announcements for every peer that is not Down; a full
+    /// queue leaves at once.
+    fn queue(&mut self, ops: Vec<Op>, anns: Vec<SessionAnnounce>, now_ms: u64) -> Vec<Action> {
+        let peers: Vec<NodeId> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.state != MemberState::Down)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut actions = Vec::new();
+        for id in peers {
+            let q = self.queues.entry(id.clone()).or_default();
+            if q.len() == 0 {
+                q.since_ms = now_ms;
+            }
+            q.ops.extend(ops.iter().cloned());
+            q.sessions.extend(anns.iter().cloned());
+            if q.len() >= self.config.batch_max_ops {
+                actions.extend(self.flush(&id));
+            }
+        }
+        actions
+    }
+
+    fn flush(&mut self, peer: &NodeId) -> Vec<Action> {
+        let Some(q) = self.queues.remove(peer) else {
+            return Vec::new();
+        };
+        if q.len() == 0 {
+            return Vec::new();
+        }
+        let max = self.config.batch_max_ops.max(1);
+        let mut actions = Vec::new();
+        let mut ops = q.ops.into_iter().peekable();
+        let mut sessions = q.sessions.into_iter().peekable();
+        while ops.peek().is_some() || sessions.peek().is_some() {
+            let s: Vec<SessionAnnounce> = sessions.by_ref().take(max).collect();
+            let o: Vec<Op> = ops.by_ref().take(max - s.len()).collect();
+            actions.push(Action::Send {
+                to: peer.clone(),
+                msg: PeerMsg::Batch(Batch {
+                    ops: o,
+                    sessions: s,
+                }),
+            });
+        }
+        actions
+    }
+
+    fn on_batch(&mut self, from: &NodeId, batch: Batch, now_ms: u64) -> Vec<Action> {
+        let n = batch.ops.len();
+        let oldest = batch.ops.iter().map(|op| op.stamp().millis()).min();
+        for ann in batch.sessions {
+            self.registry.observe(ann.stamp);
+            self.merge_session(ann, now_ms);
+        }
+        let mut changes = Vec::new();
+        let mut reassert = Vec::new();
+        for op in batch.ops {
+            reassert.extend(self.reassertable(&op));
+            if let Ok(Some(c)) = self.registry.apply_remote(op, now_ms) {
+                changes.push(c);
+            }
+        }
+        let mut actions = Vec::new();
+        if !changes.is_empty() {
+            actions.push(Action::Publish(changes));
+        }
+        if let Some(oldest) = oldest {
+            actions.push(Action::BatchApplied {
+                from: from.clone(),
+                ops: n,
+                max_lag_ms: now_ms.saturating_sub(oldest),
+            });
+        }
+        actions.extend(self.reassert(reassert, now_ms));
+        actions
+    }
+
+    fn apply_records(&mut self, records: Vec<ServiceRecord>, now_ms: u64) -> Vec<Action> {
+        let mut changes = Vec::new();
+        let mut reassert = Vec::new();
+        for rec in records {
+            for op in &rec.ops {
+                reassert.extend(self.reassertable(op));
+            }
+            if let Ok(Some(c)) = self.registry.apply_record(rec, now_ms) {
+                changes.push(c);
+            }
+        }
+        let mut actions = Vec::new();
+        if !changes.is_empty() {
+            actions.push(Action::Publish(changes));
+        }
+        actions.extend(self.reassert(reassert, now_ms));
+        actions
+    }
+
+    /// A reaped deletion of an instance whose session is live on this node (its home):
+    /// the instance to register again. This is how "an instance whose session is
+    /// alive somewhere stays" after the other side of a partition reaped it.
+    fn reassertable(&self, op: &Op) -> Option<(ServiceKey, SessionId, Instance)> {
+        let Op::Instance(op) = op else { return None };
+        if !op.reaped || op.state.is_some() {
+            return None;
+        }
+        if op.stamp <= self.registry.instance_version(&op.service, &op.key) {
+            return None;
+        }
+        let inst = self.registry.instance(&op.service, &op.key)?;
+        let session = inst.session()?;
+        let e = self.sessions.get(&session)?;
+        (e.home == self.me && e.state == SessionState::Live)
+            .then(|| (op.service.clone(), session, inst.clone()))
+    }
+
+    fn reassert(
+        &mut self,
+        items: Vec<(ServiceKey, SessionId, Instance)>,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if items.is_empty() {
+            return actions;
+        }
+        // The owners must hear that the sessions are live before the writes arrive.
+        let mut anns: Vec<SessionAnnounce> = Vec::new();
+        for (_, session, _) in &items {
+            if let Some(e) = self.sessions.get(session) {
+                anns.push(SessionAnnounce {
+                    session: *session,
+                    home: e.home.clone(),
+                    state: e.state,
+                    stamp: e.stamp,
+                });
+            }
+        }
+        actions.extend(self.queue(Vec::new(), anns, now_ms));
+        let peers: Vec<NodeId> = self.queues.keys().cloned().collect();
+        for p in peers {
+            actions.extend(self.flush(&p));
+        }
+        for (service, session, inst) in items {
+            let write = Write::Register {
+                service: service.clone(),
+                instance: spec_of(&inst),
+                session,
+            };
+            match self.route(&service) {
+                Route::Local | Route::Unavailable => {
+                    if let Ok((_, more)) = self.apply_write(write, now_ms) {
+                        actions.extend(more);
+                    }
+                }
+                Route::Forward(owner) => actions.extend(self.forward(&owner, write).1),
+            }
+        }
+        actions
+    }
+
+    fn repair_msgs(&self, to: &NodeId, records: Vec<ServiceRecord>) -> Vec<Action> {
+        let max = self.config.chunk_max_services.max(1);
+        let mut actions = Vec::new();
+        let mut records = records.into_iter().peekable();
+        while records.peek().is_some() {
+            actions.push(Action::Send {
+                to: to.clone(),
+                msg: PeerMsg::Repair {
+                    records: records.by_ref().take(max).collect(),
+                },
+            });
+        }
+        actions
+    }
+
+    fn anti_entropy(&mut self) -> Vec<Action> {
+        let ranges: Vec<RangeDigest> = self
+            .ring
+            .ranges()
+            .iter()
+            .filter(|r| r.owner == self.me.0)
+            .map(|r| RangeDigest {
+                start: r.start,
+                end: r.end,
+                hash: self.registry.range_digest(r.start, r.end),
+            })
+            .collect();
+        if ranges.is_empty() {
+            return Vec::new();
+        }
+        self.members
+            .iter()
+            .filter(|(_, m)| m.state != MemberState::Down)
+            .map(|(id, _)| Action::Send {
+                to: id.clone(),
+                msg: PeerMsg::Digest {
+                    ranges: ranges.clone(),
+                },
+            })
+            .collect()
+    }
+
+    // ---------------------------------------------------------------- sessions
+
+    /// Merges a session announcement into the table. A newer stamp wins, except that
+    /// the end of a session at one home never overrides the session live at another
+    /// (the stale close of an old incarnation), and a session live at a new home
+    /// overrides its end at an old one whatever their stamps (a resume elsewhere).
+    fn merge_session(&mut self, ann: SessionAnnounce, now_ms: u64) {
+        self.unknown_since.remove(&ann.session);
+        let entry = SessionEntry {
+            home: ann.home.clone(),
+            state: ann.state,
+            stamp: ann.stamp,
+            since_ms: now_ms,
+            orphaned_since_ms: None,
+        };
+        match self.sessions.get(&ann.session) {
+            None => {
+                self.sessions.insert(ann.session, entry);
+            }
+            Some(cur) => {
+                let live = |s: SessionState| s == SessionState::Live;
+                let other_home = cur.home != ann.home;
+                let take = if other_home && live(cur.state) && !live(ann.state) {
+                    false
+                } else if other_home && !live(cur.state) && live(ann.state) {
+                    true
+                } else {
+                    ann.stamp > cur.stamp
+                };
+                if take {
+                    self.sessions.insert(ann.session, entry);
+                }
+            }
+        }
+    }
+
+    fn session_table(&self) -> Vec<SessionAnnounce> {
+        let mut out: Vec<SessionAnnounce> = self
+            .sessions
+            .iter()
+            .map(|(s, e)| SessionAnnounce {
+                session: *s,
+                home: e.home.clone(),
+                state: e.state,
+                stamp: e.stamp,
+            })
+            .collect();
+        out.sort_by_key(|a| a.session);
+        out
+    }
+
+    fn own_sessions(&self) -> Vec<SessionAnnounce> {
+        let mut out: Vec<SessionAnnounce> = self
+            .session_table()
+            .into_iter()
+            .filter(|a| a.home == self.me)
+            .collect();
+        out.sort_by_key(|a| a.session);
+        out
+    }
+
+    /// Deletes the instances of `session` in the services this node owns.
+    fn reap(&mut self, session: SessionId, now_ms: u64) -> Vec<Action> {
+        let ring = &self.ring;
+        let me = &self.me;
+        let changes = self
+            .registry
+            .remove_session_in(session, &|s| owns(ring, me, s));
+        let mut actions = self.queue_local_ops(now_ms);
+        if !changes.is_empty() {
+            actions.push(Action::Publish(changes));
+        }
+        actions
+    }
+
+    /// Periodic work: self-preservation, session liveness, Ttl expiry, tombstones.
+    fn housekeeping(&mut self, now_ms: u64) -> Vec<Action> {
+        let known = self
+            .members
+            .values()
+            .filter(|m| m.last_heard_ms.is_some())
+            .count();
+        let down = self
+            .members
+            .values()
+            .filter(|m| m.last_heard_ms.is_some() && m.state == MemberState::Down)
+            .count();
+        self.self_preservation =
+            known > 0 && down as f64 > self.config.self_preservation_fraction * known as f64;
+
+        let mut actions = Vec::new();
+        self.registry.gc_tombstones(now_ms);
+        let grace = self.config.session_grace_ms;
+        let forget_after = grace.saturating_add(self.config.tombstone_ttl_ms);
+        self.sessions.retain(|_, e| {
+            e.state == SessionState::Live || now_ms.saturating_sub(e.since_ms) < forget_after
+        });
+        if !self.ready {
+            return actions;
+        }
+
+        let mut doomed = Vec::new();
+        let mut seen = BTreeSet::new();
+        for session in self.registry.sessions() {
+            seen.insert(session);
+            let doom = match self.sessions.get_mut(&session) {
+                Some(e) => match e.state {
+                    SessionState::Closed => Some(Doom::Closed),
+                    SessionState::Disconnected => {
+                        (now_ms.saturating_sub(e.since_ms) >= grace).then_some(Doom::Lapsed)
+                    }
+                    SessionState::Live if e.home == self.me => None,
+                    SessionState::Live => {
+                        let home_down = self
+                            .members
+                            .get(&e.home)
+                            .is_none_or(|m| m.state == MemberState::Down);
+                        if home_down {
+                            let since = *e.orphaned_since_ms.get_or_insert(now_ms);
+                            (now_ms.saturating_sub(since) >= grace).then_some(Doom::Lapsed)
+                        } else {
+                            e.orphaned_since_ms = None;
+                            None
+                        }
+                    }
+                },
+                None => {
+                    let since = *self.unknown_since.entry(session).or_insert(now_ms);
+                    (now_ms.saturating_sub(since) >= grace).then_some(Doom::Lapsed)
+                }
+            };
+            match doom {
+                Some(Doom::Closed) => doomed.push(session),
+                Some(Doom::Lapsed) if !self.self_preservation => doomed.push(session),
+                _ => {}
+            }
+        }
+        self.unknown_since.retain(|s, _| seen.contains(s));
+        for session in doomed {
+            actions.extend(self.reap(session, now_ms));
+        }
+
+        if !self.self_preservation {
+            let ring = &self.ring;
+            let me = &self.me;
+            let changes = self.registry.expire_in(now_ms, &|s| owns(ring, me, s));
+            actions.extend(self.queue_local_ops(now_ms));
+            if !changes.is_empty() {
+                actions.push(Action::Publish(changes));
+            }
+        }
+        actions
+    }
+
+    fn random(&mut self) -> u64 {
+        // xorshift64*
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+fn owns(ring: &Ring, me: &NodeId, service: &ServiceKey) -> bool {
+    ring.owner(&service.placement_bytes()) == Some(me.0.as_str())
+}
+
+fn valid_id(id: &NodeId) -> bool {
+    !id.0.is_empty() && id.0.len() <= shoal_ring::MAX_ID_LEN
+}
+
+/// The spec that registers `inst` again as it is.
+fn spec_of(inst: &Instance) -> InstanceSpec {
+    InstanceSpec {
+        ip: inst.ip.clone(),
+        port: inst.port,
+        cluster: inst.cluster.clone(),
+        weight: inst.weight,
+        healthy: inst.healthy,
+        enabled: inst.enabled,
+        metadata: inst.metadata.clone(),
+        ttl: match &inst.lease {
+            Lease::Ttl(t) => Some(t.clone()),
+            Lease::Session(_) => None,
+        },
+    }
+}

@@ -1,0 +1,232 @@
+//! What peers say to each other, and what clients ask a node to write.
+//!
+//! Every type here is serde; the node frames [`PeerMsg`] as a MessagePack map
+//! (`to_vec_named`), so fields can be added without breaking older peers (new fields
+//! carry `#[serde(default)]`). [`Ping`] carries [`PEER_PROTOCOL_VERSION`]: a node ignores
+//! the pings of a peer whose major version it does not speak, which keeps that peer out
+//! of its ring.
+
+use serde::{Deserialize, Serialize};
+use shoal_storage::{
+    InstanceKey, InstanceSpec, NodeId, Op, ServiceKey, ServiceMeta, ServiceRecord, SessionId, Stamp,
+};
+
+/// The version of the peer protocol. A peer with another version is not a member.
+pub const PEER_PROTOCOL_VERSION: u32 = 1;
+
+/// A message between two nodes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum PeerMsg {
+    /// Probe and gossip: who I am, whether I am ready, whom I know.
+    Ping(Ping),
+    /// Answer to a ping.
+    Ack(Ack),
+    /// Replicated changes and session announcements from their writer.
+    Batch(Batch),
+    /// A client write that the sender routed to the receiver (its owner there). The
+    /// receiver applies it whatever its own ring says, and answers [`PeerMsg::ForwardReply`].
+    Forward {
+        /// Chosen by the sender, echoed in the reply.
+        id: u64,
+        /// The write.
+        write: Write,
+    },
+    /// The outcome of a forwarded write.
+    ForwardReply {
+        /// The id of the [`PeerMsg::Forward`].
+        id: u64,
+        /// What happened.
+        outcome: ForwardOutcome,
+    },
+    /// A starting node asks for the next chunk of a full snapshot.
+    SnapshotRequest {
+        /// Continue after this service (the `next` of the previous chunk); `None` for
+        /// the first chunk.
+        after: Option<ServiceKey>,
+    },
+    /// One chunk of a snapshot.
+    SnapshotChunk(SnapshotChunk),
+    /// Anti-entropy, step 1 (owner to peer): the digests of the ring ranges the
+    /// sender owns.
+    Digest {
+        /// One entry per owned range.
+        ranges: Vec<RangeDigest>,
+    },
+    /// Anti-entropy, step 2 (peer to owner): for the ranges whose digest differed, the
+    /// peer's per-service digests.
+    DigestReply {
+        /// `(service, digest)` of every service the peer holds in those ranges.
+        services: Vec<(ServiceKey, u64)>,
+        /// The ranges that differed, `(start, end)`: the owner also sends what it holds
+        /// there that the peer did not list.
+        ranges: Vec<(u64, u64)>,
+    },
+    /// Anti-entropy, step 3: the sender's records of services that differ.
+    Repair {
+        /// The records; merged last-writer-wins.
+        records: Vec<ServiceRecord>,
+    },
+    /// Anti-entropy, step 3 (owner to peer): send me your records of these services
+    /// (where the peer may know something newer, e.g. after a partition).
+    RepairRequest {
+        /// The services.
+        services: Vec<ServiceKey>,
+    },
+}
+
+/// A probe, which also gossips membership.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Ping {
+    /// The sender's [`PEER_PROTOCOL_VERSION`].
+    pub version: u32,
+    /// The address peers dial the sender at.
+    pub addr: String,
+    /// Whether the sender has loaded its snapshot and owns services.
+    pub ready: bool,
+    /// The members the sender knows, `(id, address)`, so that a joining node becomes
+    /// known to every member.
+    #[serde(default)]
+    pub members: Vec<(NodeId, String)>,
+}
+
+/// Answer to a [`Ping`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The sender's [`PEER_PROTOCOL_VERSION`].
+    pub version: u32,
+    /// Whether the sender is ready.
+    pub ready: bool,
+}
+
+/// Changes from their writer, in the order it made them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Batch {
+    /// Record operations, each with its owner stamp.
+    #[serde(default)]
+    pub ops: Vec<Op>,
+    /// Session announcements of sessions whose home is the sender.
+    #[serde(default)]
+    pub sessions: Vec<SessionAnnounce>,
+}
+
+/// The state of a client session as its home node announces it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionAnnounce {
+    /// The session.
+    pub session: SessionId,
+    /// The node the client is (or was last) connected to.
+    pub home: NodeId,
+    /// What happened to it.
+    pub state: SessionState,
+    /// Stamped by the home's clock: a newer announcement replaces an older one.
+    pub stamp: Stamp,
+}
+
+/// A session's state in an announcement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessionState {
+    /// Connected to its home.
+    Live,
+    /// The connection was lost; the client may resume within the grace period.
+    Disconnected,
+    /// Ended cleanly: its instances go now.
+    Closed,
+}
+
+/// One chunk of a snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotChunk {
+    /// Services, tombstones included.
+    pub records: Vec<ServiceRecord>,
+    /// Ask for the chunk after this service; `None` on the last chunk.
+    pub next: Option<ServiceKey>,
+    /// True on the last chunk.
+    pub done: bool,
+    /// On the last chunk: the sender's session table.
+    #[serde(default)]
+    pub sessions: Vec<SessionAnnounce>,
+}
+
+/// The digest of one ring range `start..=end` (wrapping when `start > end`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeDigest {
+    /// First position (inclusive).
+    pub start: u64,
+    /// Last position (inclusive).
+    pub end: u64,
+    /// Wrapping sum of the service digests in the range.
+    pub hash: u64,
+}
+
+/// A client write, as a node applies it or forwards it to the owner.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Write {
+    /// Register or replace an instance; bound to `session` unless it has a Ttl.
+    Register {
+        /// The service.
+        service: ServiceKey,
+        /// The instance.
+        instance: InstanceSpec,
+        /// The client session that registers it.
+        session: SessionId,
+    },
+    /// Change an existing instance.
+    Update {
+        /// The service.
+        service: ServiceKey,
+        /// The instance's new settings.
+        instance: InstanceSpec,
+    },
+    /// Remove an instance.
+    Deregister {
+        /// The service.
+        service: ServiceKey,
+        /// Which instance.
+        instance: InstanceKey,
+    },
+    /// Keep a Ttl instance alive.
+    Beat {
+        /// The service.
+        service: ServiceKey,
+        /// Which instance.
+        instance: InstanceKey,
+    },
+    /// Set a service's settings.
+    SetServiceMeta {
+        /// The service.
+        service: ServiceKey,
+        /// Its new settings.
+        meta: ServiceMeta,
+    },
+}
+
+impl Write {
+    /// The service the write is about (which decides its owner).
+    pub fn service(&self) -> &ServiceKey {
+        match self {
+            Write::Register { service, .. }
+            | Write::Update { service, .. }
+            | Write::Deregister { service, .. }
+            | Write::Beat { service, .. }
+            | Write::SetServiceMeta { service, .. } => service,
+        }
+    }
+}
+
+/// The outcome of a forwarded write.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ForwardOutcome {
+    /// Applied by the owner; the service's revision on the owner (0 for a beat that
+    /// changed nothing).
+    Applied {
+        /// The owner's revision of the service.
+        revision: u64,
+    },
+    /// Refused: nothing changed.
+    Rejected {
+        /// `StorageError::code` of the refusal.
+        code: String,
+        /// The refusal's message.
+        message: String,
+    },
+}

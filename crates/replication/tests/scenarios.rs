@@ -1,0 +1,494 @@
+//! Cluster scenarios over the simulated network: each reads like the incident it
+//! models. Randomized ones print their seed and accept `SHOAL_TEST_SEED`.
+
+use std::collections::BTreeMap;
+
+use shoal_replication::sim::{NetConfig, Sim, WriteResult};
+use shoal_replication::{Config, ForwardOutcome, MemberState, PeerMsg, Route, Write};
+use shoal_storage::{InstanceKey, InstanceSpec, NodeId, ServiceKey, SessionId, TtlLease};
+
+fn seed(default: u64) -> u64 {
+    let seed = std::env::var("SHOAL_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
+    eprintln!("SHOAL_TEST_SEED={seed}");
+    seed
+}
+
+fn id(name: &str) -> NodeId {
+    NodeId(name.to_string())
+}
+
+fn svc(i: usize) -> ServiceKey {
+    ServiceKey::named(format!("svc-{i}"))
+}
+
+/// A cluster of `names`, each joining through the first, run until all are ready.
+fn cluster(seed: u64, names: &[&str]) -> Sim {
+    let mut sim = Sim::new(seed, Config::default());
+    for n in names {
+        sim.add_node(n);
+    }
+    sim.run_for(4_000);
+    assert!(sim.all_ready(), "cluster did not start");
+    sim
+}
+
+fn register(sim: &mut Sim, via: &str, service: &ServiceKey, ip: &str, session: u128) {
+    let w = Write::Register {
+        service: service.clone(),
+        instance: InstanceSpec::new(ip, 8080),
+        session: SessionId(session),
+    };
+    match sim.write(&id(via), w) {
+        WriteResult::Applied(Some(_)) | WriteResult::Forwarded { .. } => {}
+        other => panic!("register via {via}: {other:?}"),
+    }
+}
+
+fn instances(sim: &Sim, node: &str, service: &ServiceKey) -> Vec<String> {
+    sim.replica(&id(node))
+        .registry()
+        .query(service, &[], false)
+        .unwrap()
+        .instances
+        .into_iter()
+        .map(|i| i.ip)
+        .collect()
+}
+
+fn assert_converged(sim: &mut Sim, max_ms: u64) -> u64 {
+    match sim.run_until_converged(max_ms) {
+        Some(t) => t,
+        None => {
+            let ids = sim.ids();
+            for n in &ids {
+                eprintln!("{n}: {} services", sim.dump(n).len());
+            }
+            panic!("no convergence within {max_ms} ms");
+        }
+    }
+}
+
+#[test]
+fn nodes_find_each_other_through_one_seed_and_agree_on_the_ring() {
+    let sim = cluster(seed(1), &["a", "b", "c", "d", "e"]);
+    let ring = sim.replica(&id("a")).ring().clone();
+    assert_eq!(ring.len(), 5);
+    for n in sim.ids() {
+        let r = sim.replica(&n);
+        assert_eq!(r.ring(), &ring, "{n} sees another ring");
+        assert_eq!(r.members().len(), 4);
+        assert!(r
+            .members()
+            .iter()
+            .all(|m| m.state == MemberState::Up && m.ready));
+    }
+    // Same view, same owner for every key.
+    for i in 0..200 {
+        let owners: Vec<_> = sim
+            .ids()
+            .iter()
+            .map(|n| sim.replica(n).owner(&svc(i)))
+            .collect();
+        assert!(owners.windows(2).all(|w| w[0] == w[1]));
+    }
+}
+
+#[test]
+fn writes_via_any_node_reach_every_node() {
+    let mut sim = cluster(seed(2), &["a", "b", "c", "d", "e"]);
+    let names = ["a", "b", "c", "d", "e"];
+    for i in 0..100 {
+        let via = names[i % 5];
+        sim.open_session(&id(via), SessionId(i as u128));
+        register(&mut sim, via, &svc(i), "10.0.0.1", i as u128);
+    }
+    let t = assert_converged(&mut sim, 2_000);
+    eprintln!("converged {t} ms after the last write");
+    for n in sim.ids() {
+        assert_eq!(sim.dump(&n).len(), 100);
+    }
+    // Subscribers everywhere heard of every service.
+    for n in sim.ids() {
+        let mut keys: Vec<_> = sim.published(&n).iter().map(|c| c.key.clone()).collect();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), 100, "{n} published");
+    }
+}
+
+#[test]
+fn a_write_at_a_non_owner_is_forwarded_to_the_owner() {
+    let mut sim = cluster(seed(3), &["a", "b", "c"]);
+    let s = (0..)
+        .map(svc)
+        .find(|s| sim.replica(&id("a")).route(s) != Route::Local)
+        .unwrap();
+    let owner = sim.replica(&id("a")).owner(&s).unwrap();
+    let w = Write::Register {
+        service: s.clone(),
+        instance: InstanceSpec::new("10.0.0.7", 80),
+        session: SessionId(7),
+    };
+    let WriteResult::Forwarded { to, id: fid } = sim.write(&id("a"), w) else {
+        panic!("not forwarded")
+    };
+    assert_eq!(to, owner);
+    sim.run_for(50);
+    assert!(matches!(
+        sim.forward_outcome(&id("a"), fid),
+        Some(ForwardOutcome::Applied { revision }) if *revision > 0
+    ));
+    assert_eq!(instances(&sim, &owner.0, &s), vec!["10.0.0.7"]);
+    // A bad write is refused by the owner with the storage error's code.
+    let bad = Write::Deregister {
+        service: s.clone(),
+        instance: InstanceKey {
+            cluster: "DEFAULT".into(),
+            ip: "10.0.0.99".into(),
+            port: 80,
+        },
+    };
+    let WriteResult::Forwarded { id: fid, .. } = sim.write(&id("a"), bad) else {
+        panic!()
+    };
+    sim.run_for(50);
+    assert!(matches!(
+        sim.forward_outcome(&id("a"), fid),
+        Some(ForwardOutcome::Rejected { code, .. }) if code == "not_found"
+    ));
+    assert_converged(&mut sim, 1_000);
+    assert_eq!(instances(&sim, "c", &s), vec!["10.0.0.7"]);
+}
+
+/// One of five nodes crashes: only its services change owner; the instances of the
+/// sessions it was home to go after the grace period, unless their client resumed
+/// on another node; everybody else's instances stay throughout.
+#[test]
+fn a_crash_moves_only_its_services_and_reaps_only_its_orphans() {
+    let mut sim = cluster(seed(4), &["a", "b", "c", "d", "e"]);
+    let names = ["a", "b", "c", "d", "e"];
+    for i in 0..200 {
+        let home = names[i % 5];
+        sim.open_session(&id(home), SessionId(i as u128));
+        register(&mut sim, home, &svc(i), "10.0.0.1", i as u128);
+    }
+    assert_converged(&mut sim, 2_000);
+    let before: BTreeMap<usize, NodeId> = (0..200)
+        .map(|i| (i, sim.replica(&id("a")).owner(&svc(i)).unwrap()))
+        .collect();
+
+    // Session 2 (home c) resumes on d before the grace period ends.
+    sim.kill(&id("c"));
+    sim.run_for(4_000);
+    sim.open_session(&id("d"), SessionId(2));
+    for n in ["a", "b", "d", "e"] {
+        let r = sim.replica(&id(n));
+        assert_eq!(r.ring().len(), 4, "{n} still has c in its ring");
+        for i in 0..200 {
+            let now = r.owner(&svc(i)).unwrap();
+            if before[&i] != id("c") {
+                assert_eq!(now, before[&i], "svc-{i} moved though its owner lives");
+            } else {
+                assert_ne!(now, id("c"));
+            }
+        }
+    }
+    // Before the grace period ends, nothing is gone anywhere.
+    for n in ["a", "b", "d", "e"] {
+        assert_eq!(sim.replica(&id(n)).registry().instance_count(), 200);
+    }
+    sim.run_for(12_000);
+    assert_converged(&mut sim, 2_000);
+    for i in 0..200 {
+        let orphan = i % 5 == 2 && i != 2;
+        let got = instances(&sim, "a", &svc(i));
+        assert_eq!(got.is_empty(), orphan, "svc-{i}");
+    }
+    assert!(!sim.replica(&id("a")).self_preservation_active());
+}
+
+#[test]
+fn a_clean_close_deletes_at_once_everywhere() {
+    let mut sim = cluster(seed(5), &["a", "b", "c"]);
+    for i in 0..20 {
+        sim.open_session(&id("b"), SessionId(1));
+        register(&mut sim, "b", &svc(i), "10.0.0.1", 1);
+    }
+    assert_converged(&mut sim, 1_000);
+    sim.close_session(&id("b"), SessionId(1), true);
+    // Within one probe interval and a batch window.
+    sim.run_for(700);
+    for n in sim.ids() {
+        assert_eq!(sim.replica(&n).registry().instance_count(), 0, "{n}");
+    }
+}
+
+#[test]
+fn a_disconnected_session_keeps_its_instances_for_the_grace_period() {
+    let mut sim = cluster(seed(6), &["a", "b", "c"]);
+    sim.open_session(&id("a"), SessionId(1));
+    sim.open_session(&id("a"), SessionId(2));
+    for i in 0..10 {
+        register(&mut sim, "a", &svc(i), "10.0.0.1", 1);
+        register(&mut sim, "a", &svc(i), "10.0.0.2", 2);
+    }
+    sim.run_for(100);
+    sim.close_session(&id("a"), SessionId(1), false);
+    sim.close_session(&id("a"), SessionId(2), false);
+    sim.run_for(5_000);
+    // Session 2 resumes on c within the grace period.
+    sim.open_session(&id("c"), SessionId(2));
+    sim.run_for(9_000);
+    assert_converged(&mut sim, 1_000);
+    for i in 0..10 {
+        assert_eq!(instances(&sim, "b", &svc(i)), vec!["10.0.0.2"]);
+    }
+}
+
+#[test]
+fn ttl_instances_are_expired_by_their_owner_and_the_expiry_replicates() {
+    let mut sim = cluster(seed(7), &["a", "b", "c"]);
+    let s = svc(1);
+    let mut spec = InstanceSpec::new("10.0.0.1", 80);
+    spec.ttl = Some(TtlLease::default());
+    let w = Write::Register {
+        service: s.clone(),
+        instance: spec,
+        session: SessionId(1),
+    };
+    sim.write(&id("a"), w);
+    sim.run_for(10_000);
+    let beat = Write::Beat {
+        service: s.clone(),
+        instance: InstanceKey {
+            cluster: "DEFAULT".into(),
+            ip: "10.0.0.1".into(),
+            port: 80,
+        },
+    };
+    sim.write(&id("b"), beat);
+    sim.run_for(16_000);
+    for n in sim.ids() {
+        let v = sim.replica(&n).registry().query(&s, &[], false).unwrap();
+        assert_eq!(v.instances.len(), 1);
+        assert!(
+            !v.instances[0].healthy,
+            "{n}: unhealthy after 15 s without beat"
+        );
+    }
+    sim.run_for(15_000);
+    for n in sim.ids() {
+        assert!(
+            instances(&sim, &n.0, &s).is_empty(),
+            "{n}: removed after 30 s"
+        );
+    }
+}
+
+#[test]
+fn anti_entropy_repairs_lost_batches() {
+    let mut sim = cluster(seed(8), &["a", "b", "c"]);
+    sim.set_filter(Box::new(|_, to, msg| {
+        to.0 == "c" && matches!(msg, PeerMsg::Batch(_))
+    }));
+    for i in 0..50 {
+        sim.open_session(&id("a"), SessionId(1));
+        register(&mut sim, "a", &svc(i), "10.0.0.1", 1);
+    }
+    sim.run_for(500);
+    assert!(sim.replica(&id("c")).registry().instance_count() < 50);
+    sim.clear_filter();
+    let t = assert_converged(&mut sim, 12_000);
+    eprintln!("repaired in {t} ms");
+    assert_eq!(sim.replica(&id("c")).registry().instance_count(), 50);
+}
+
+#[test]
+fn in_sync_anti_entropy_is_a_few_hashes() {
+    let mut sim = cluster(seed(9), &["a", "b", "c"]);
+    for i in 0..50 {
+        register(&mut sim, "a", &svc(i), "10.0.0.1", 1);
+    }
+    assert_converged(&mut sim, 1_000);
+    let digests = std::rc::Rc::new(std::cell::Cell::new(0));
+    let seen = digests.clone();
+    sim.set_filter(Box::new(move |_, _, msg| {
+        match msg {
+            PeerMsg::Digest { .. } => seen.set(seen.get() + 1),
+            PeerMsg::DigestReply { .. } | PeerMsg::Repair { .. } => {
+                panic!("in-sync copies exchanged {msg:?}")
+            }
+            _ => {}
+        }
+        false
+    }));
+    sim.run_for(11_000);
+    // Two rounds, each owner to each of its two peers.
+    assert_eq!(digests.get(), 12);
+}
+
+#[test]
+fn a_joiner_loads_a_snapshot_before_it_is_ready() {
+    let mut sim = cluster(seed(10), &["a", "b", "c"]);
+    for i in 0..600 {
+        register(&mut sim, "a", &svc(i), "10.0.0.1", 1);
+    }
+    assert_converged(&mut sim, 2_000);
+    let d = sim.add_node("d");
+    assert!(!sim.replica(&d).is_ready());
+    assert_eq!(sim.replica(&d).route(&svc(1)), Route::Unavailable);
+    let mut waited = 0;
+    while !sim.replica(&d).is_ready() {
+        // While not ready it owns nothing, and nobody routes to it.
+        assert!(!sim.replica(&id("a")).ring().contains("d"));
+        sim.run_for(5);
+        waited += 5;
+        assert!(waited < 2_000, "d never became ready");
+    }
+    // Ready with the full data, well before the bootstrap wait would have run out.
+    assert!(waited < 1_000, "{waited} ms");
+    assert_eq!(sim.dump(&d), sim.dump(&id("a")));
+    sim.run_for(1_000);
+    assert!(sim.replica(&id("a")).ring().contains("d"));
+    // A join moves about a quarter of the services, all to the joiner.
+    let moved = (0..600)
+        .filter(|i| sim.replica(&id("a")).owner(&svc(*i)) == Some(d.clone()))
+        .count();
+    assert!((90..=240).contains(&moved), "{moved} of 600 moved");
+}
+
+/// Three of five nodes vanish at once. The two left suspect they are cut off rather
+/// than that the others died, and keep every instance.
+#[test]
+fn self_preservation_stops_a_mass_deletion() {
+    let mut sim = cluster(seed(11), &["a", "b", "c", "d", "e"]);
+    let names = ["a", "b", "c", "d", "e"];
+    for i in 0..100 {
+        let home = names[i % 5];
+        sim.open_session(&id(home), SessionId(i as u128));
+        register(&mut sim, home, &svc(i), "10.0.0.1", i as u128);
+    }
+    assert_converged(&mut sim, 2_000);
+    for n in ["c", "d", "e"] {
+        sim.kill(&id(n));
+    }
+    sim.run_for(30_000);
+    for n in ["a", "b"] {
+        let r = sim.replica(&id(n));
+        assert!(r.self_preservation_active());
+        assert_eq!(r.registry().instance_count(), 100, "{n} deleted instances");
+    }
+    // A clean close still deletes.
+    sim.close_session(&id("a"), SessionId(0), true);
+    sim.run_for(1_000);
+    assert!(instances(&sim, "b", &svc(0)).is_empty());
+}
+
+/// A partition: both sides keep serving and re-own the other side's services. After
+/// the heal every copy converges, and every instance whose session is alive stays,
+/// even those the other side reaped as orphans meanwhile.
+#[test]
+fn partition_and_heal_converge_and_live_sessions_stay() {
+    let mut sim = cluster(seed(12), &["a", "b", "c", "d", "e"]);
+    let names = ["a", "b", "c", "d", "e"];
+    for i in 0..100 {
+        let home = names[i % 5];
+        sim.open_session(&id(home), SessionId(i as u128));
+        register(&mut sim, home, &svc(i), "10.0.0.1", i as u128);
+    }
+    assert_converged(&mut sim, 2_000);
+    sim.partition(&[&["a", "b"], &["c", "d", "e"]]);
+    sim.run_for(5_000);
+    // Each side writes, also to the same services.
+    for i in 0..100 {
+        let (home, sid) = if i % 2 == 0 { ("a", 1000) } else { ("d", 2000) };
+        sim.open_session(&id(home), SessionId(sid));
+        register(&mut sim, home, &svc(i), "10.0.0.2", sid);
+    }
+    sim.run_for(20_000);
+    assert!(sim.replica(&id("a")).self_preservation_active());
+    assert!(!sim.replica(&id("c")).self_preservation_active());
+    // The majority side reaped the instances of sessions homed on the minority side
+    // (it cannot tell them from dead ones); the minority side kept everything.
+    assert!(!instances(&sim, "c", &svc(0)).contains(&"10.0.0.1".to_string()));
+    assert!(instances(&sim, "a", &svc(2)).contains(&"10.0.0.1".to_string()));
+    sim.heal();
+    let t = assert_converged(&mut sim, 30_000);
+    eprintln!("converged {t} ms after the heal");
+    sim.run_for(15_000);
+    assert_converged(&mut sim, 10_000);
+    for i in 0..100 {
+        let got = instances(&sim, "e", &svc(i));
+        assert!(got.contains(&"10.0.0.1".to_string()), "svc-{i}: {got:?}");
+        assert!(got.contains(&"10.0.0.2".to_string()), "svc-{i}: {got:?}");
+    }
+}
+
+/// Random writes, sessions, lossy links and partitions; after the last fault heals,
+/// every copy is identical.
+#[test]
+fn chaos_converges() {
+    let seed = seed(13);
+    let mut sim = cluster(seed, &["a", "b", "c", "d", "e"]);
+    sim.set_net(NetConfig {
+        drop_probability: 0.05,
+        min_delay_ms: 1,
+        max_delay_ms: 20,
+        tick_ms: 5,
+    });
+    let names = ["a", "b", "c", "d", "e"];
+    let mut rng = seed | 1;
+    let mut next = |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    for round in 0..40 {
+        if round % 10 == 3 {
+            let k = 1 + next(3) as usize;
+            let (l, r) = names.split_at(k);
+            sim.partition(&[l, r]);
+        }
+        if round % 10 == 7 {
+            sim.heal();
+        }
+        for _ in 0..10 {
+            let via = names[next(5) as usize];
+            let s = svc(next(30) as usize);
+            let session = SessionId(u128::from(next(8)));
+            match next(4) {
+                0 | 1 => {
+                    sim.open_session(&id(via), session);
+                    let ip = format!("10.0.0.{}", next(5));
+                    let w = Write::Register {
+                        service: s,
+                        instance: InstanceSpec::new(ip, 80),
+                        session,
+                    };
+                    sim.write(&id(via), w);
+                }
+                2 => {
+                    let w = Write::Deregister {
+                        service: s,
+                        instance: InstanceKey {
+                            cluster: "DEFAULT".into(),
+                            ip: format!("10.0.0.{}", next(5)),
+                            port: 80,
+                        },
+                    };
+                    sim.write(&id(via), w);
+                }
+                _ => sim.close_session(&id(via), session, next(2) == 0),
+            }
+        }
+        sim.run_for(500);
+    }
+    sim.heal();
+    sim.set_net(NetConfig::default());
+    let t = assert_converged(&mut sim, 60_000);
+    eprintln!("converged {t} ms after the heal");
+}

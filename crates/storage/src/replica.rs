@@ -1,0 +1,1157 @@
+//! The replicated form of the registry: version stamps, operations, tombstones,
+//! digests and snapshots.
+//!
+//! Every instance and every service's settings carry a [`Stamp`], assigned by the node
+//! that made the change (the service's owner) from a hybrid logical clock. Copies merge
+//! record by record, last writer wins: an operation applies when its stamp is above the
+//! stamp the record has here, live or deleted. Deletions leave tombstones, so that an
+//! older write arriving late cannot bring a deleted instance back; tombstones are
+//! dropped after [`ReplicationSettings::tombstone_ttl_ms`].
+//!
+//! Merging is idempotent and commutative: applying the same set of operations in any
+//! order, with any duplicates, gives the same [`Registry::dump_replicated`].
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::StorageError;
+use crate::model::*;
+use crate::registry::{Change, Registry};
+use crate::validate::{
+    canonical_ip, validate_instance, validate_instance_key, validate_name, validate_service_key,
+    validate_service_meta, NameKind,
+};
+
+/// The version of a record: a hybrid logical clock value and the origin that assigned
+/// it. Ordered by `(time, origin)`, so two different writers never tie.
+///
+/// `time` is `max(now_ms << 16, last + 1)` on the writer, where `last` is the highest
+/// time the writer has made or seen: its upper 48 bits are milliseconds, its lower 16
+/// a counter, and it never goes backwards even if the wall clock does.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+pub struct Stamp {
+    /// Hybrid logical clock value.
+    pub time: u64,
+    /// Stable hash of the writer's node id ([`origin_of`]); breaks ties.
+    pub origin: u64,
+}
+
+impl Stamp {
+    /// The version of a record that never existed; below every real stamp.
+    pub const ZERO: Stamp = Stamp { time: 0, origin: 0 };
+
+    /// The milliseconds part of the stamp (`time >> 16`), for lag metrics.
+    pub fn millis(&self) -> u64 {
+        self.time >> 16
+    }
+}
+
+/// The largest milliseconds value a stamp holds (2^48 - 1, about year 10889).
+const MAX_STAMP_MS: u64 = (1 << 48) - 1;
+
+/// The origin of a node: the stable 64-bit hash of its id.
+pub fn origin_of(node: &NodeId) -> u64 {
+    let mut h = Fnv::new();
+    h.str(&node.0);
+    h.finish()
+}
+
+/// One instance record as replication carries it: live (`state` is `Some`) or deleted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InstanceOp {
+    /// The service.
+    pub service: ServiceKey,
+    /// The instance.
+    pub key: InstanceKey,
+    /// Its version.
+    pub stamp: Stamp,
+    /// The instance, or `None` for a tombstone. Its `stamp` (local revision) and
+    /// `last_beat_ms` are local to each node and ignored on receipt.
+    pub state: Option<Instance>,
+    /// For a Ttl instance that expiry marked unhealthy: the health its client last
+    /// declared (restored by the next beat on whichever node owns it then).
+    #[serde(default)]
+    pub lapsed: Option<bool>,
+    /// True when the instance was deleted by liveness (session end, Ttl expiry) rather
+    /// than by its client; the session's home may re-assert it if the session is alive.
+    #[serde(default)]
+    pub reaped: bool,
+}
+
+/// A service's settings as replication carries them. Default settings act as the
+/// settings' tombstone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetaOp {
+    /// The service.
+    pub service: ServiceKey,
+    /// The settings' version.
+    pub stamp: Stamp,
+    /// The settings.
+    pub meta: ServiceMeta,
+}
+
+/// One replicated change.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// An instance was written or deleted.
+    Instance(InstanceOp),
+    /// A service's settings were written.
+    Meta(MetaOp),
+}
+
+impl Op {
+    /// The service the operation is about.
+    pub fn service(&self) -> &ServiceKey {
+        match self {
+            Op::Instance(op) => &op.service,
+            Op::Meta(op) => &op.service,
+        }
+    }
+
+    /// The operation's version.
+    pub fn stamp(&self) -> Stamp {
+        match self {
+            Op::Instance(op) => op.stamp,
+            Op::Meta(op) => op.stamp,
+        }
+    }
+}
+
+/// Everything a registry holds about one service, tombstones included: what snapshots
+/// and anti-entropy repairs carry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    /// The service.
+    pub service: ServiceKey,
+    /// Its operations: the settings (if they were ever set), then each instance, live
+    /// or deleted.
+    pub ops: Vec<Op>,
+}
+
+/// A service as every copy must agree on it: [`Registry::dump_replicated`].
+///
+/// Node-local fields are left out: each instance's `stamp` (local revision) and
+/// `last_beat_ms` read 0. Tombstones are left out too (each node drops them on its own
+/// schedule).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReplicatedService {
+    /// The service.
+    pub key: ServiceKey,
+    /// The settings' version, [`Stamp::ZERO`] for default settings.
+    pub meta_stamp: Stamp,
+    /// The settings.
+    pub meta: ServiceMeta,
+    /// The live instances with their versions, sorted by key.
+    pub instances: Vec<(Stamp, Instance)>,
+}
+
+/// How a registry takes part in replication. See [`Registry::set_replication`].
+#[derive(Clone, Debug)]
+pub struct ReplicationSettings {
+    /// This node's [`origin_of`]; goes into every stamp it assigns.
+    pub origin: u64,
+    /// The ring position of a service's `placement_bytes`: must be the ring's own
+    /// function (`shoal_ring::position`), so that range digests cover ring arcs.
+    pub placement: fn(&[u8]) -> u64,
+    /// How long a tombstone is kept, in ms of the caller's clock.
+    pub tombstone_ttl_ms: u64,
+    /// Whether local writes record the operations to replicate ([`Registry::take_ops`]).
+    pub record_ops: bool,
+}
+
+impl Default for ReplicationSettings {
+    /// Origin 0, placement by [`stable_hash`], tombstones kept 60 s, no op recording.
+    fn default() -> Self {
+        ReplicationSettings {
+            origin: 0,
+            placement: stable_hash,
+            tombstone_ttl_ms: 60_000,
+            record_ops: false,
+        }
+    }
+}
+
+/// A deleted record: its version and when this node deleted it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Tomb {
+    pub(crate) stamp: Stamp,
+    pub(crate) deleted_at_ms: u64,
+    /// Deleted by liveness (session end, Ttl expiry) rather than by the client.
+    pub(crate) reaped: bool,
+}
+
+/// The tombstones of one service.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Tombs {
+    pub(crate) instances: BTreeMap<InstanceKey, Tomb>,
+    /// The version of default settings, when they were set explicitly.
+    pub(crate) meta: Option<Tomb>,
+}
+
+impl Tombs {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.instances.is_empty() && self.meta.is_none()
+    }
+}
+
+/// FNV-1a 64 over explicit bytes, with the MurmurHash3 `fmix64` finalizer. Stable
+/// across platforms and Rust versions (unlike `std`'s `DefaultHasher`).
+pub(crate) struct Fnv(u64);
+
+impl Fnv {
+    pub(crate) fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    pub(crate) fn bytes(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    pub(crate) fn u64(&mut self, v: u64) {
+        self.bytes(&v.to_le_bytes());
+    }
+    /// A length-prefixed string, so that adjacent strings cannot run into each other.
+    pub(crate) fn str(&mut self, s: &str) {
+        self.bytes(&(s.len() as u32).to_le_bytes());
+        self.bytes(s.as_bytes());
+    }
+    pub(crate) fn finish(&self) -> u64 {
+        fmix64(self.0)
+    }
+}
+
+fn fmix64(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^= k >> 33;
+    k
+}
+
+/// The stable 64-bit hash of `bytes` (FNV-1a 64 then `fmix64`).
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h = Fnv::new();
+    h.bytes(bytes);
+    h.finish()
+}
+
+/// The digest contribution of one live instance record.
+pub(crate) fn instance_hash(key: &InstanceKey, stamp: Stamp) -> u64 {
+    let mut h = Fnv::new();
+    h.bytes(&[1]);
+    h.str(&key.cluster);
+    h.str(&key.ip);
+    h.bytes(&key.port.to_le_bytes());
+    h.u64(stamp.time);
+    h.u64(stamp.origin);
+    h.finish()
+}
+
+/// The digest contribution of a service's (non-default) settings.
+pub(crate) fn meta_hash(stamp: Stamp) -> u64 {
+    let mut h = Fnv::new();
+    h.bytes(&[2]);
+    h.u64(stamp.time);
+    h.u64(stamp.origin);
+    h.finish()
+}
+
+/// A service's digest from the sum of its record hashes: 0 when it holds nothing live.
+pub(crate) fn service_digest(key: &ServiceKey, sum: u64) -> u64 {
+    if sum == 0 {
+        return 0;
+    }
+    let mut h = Fnv::new();
+    h.str(&key.namespace);
+    h.str(&key.group);
+    h.str(&key.service);
+    h.u64(sum);
+    h.finish()
+}
+
+/// Whether `pos` lies in the ring arc `start..=end` (wrapping when `start > end`).
+pub fn in_arc(start: u64, end: u64, pos: u64) -> bool {
+    if start <= end {
+        (start..=end).contains(&pos)
+    } else {
+        pos >= start || pos <= end
+    }
+}
+
+impl Registry {
+    /// Turns on replication: stamps carry `settings.origin`, digests place services with
+    /// `settings.placement`, and (with `record_ops`) every local write records the
+    /// operations that [`Registry::take_ops`] hands to the replication engine.
+    pub fn set_replication(&mut self, settings: ReplicationSettings) {
+        self.repl = settings;
+        self.rebuild_placed();
+    }
+
+    /// The replication settings.
+    pub fn replication(&self) -> &ReplicationSettings {
+        &self.repl
+    }
+
+    /// The operations recorded by local writes since the last call, oldest first.
+    pub fn take_ops(&mut self) -> Vec<Op> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// The highest clock value this registry has assigned or seen.
+    pub fn clock(&self) -> u64 {
+        self.hlc
+    }
+
+    /// Moves the clock past `stamp` (a stamp seen from elsewhere), so that the next
+    /// local write wins over it.
+    pub fn observe(&mut self, stamp: Stamp) {
+        self.hlc = self.hlc.max(stamp.time);
+    }
+
+    /// A new stamp from the hybrid logical clock.
+    pub fn next_version(&mut self, now_ms: u64) -> Stamp {
+        self.note_now(now_ms);
+        let time = (now_ms.min(MAX_STAMP_MS) << 16).max(self.hlc.saturating_add(1));
+        self.hlc = time;
+        Stamp {
+            time,
+            origin: self.repl.origin,
+        }
+    }
+
+    /// The ring position of a service under the configured placement.
+    pub fn placement_of(&self, service: &ServiceKey) -> u64 {
+        (self.repl.placement)(&service.placement_bytes())
+    }
+
+    /// The version of an instance here: live, deleted, or [`Stamp::ZERO`] if unknown.
+    pub fn instance_version(&self, service: &ServiceKey, key: &InstanceKey) -> Stamp {
+        if let Some(v) = self.services.get(service).and_then(|e| e.versions.get(key)) {
+            return *v;
+        }
+        self.tombs
+            .get(service)
+            .and_then(|t| t.instances.get(key))
+            .map_or(Stamp::ZERO, |t| t.stamp)
+    }
+
+    /// The version of a service's settings here ([`Stamp::ZERO`] if never set).
+    pub fn meta_version(&self, service: &ServiceKey) -> Stamp {
+        let live = self
+            .services
+            .get(service)
+            .map_or(Stamp::ZERO, |e| e.meta_stamp);
+        let dead = self
+            .tombs
+            .get(service)
+            .and_then(|t| t.meta)
+            .map_or(Stamp::ZERO, |t| t.stamp);
+        live.max(dead)
+    }
+
+    /// One live instance.
+    pub fn instance(&self, service: &ServiceKey, key: &InstanceKey) -> Option<&Instance> {
+        self.services.get(service)?.instances.get(key)
+    }
+
+    /// Number of tombstones held (instances and settings).
+    pub fn tombstone_count(&self) -> usize {
+        self.tomb_gc.len()
+    }
+
+    /// Checks a remote operation before anything is applied. Returns the canonical
+    /// instance key for instance operations.
+    fn check_op(&self, op: &Op) -> Result<(), StorageError> {
+        validate_service_key(op.service(), &self.limits)?;
+        match op {
+            Op::Instance(op) => {
+                validate_instance_key(&op.key, &self.limits)?;
+                if canonical_ip(&op.key.ip)? != op.key.ip {
+                    return Err(StorageError::InvalidIp(op.key.ip.clone()));
+                }
+                if let Some(inst) = &op.state {
+                    if inst.key() != op.key {
+                        return Err(StorageError::InvalidSetting(format!(
+                            "operation for {} carries instance {}",
+                            op.key,
+                            inst.key()
+                        )));
+                    }
+                    let spec = InstanceSpec {
+                        ip: inst.ip.clone(),
+                        port: inst.port,
+                        cluster: inst.cluster.clone(),
+                        weight: inst.weight,
+                        healthy: inst.healthy,
+                        enabled: inst.enabled,
+                        metadata: inst.metadata.clone(),
+                        ttl: match &inst.lease {
+                            Lease::Ttl(t) => Some(t.clone()),
+                            Lease::Session(_) => None,
+                        },
+                    };
+                    validate_instance(&spec, &self.limits)?;
+                }
+                Ok(())
+            }
+            Op::Meta(op) => validate_service_meta(&op.meta, &self.limits),
+        }
+    }
+
+    /// Applies an operation from another node if it is newer than what this registry
+    /// holds for the record; returns the change when the visible state changed.
+    ///
+    /// Idempotent and commutative. Does not record operations (they are not local
+    /// writes). Creates the operation's namespace if this node does not have it: every
+    /// node holds every namespace's data. On error (a malformed operation) nothing
+    /// changes.
+    pub fn apply_remote(&mut self, op: Op, now_ms: u64) -> Result<Option<Change>, StorageError> {
+        self.check_op(&op)?;
+        self.note_now(now_ms);
+        self.observe(op.stamp());
+        let ns = &op.service().namespace;
+        if !self.namespaces.contains(ns) {
+            validate_name(NameKind::Namespace, ns, &self.limits)?;
+            self.namespaces.insert(ns.clone());
+        }
+        Ok(match op {
+            Op::Instance(op) => self.apply_instance_op(op, now_ms),
+            Op::Meta(op) => self.apply_meta_op(op, now_ms),
+        })
+    }
+
+    fn apply_instance_op(&mut self, op: InstanceOp, now_ms: u64) -> Option<Change> {
+        if op.stamp <= self.instance_version(&op.service, &op.key) {
+            return None;
+        }
+        let service = op.service;
+        match op.state {
+            Some(mut inst) => {
+                let revision = self.bump_revision();
+                inst.stamp = revision;
+                // Liveness of a Ttl instance is judged by its owner; a copy counts from
+                // when it heard of the instance, so a new owner gives it a full lease.
+                inst.last_beat_ms = now_ms;
+                let lapsed = match inst.lease {
+                    Lease::Ttl(_) => op.lapsed,
+                    Lease::Session(_) => None,
+                };
+                self.put_live(&service, inst, op.stamp, lapsed);
+                self.set_revision(&service, revision);
+                self.settle(&service);
+                Some(Change {
+                    key: service,
+                    revision,
+                })
+            }
+            None => {
+                let removed = self.kill(&service, &op.key, op.stamp, now_ms, op.reaped);
+                let change = removed.then(|| {
+                    let revision = self.bump_revision();
+                    self.set_revision(&service, revision);
+                    Change {
+                        key: service.clone(),
+                        revision,
+                    }
+                });
+                self.settle(&service);
+                change
+            }
+        }
+    }
+
+    fn apply_meta_op(&mut self, op: MetaOp, now_ms: u64) -> Option<Change> {
+        if op.stamp <= self.meta_version(&op.service) {
+            return None;
+        }
+        let current = self
+            .services
+            .get(&op.service)
+            .map(|e| e.meta.clone())
+            .unwrap_or_default();
+        let visible = current != op.meta;
+        self.put_meta(&op.service, op.meta, op.stamp, now_ms);
+        let change = visible.then(|| {
+            let revision = self.bump_revision();
+            self.set_revision(&op.service, revision);
+            Change {
+                key: op.service.clone(),
+                revision,
+            }
+        });
+        self.settle(&op.service);
+        change
+    }
+
+    /// Applies every operation of a record (see [`Registry::apply_remote`]); returns one
+    /// change for the service if anything visible changed. All operations are checked
+    /// first: on error nothing changes.
+    pub fn apply_record(
+        &mut self,
+        record: ServiceRecord,
+        now_ms: u64,
+    ) -> Result<Option<Change>, StorageError> {
+        for op in &record.ops {
+            if op.service() != &record.service {
+                return Err(StorageError::InvalidSetting(format!(
+                    "record of {} holds an operation of {}",
+                    record.service,
+                    op.service()
+                )));
+            }
+            self.check_op(op)?;
+        }
+        let mut last = None;
+        for op in record.ops {
+            if let Some(c) = self.apply_remote(op, now_ms)? {
+                last = Some(c);
+            }
+        }
+        Ok(last)
+    }
+
+    /// The digest of one service: a stable hash over the versions of its live
+    /// instances and settings; 0 when it holds nothing live. Tombstones are left out, so
+    /// that copies that dropped them at different times still agree.
+    pub fn service_digest(&self, service: &ServiceKey) -> u64 {
+        self.services
+            .get(service)
+            .map_or(0, |e| service_digest(service, e.sum))
+    }
+
+    /// The digest of the ring arc `start..=end` (wrapping when `start > end`): the
+    /// wrapping sum of the digests of the services placed in it.
+    pub fn range_digest(&self, start: u64, end: u64) -> u64 {
+        self.placed_in(start, end)
+            .fold(0u64, |acc, k| acc.wrapping_add(self.service_digest(k)))
+    }
+
+    /// The services placed in the arc `start..=end` (those with live data or
+    /// tombstones), with their digests, in ring order.
+    pub fn service_digests_in(&self, start: u64, end: u64) -> Vec<(ServiceKey, u64)> {
+        self.placed_in(start, end)
+            .map(|k| (k.clone(), self.service_digest(k)))
+            .collect()
+    }
+
+    /// The services placed in the arc `start..=end`, in ring order.
+    fn placed_in(&self, start: u64, end: u64) -> impl Iterator<Item = &ServiceKey> + '_ {
+        let lower = |from: u64| {
+            self.placed
+                .range((from, ServiceKey::new("", "", ""))..)
+                .map(|(p, k)| (*p, k))
+        };
+        let (first, second): (Box<dyn Iterator<Item = _>>, Box<dyn Iterator<Item = _>>) =
+            if start <= end {
+                (
+                    Box::new(lower(start).take_while(move |(p, _)| *p <= end)),
+                    Box::new(std::iter::empty()),
+                )
+            } else {
+                (
+                    Box::new(lower(start)),
+                    Box::new(lower(0).take_while(move |(p, _)| *p <= end)),
+                )
+            };
+        first.chain(second).map(|(_, k)| k)
+    }
+
+    /// Everything this registry holds about a service, tombstones included; `None` if
+    /// nothing.
+    pub fn record(&self, service: &ServiceKey) -> Option<ServiceRecord> {
+        let entry = self.services.get(service);
+        let tombs = self.tombs.get(service);
+        if entry.is_none() && tombs.is_none() {
+            return None;
+        }
+        let mut ops = Vec::new();
+        let meta_stamp = self.meta_version(service);
+        if meta_stamp != Stamp::ZERO {
+            ops.push(Op::Meta(MetaOp {
+                service: service.clone(),
+                stamp: meta_stamp,
+                meta: entry.map(|e| e.meta.clone()).unwrap_or_default(),
+            }));
+        }
+        if let Some(e) = entry {
+            for (key, inst) in &e.instances {
+                ops.push(Op::Instance(InstanceOp {
+                    service: service.clone(),
+                    key: key.clone(),
+                    stamp: e.versions.get(key).copied().unwrap_or_default(),
+                    state: Some(inst.clone()),
+                    lapsed: e.lapsed.get(key).copied(),
+                    reaped: false,
+                }));
+            }
+        }
+        if let Some(t) = tombs {
+            for (key, tomb) in &t.instances {
+                ops.push(Op::Instance(InstanceOp {
+                    service: service.clone(),
+                    key: key.clone(),
+                    stamp: tomb.stamp,
+                    state: None,
+                    lapsed: None,
+                    reaped: tomb.reaped,
+                }));
+            }
+        }
+        Some(ServiceRecord {
+            service: service.clone(),
+            ops,
+        })
+    }
+
+    /// The records of the given services that exist here.
+    pub fn records_of(&self, services: &[ServiceKey]) -> Vec<ServiceRecord> {
+        services.iter().filter_map(|s| self.record(s)).collect()
+    }
+
+    /// The records of every service placed in the given arcs `(start, end)`.
+    pub fn records_in(&self, ranges: &[(u64, u64)]) -> Vec<ServiceRecord> {
+        ranges
+            .iter()
+            .flat_map(|&(s, e)| self.placed_in(s, e))
+            .filter_map(|k| self.record(k))
+            .collect()
+    }
+
+    /// Up to `max` records (at least 1), in ring order, after the service `after`
+    /// (from the start when `None`), and the cursor of the next chunk (`None` after the
+    /// last). Streams a full snapshot without holding it all.
+    pub fn snapshot_chunk(
+        &self,
+        after: Option<&ServiceKey>,
+        max: usize,
+    ) -> (Vec<ServiceRecord>, Option<ServiceKey>) {
+        let max = max.max(1);
+        let start = match after {
+            Some(k) => Bound::Excluded((self.placement_of(k), k.clone())),
+            None => Bound::Unbounded,
+        };
+        let mut keys = self.placed.range((start, Bound::Unbounded));
+        let records: Vec<ServiceRecord> = keys
+            .by_ref()
+            .take(max)
+            .filter_map(|(_, k)| self.record(k))
+            .collect();
+        let next = if keys.next().is_some() {
+            records.last().map(|r| r.service.clone())
+        } else {
+            None
+        };
+        (records, next)
+    }
+
+    /// Every service as all copies must agree on it, sorted by key. Two registries that
+    /// applied the same operations give equal answers; see [`ReplicatedService`].
+    pub fn dump_replicated(&self) -> Vec<ReplicatedService> {
+        self.services
+            .iter()
+            .map(|(key, e)| ReplicatedService {
+                key: key.clone(),
+                meta_stamp: e.meta_stamp,
+                meta: e.meta.clone(),
+                instances: e
+                    .instances
+                    .iter()
+                    .map(|(k, inst)| {
+                        let mut inst = inst.clone();
+                        inst.stamp = 0;
+                        inst.last_beat_ms = 0;
+                        (e.versions.get(k).copied().unwrap_or_default(), inst)
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Drops the tombstones older than `tombstone_ttl_ms`; returns how many.
+    pub fn gc_tombstones(&mut self, now_ms: u64) -> usize {
+        let ttl = self.repl.tombstone_ttl_ms;
+        let mut dropped = 0;
+        while let Some((at, _, _)) = self.tomb_gc.first() {
+            if at.saturating_add(ttl) > now_ms {
+                break;
+            }
+            let (_, service, key) = self.tomb_gc.pop_first().expect("checked above");
+            if let Some(t) = self.tombs.get_mut(&service) {
+                match key {
+                    Some(k) => {
+                        t.instances.remove(&k);
+                    }
+                    None => t.meta = None,
+                }
+                if t.is_empty() {
+                    self.tombs.remove(&service);
+                }
+            }
+            self.settle(&service);
+            dropped += 1;
+        }
+        dropped
+    }
+
+    /// The sessions that have instances here.
+    pub fn sessions(&self) -> Vec<SessionId> {
+        self.index.sessions.keys().copied().collect()
+    }
+
+    /// The services where `session` has instances, sorted.
+    pub fn session_services(&self, session: SessionId) -> Vec<ServiceKey> {
+        let mut out: Vec<ServiceKey> = self
+            .index
+            .sessions
+            .get(&session)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    /// Restarts the lease of every Ttl instance of the services `filter` selects, as if
+    /// each had just beaten (no change, no stamp). For a node that just became the owner
+    /// of those services: it did not see the beats that went to the previous owner.
+    pub fn refresh_ttl_leases(&mut self, filter: &dyn Fn(&ServiceKey) -> bool, now_ms: u64) {
+        let due: Vec<(u64, ServiceKey, InstanceKey)> = self
+            .index
+            .deadlines
+            .iter()
+            .filter(|(_, s, _)| filter(s))
+            .cloned()
+            .collect();
+        for (_, service, key) in due {
+            self.touch_ttl(&service, &key, now_ms);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Limits;
+
+    /// A small deterministic generator (splitmix64) for the randomized tests.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// The seed of a randomized test: `SHOAL_TEST_SEED` if set, else a fixed one.
+    /// Printed, so that a failure can be replayed.
+    fn test_seed(default: u64) -> u64 {
+        let seed = std::env::var("SHOAL_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default);
+        eprintln!("SHOAL_TEST_SEED={seed}");
+        seed
+    }
+
+    fn writer(origin: u64) -> Registry {
+        let mut r = Registry::new(Limits::default());
+        r.set_replication(ReplicationSettings {
+            origin,
+            record_ops: true,
+            ..ReplicationSettings::default()
+        });
+        r
+    }
+
+    fn replica() -> Registry {
+        writer(99)
+    }
+
+    fn svc(name: &str) -> ServiceKey {
+        ServiceKey::named(name)
+    }
+
+    fn ikey(ip: &str) -> InstanceKey {
+        InstanceSpec::new(ip, 80).key()
+    }
+
+    fn digests(r: &Registry) -> (u64, u64, u64) {
+        (
+            r.range_digest(0, u64::MAX),
+            r.range_digest(1 << 63, 1 << 62),
+            r.range_digest(1 << 62, 1 << 63),
+        )
+    }
+
+    /// Random writes by two owners (as on the two sides of a partition); every copy
+    /// that applies all their operations, in any order and with duplicates, ends up
+    /// equal, and the writers converge too once they exchange operations.
+    #[test]
+    fn any_order_with_duplicates_converges() {
+        let seed = test_seed(7);
+        let mut rng = Rng(seed);
+        let mut writers = [writer(1), writer(2)];
+        let mut ops: Vec<Op> = Vec::new();
+        let mut now = 1_000u64;
+        for _ in 0..2_000 {
+            now += rng.below(50);
+            let w = &mut writers[rng.below(2) as usize];
+            let s = svc(&format!("s{}", rng.below(5)));
+            let ip = format!("10.0.0.{}", rng.below(6));
+            let session = SessionId(u128::from(rng.below(3) as u8));
+            match rng.below(9) {
+                0..=2 => {
+                    let mut sp = InstanceSpec::new(&ip, 80);
+                    if rng.below(2) == 0 {
+                        sp.ttl = Some(TtlLease::default());
+                    }
+                    sp.weight = rng.below(100) as f64;
+                    w.register(&s, sp, session, now).unwrap();
+                }
+                3 => {
+                    let mut sp = InstanceSpec::new(&ip, 80);
+                    sp.healthy = rng.below(2) == 0;
+                    let _ = w.update(&s, sp, now);
+                }
+                4 => {
+                    let _ = w.deregister_at(&s, &ikey(&ip), now);
+                }
+                5 => {
+                    w.remove_session(session);
+                }
+                6 => {
+                    now += rng.below(40_000);
+                    w.expire(now);
+                }
+                7 => {
+                    let _ = w.beat(&s, &ikey(&ip), now);
+                }
+                _ => {
+                    let meta = ServiceMeta {
+                        protect_threshold: [0.0, 0.5][rng.below(2) as usize],
+                        ..ServiceMeta::default()
+                    };
+                    w.set_service_meta(&s, meta).unwrap();
+                }
+            }
+            w.check_invariants();
+            ops.extend(w.take_ops());
+        }
+        let mut copies = Vec::new();
+        for _ in 0..3 {
+            let mut r = replica();
+            let mut shuffled = ops.clone();
+            for i in (1..shuffled.len()).rev() {
+                shuffled.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            let dups: Vec<Op> = (0..200)
+                .map(|_| ops[rng.below(ops.len() as u64) as usize].clone())
+                .collect();
+            for op in shuffled.into_iter().chain(dups) {
+                r.apply_remote(op, now).unwrap();
+            }
+            r.check_invariants();
+            copies.push(r);
+        }
+        // The writers merge each other's operations.
+        for op in &ops {
+            for w in writers.iter_mut() {
+                w.apply_remote(op.clone(), now).unwrap();
+            }
+        }
+        let expected = copies[0].dump_replicated();
+        assert!(!expected.is_empty());
+        for r in copies.iter().chain(writers.iter()) {
+            r.check_invariants();
+            assert_eq!(r.dump_replicated(), expected);
+            assert_eq!(digests(r), digests(&copies[0]));
+        }
+    }
+
+    #[test]
+    fn a_late_older_write_does_not_resurrect() {
+        let mut w = writer(1);
+        let s = svc("orders");
+        w.register(&s, InstanceSpec::new("10.0.0.1", 80), SessionId(1), 10)
+            .unwrap();
+        w.deregister_at(&s, &ikey("10.0.0.1"), 20).unwrap();
+        let ops = w.take_ops();
+        assert_eq!(ops.len(), 2);
+        let mut r = replica();
+        // The deletion first, then the registration it deleted.
+        assert_eq!(r.apply_remote(ops[1].clone(), 30).unwrap(), None);
+        assert_eq!(r.apply_remote(ops[0].clone(), 31).unwrap(), None);
+        assert_eq!(r.instance_count(), 0);
+        assert_eq!(r.tombstone_count(), 1);
+        assert_eq!(r.instance_version(&s, &ikey("10.0.0.1")), ops[1].stamp());
+        r.check_invariants();
+    }
+
+    #[test]
+    fn stamps_are_monotonic_and_follow_what_was_seen() {
+        let mut a = writer(1);
+        let s1 = a.next_version(100);
+        let s2 = a.next_version(100);
+        let s3 = a.next_version(50); // the wall clock went back
+        assert!(s1 < s2 && s2 < s3);
+        assert_eq!(s1.millis(), 100);
+        let mut b = writer(2);
+        b.observe(Stamp {
+            time: 500 << 16,
+            origin: 1,
+        });
+        assert!(b.next_version(10).millis() >= 500);
+    }
+
+    #[test]
+    fn tombstones_are_collected_after_their_ttl() {
+        let mut w = writer(1);
+        w.set_replication(ReplicationSettings {
+            origin: 1,
+            tombstone_ttl_ms: 1_000,
+            record_ops: true,
+            ..ReplicationSettings::default()
+        });
+        let s = svc("orders");
+        w.register(&s, InstanceSpec::new("10.0.0.1", 80), SessionId(1), 0)
+            .unwrap();
+        w.deregister_at(&s, &ikey("10.0.0.1"), 100).unwrap();
+        assert_eq!(w.tombstone_count(), 1);
+        assert!(w.record(&s).is_some(), "the tombstone is still shipped");
+        assert_eq!(w.gc_tombstones(1_099), 0);
+        assert_eq!(w.gc_tombstones(1_100), 1);
+        assert_eq!(w.tombstone_count(), 0);
+        assert!(w.record(&s).is_none());
+        w.check_invariants();
+    }
+
+    #[test]
+    fn settings_merge_last_writer_wins() {
+        let mut a = writer(1);
+        let s = svc("orders");
+        let meta = ServiceMeta {
+            protect_threshold: 0.5,
+            ..ServiceMeta::default()
+        };
+        a.set_service_meta(&s, meta.clone()).unwrap();
+        a.set_service_meta(&s, ServiceMeta::default()).unwrap();
+        let ops = a.take_ops();
+        let mut r = replica();
+        assert!(r.apply_remote(ops[1].clone(), 0).unwrap().is_none());
+        assert!(r.apply_remote(ops[0].clone(), 0).unwrap().is_none());
+        assert_eq!(r.service_meta(&s), None);
+        let mut r2 = replica();
+        assert!(r2.apply_remote(ops[0].clone(), 0).unwrap().is_some());
+        assert_eq!(r2.service_meta(&s), Some(&meta));
+        assert!(r2.apply_remote(ops[1].clone(), 0).unwrap().is_some());
+        assert_eq!(r2.dump_replicated(), r.dump_replicated());
+        r.check_invariants();
+        r2.check_invariants();
+    }
+
+    #[test]
+    fn malformed_operations_change_nothing() {
+        let mut r = replica();
+        let s = svc("orders");
+        let mut inst_op = InstanceOp {
+            service: s.clone(),
+            key: ikey("10.0.0.1"),
+            stamp: Stamp { time: 5, origin: 1 },
+            state: None,
+            lapsed: None,
+            reaped: false,
+        };
+        inst_op.key.port = 0;
+        assert!(r.apply_remote(Op::Instance(inst_op.clone()), 0).is_err());
+        inst_op.key = ikey("0:0::1");
+        assert!(r.apply_remote(Op::Instance(inst_op.clone()), 0).is_err());
+        inst_op.key = ikey("10.0.0.1");
+        let mut w = writer(1);
+        w.register(&s, InstanceSpec::new("10.0.0.2", 80), SessionId(1), 0)
+            .unwrap();
+        inst_op.state = w.instance(&s, &ikey("10.0.0.2")).cloned();
+        assert!(r.apply_remote(Op::Instance(inst_op.clone()), 0).is_err());
+        let bad_ns = Op::Meta(MetaOp {
+            service: ServiceKey::new("bad ns", "g", "s"),
+            stamp: Stamp { time: 5, origin: 1 },
+            meta: ServiceMeta::default(),
+        });
+        assert!(r.apply_remote(bad_ns, 0).is_err());
+        assert!(r.dump_replicated().is_empty());
+        assert_eq!(r.clock(), 0);
+        // A record with one bad operation applies none of them.
+        let mut rec = w.record(&s).unwrap();
+        rec.ops.push(Op::Instance(inst_op));
+        assert!(r.apply_record(rec, 0).is_err());
+        assert!(r.dump_replicated().is_empty());
+        // An unknown (valid) namespace is created: every node holds every namespace.
+        let mut w2 = writer(1);
+        w2.add_namespace("dev").unwrap();
+        let k = ServiceKey::new("dev", "g", "s");
+        w2.register(&k, InstanceSpec::new("10.0.0.2", 80), SessionId(1), 0)
+            .unwrap();
+        for op in w2.take_ops() {
+            r.apply_remote(op, 0).unwrap();
+        }
+        assert_eq!(
+            r.namespaces(),
+            vec!["dev".to_string(), "public".to_string()]
+        );
+        r.check_invariants();
+    }
+
+    #[test]
+    fn snapshot_chunks_copy_everything() {
+        let mut w = writer(1);
+        for i in 0..25 {
+            let s = svc(&format!("s{i}"));
+            w.register(&s, InstanceSpec::new("10.0.0.1", 80), SessionId(1), 0)
+                .unwrap();
+            if i % 5 == 0 {
+                w.deregister_at(&s, &ikey("10.0.0.1"), 1).unwrap();
+            }
+        }
+        let mut r = replica();
+        let mut after = None;
+        let mut chunks = 0;
+        loop {
+            let (records, next) = w.snapshot_chunk(after.as_ref(), 4);
+            assert!(records.len() <= 4);
+            chunks += 1;
+            for rec in records {
+                r.apply_record(rec, 5).unwrap();
+            }
+            match next {
+                Some(k) => after = Some(k),
+                None => break,
+            }
+        }
+        assert_eq!(chunks, 7);
+        assert_eq!(r.dump_replicated(), w.dump_replicated());
+        assert_eq!(r.tombstone_count(), 5);
+        assert_eq!(digests(&r), digests(&w));
+        r.check_invariants();
+    }
+
+    #[test]
+    fn range_digests_add_up_and_locate_differences() {
+        let mut w = writer(1);
+        for i in 0..50 {
+            w.register(
+                &svc(&format!("s{i}")),
+                InstanceSpec::new("10.0.0.1", 80),
+                SessionId(1),
+                0,
+            )
+            .unwrap();
+        }
+        let mut r = replica();
+        for op in w.take_ops() {
+            r.apply_remote(op, 0).unwrap();
+        }
+        let cuts = [0u64, 1 << 60, 1 << 62, 1 << 63, u64::MAX - 5];
+        let arcs: Vec<(u64, u64)> = (0..cuts.len())
+            .map(|i| (cuts[i].wrapping_add(1), cuts[(i + 1) % cuts.len()]))
+            .collect();
+        let total = arcs
+            .iter()
+            .fold(0u64, |a, &(s, e)| a.wrapping_add(w.range_digest(s, e)));
+        assert_eq!(total, w.range_digest(0, u64::MAX));
+        assert_eq!(
+            arcs.iter()
+                .map(|&(s, e)| w.records_in(&[(s, e)]).len())
+                .sum::<usize>(),
+            50
+        );
+        // One change shows up in exactly the arc that holds the service.
+        let s = svc("s7");
+        w.update(&s, InstanceSpec::new("10.0.0.1", 80), 1).unwrap();
+        let differing: Vec<_> = arcs
+            .iter()
+            .filter(|&&(a, b)| w.range_digest(a, b) != r.range_digest(a, b))
+            .collect();
+        assert_eq!(differing.len(), 1);
+        let (a, b) = *differing[0];
+        assert!(in_arc(a, b, w.placement_of(&s)));
+        let theirs: BTreeMap<_, _> = r.service_digests_in(a, b).into_iter().collect();
+        let diff: Vec<_> = w
+            .service_digests_in(a, b)
+            .into_iter()
+            .filter(|(k, d)| theirs.get(k) != Some(d))
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(diff, vec![s.clone()]);
+        for rec in w.records_of(&diff) {
+            r.apply_record(rec, 2).unwrap();
+        }
+        assert_eq!(r.range_digest(0, u64::MAX), w.range_digest(0, u64::MAX));
+    }
+
+    #[test]
+    fn owners_expire_and_reap_only_what_they_own() {
+        let mut w = writer(1);
+        let (mine, theirs) = (svc("mine"), svc("theirs"));
+        let mut sp = InstanceSpec::new("10.0.0.1", 80);
+        sp.ttl = Some(TtlLease::default());
+        for s in [&mine, &theirs] {
+            w.register(s, sp.clone(), SessionId(1), 0).unwrap();
+            w.register(s, InstanceSpec::new("10.0.0.2", 80), SessionId(2), 0)
+                .unwrap();
+        }
+        w.take_ops();
+        let owned = |s: &ServiceKey| s.service == "mine";
+        let changes = w.expire_in(15_000, &owned);
+        assert_eq!(changes.len(), 1);
+        let ops = w.take_ops();
+        assert_eq!(ops.len(), 1);
+        let Op::Instance(op) = &ops[0] else { panic!() };
+        assert_eq!(op.lapsed, Some(true));
+        assert!(!op.state.as_ref().unwrap().healthy);
+        // The other service's instance got a fresh lease instead.
+        assert!(w.instance(&theirs, &ikey("10.0.0.1")).unwrap().healthy);
+        assert!(w.expire_in(29_000, &owned).is_empty());
+        let changes = w.expire_in(30_000, &owned);
+        assert_eq!(changes.len(), 1);
+        assert!(matches!(
+            &w.take_ops()[..],
+            [Op::Instance(InstanceOp {
+                state: None,
+                reaped: true,
+                ..
+            })]
+        ));
+
+        let changes = w.remove_session_in(SessionId(2), &owned);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(w.session_services(SessionId(2)), vec![theirs.clone()]);
+        assert!(w
+            .take_ops()
+            .iter()
+            .all(|op| matches!(op, Op::Instance(InstanceOp { reaped: true, .. }))));
+        w.check_invariants();
+
+        // A replica that takes over a lapsed instance restores health on the next beat.
+        let mut r = replica();
+        let mut w2 = writer(2);
+        w2.register(&mine, sp.clone(), SessionId(1), 0).unwrap();
+        w2.expire(15_000);
+        for op in w2.take_ops() {
+            r.apply_remote(op, 16_000).unwrap();
+        }
+        assert!(!r.instance(&mine, &ikey("10.0.0.1")).unwrap().healthy);
+        assert!(r.beat(&mine, &ikey("10.0.0.1"), 17_000).unwrap().is_some());
+        assert!(r.instance(&mine, &ikey("10.0.0.1")).unwrap().healthy);
+        r.check_invariants();
+    }
+}

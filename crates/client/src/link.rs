@@ -1,0 +1,364 @@
+//! One connection to one node: the handshake, the session stream, and the two tasks
+//! that write and read it.
+//!
+//! A link lives as long as its QUIC connection. When the stream or the connection
+//! fails, the reader marks the link dead and fails every call in flight with
+//! [`ClientError::Disconnected`]; the client's supervisor then opens a new link. A link
+//! never reconnects by itself.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shoal_proto::{
+    encode_frame, read_frame, write_frame, ClientFrame, ErrorBody, Hello, Request, RequestId,
+    Response, ServerFrame, Welcome,
+};
+use shoal_storage::ServiceKey;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, warn};
+
+use crate::error::{ClientError, Result};
+use crate::subscription::SubscriptionCache;
+
+/// QUIC application close code: the client ended the session with Goodbye.
+pub(crate) const CLOSE_GOODBYE: u32 = 0;
+/// QUIC application close code: the client dropped the connection without Goodbye
+/// (`disconnect_abruptly`, `close_abruptly`); the node keeps the session for its grace
+/// period.
+pub(crate) const CLOSE_ABRUPT: u32 = 1;
+/// QUIC application close code: the client saw the session stream fail.
+pub(crate) const CLOSE_STREAM_FAILED: u32 = 2;
+
+/// Frames waiting for the writer task. Bounded so that a stalled connection pushes
+/// back on callers instead of growing without limit.
+const OUTBOX_FRAMES: usize = 1024;
+
+/// The answer a call waits for.
+pub(crate) type Answer = std::result::Result<Response, ErrorBody>;
+
+struct Pending {
+    tx: oneshot::Sender<Answer>,
+    kind: CallKind,
+}
+
+/// What the reader must do with an answer before handing it over.
+enum CallKind {
+    /// Cache the view of this service first, in stream order, before any later Push.
+    Subscribe(ServiceKey),
+    /// Mark the link as ended by Goodbye first, so that the supervisor does not
+    /// reconnect when the node then closes the connection.
+    Goodbye,
+    /// Nothing.
+    Plain,
+}
+
+#[derive(Default)]
+struct Calls {
+    /// Set by the reader when it stops: no call may be added after that.
+    closed: bool,
+    waiting: HashMap<RequestId, Pending>,
+}
+
+/// An open session stream on one connection.
+pub(crate) struct Link {
+    /// The configured address (`host:port`) this link connected to.
+    pub(crate) addr: String,
+    /// The node's answer to Hello.
+    pub(crate) welcome: Welcome,
+    conn: quinn::Connection,
+    max_frame_bytes: usize,
+    outbox: mpsc::Sender<Vec<u8>>,
+    calls: Mutex<Calls>,
+    dead: watch::Sender<bool>,
+    /// The node answered Goodbye: the session is over and must not be resumed.
+    ended: AtomicBool,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("addr", &self.addr)
+            .field("node", &self.welcome.node_id)
+            .field("session", &self.welcome.session_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one connection attempt needs.
+pub(crate) struct Dial<'a> {
+    pub(crate) endpoint: &'a quinn::Endpoint,
+    pub(crate) quinn: quinn::ClientConfig,
+    pub(crate) addr: &'a str,
+    pub(crate) socket: SocketAddr,
+    pub(crate) server_name: &'a str,
+    pub(crate) hello: Hello,
+    pub(crate) max_frame_bytes: usize,
+    pub(crate) timeout: Duration,
+}
+
+impl Link {
+    /// Connects, opens the session stream, says Hello and waits for Welcome, all
+    /// within `dial.timeout`; then starts the writer and reader tasks.
+    pub(crate) async fn open(dial: Dial<'_>, cache: Arc<SubscriptionCache>) -> Result<Arc<Link>> {
+        let timeout = dial.timeout;
+        match tokio::time::timeout(timeout, Self::handshake(&dial)).await {
+            Ok(Ok((conn, send, recv, welcome))) => {
+                Ok(Self::start(dial, conn, send, recv, welcome, cache))
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ClientError::Connect(format!(
+                "no answer within {timeout:?} (is a node listening on {}?)",
+                dial.socket
+            ))),
+        }
+    }
+
+    async fn handshake(
+        dial: &Dial<'_>,
+    ) -> Result<(
+        quinn::Connection,
+        quinn::SendStream,
+        quinn::RecvStream,
+        Welcome,
+    )> {
+        let connecting = dial
+            .endpoint
+            .connect_with(dial.quinn.clone(), dial.socket, dial.server_name)
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let conn = connecting
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        write_frame(
+            &mut send,
+            &ClientFrame::Hello(dial.hello.clone()),
+            dial.max_frame_bytes,
+        )
+        .await
+        .map_err(|e| ClientError::Connect(format!("sending Hello: {e}")))?;
+        let first: Option<ServerFrame> = read_frame(&mut recv, dial.max_frame_bytes)
+            .await
+            .map_err(|e| ClientError::Connect(format!("reading Welcome: {e}")))?;
+        match first {
+            Some(ServerFrame::Welcome(w)) => Ok((conn, send, recv, w)),
+            Some(ServerFrame::Error(body)) => {
+                conn.close(CLOSE_STREAM_FAILED.into(), b"refused");
+                Err(ClientError::Server(body))
+            }
+            Some(other) => {
+                conn.close(CLOSE_STREAM_FAILED.into(), b"protocol");
+                Err(ClientError::Protocol(format!(
+                    "expected Welcome, got {other:?}"
+                )))
+            }
+            None => Err(ClientError::Connect(
+                "the node closed the stream before Welcome".into(),
+            )),
+        }
+    }
+
+    fn start(
+        dial: Dial<'_>,
+        conn: quinn::Connection,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        welcome: Welcome,
+        cache: Arc<SubscriptionCache>,
+    ) -> Arc<Link> {
+        let (outbox, rx) = mpsc::channel(OUTBOX_FRAMES);
+        let max_frame_bytes = dial
+            .max_frame_bytes
+            .min(welcome.max_frame_bytes as usize)
+            .max(1024);
+        let link = Arc::new(Link {
+            addr: dial.addr.to_string(),
+            welcome,
+            conn: conn.clone(),
+            max_frame_bytes,
+            outbox,
+            calls: Mutex::new(Calls::default()),
+            dead: watch::channel(false).0,
+            ended: AtomicBool::new(false),
+        });
+        let writer = tokio::spawn(write_loop(send, rx, conn));
+        tokio::spawn(read_loop(
+            link.clone(),
+            recv,
+            dial.max_frame_bytes,
+            cache,
+            writer,
+        ));
+        link
+    }
+
+    fn calls(&self) -> std::sync::MutexGuard<'_, Calls> {
+        // Every critical section is a single map operation: a panic inside one cannot
+        // leave the map half-changed, so a poisoned lock is still consistent.
+        self.calls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends a request and returns where its answer will arrive. Fails with
+    /// [`ClientError::Disconnected`] if the link is dead, and with
+    /// [`ClientError::Frame`] if the request is larger than the node accepts.
+    pub(crate) async fn start_call(
+        &self,
+        id: RequestId,
+        body: &Request,
+    ) -> Result<oneshot::Receiver<Answer>> {
+        let frame = ClientFrame::Request {
+            id,
+            body: body.clone(),
+        };
+        let bytes = encode_frame(&frame, self.max_frame_bytes)?;
+        let kind = match body {
+            Request::Subscribe { service } => CallKind::Subscribe(service.clone()),
+            Request::Goodbye => CallKind::Goodbye,
+            _ => CallKind::Plain,
+        };
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut calls = self.calls();
+            if calls.closed {
+                return Err(ClientError::Disconnected);
+            }
+            calls.waiting.insert(id, Pending { tx, kind });
+        }
+        if self.outbox.send(bytes).await.is_err() {
+            self.forget(id);
+            return Err(ClientError::Disconnected);
+        }
+        Ok(rx)
+    }
+
+    /// Sends a request and waits for its answer, at most `timeout`.
+    pub(crate) async fn call(
+        &self,
+        id: RequestId,
+        body: &Request,
+        timeout: Duration,
+    ) -> Result<Response> {
+        let rx = self.start_call(id, body).await?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(answer)) => answer.map_err(ClientError::Server),
+            Ok(Err(_)) => Err(ClientError::Disconnected),
+            Err(_) => {
+                self.forget(id);
+                Err(ClientError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// Stops waiting for a call (it timed out).
+    pub(crate) fn forget(&self, id: RequestId) {
+        self.calls().waiting.remove(&id);
+    }
+
+    /// True once the session stream or the connection has failed.
+    pub(crate) fn is_dead(&self) -> bool {
+        *self.dead.borrow()
+    }
+
+    /// True once the node answered Goodbye on this link: the session is over.
+    pub(crate) fn ended_by_goodbye(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the link is dead.
+    pub(crate) async fn wait_dead(&self) {
+        let mut rx = self.dead.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let _ = rx.wait_for(|dead| *dead).await;
+    }
+
+    /// Closes the QUIC connection with an application code. The reader then stops
+    /// and marks the link dead.
+    pub(crate) fn close(&self, code: u32, reason: &[u8]) {
+        self.conn.close(code.into(), reason);
+    }
+
+    /// Marks the link dead and fails every call in flight.
+    fn mark_dead(&self) {
+        let waiting = {
+            let mut calls = self.calls();
+            calls.closed = true;
+            std::mem::take(&mut calls.waiting)
+        };
+        // Dropping the senders wakes each caller with Disconnected.
+        drop(waiting);
+        self.dead.send_replace(true);
+    }
+
+    fn answer(&self, id: RequestId, result: Answer, cache: &SubscriptionCache) {
+        let pending = self.calls().waiting.remove(&id);
+        let Some(pending) = pending else {
+            debug!(id, "answer to a request nobody waits for (timed out)");
+            return;
+        };
+        match (&pending.kind, &result) {
+            (CallKind::Subscribe(key), Ok(Response::View(view))) => {
+                cache.apply(key, view.clone());
+            }
+            (CallKind::Goodbye, Ok(_)) => self.ended.store(true, Ordering::SeqCst),
+            _ => {}
+        }
+        let _ = pending.tx.send(result);
+    }
+}
+
+async fn write_loop(
+    mut send: quinn::SendStream,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    conn: quinn::Connection,
+) {
+    while let Some(bytes) = rx.recv().await {
+        if let Err(e) = send.write_all(&bytes).await {
+            debug!(error = %e, "session stream write failed");
+            conn.close(CLOSE_STREAM_FAILED.into(), b"write failed");
+            return;
+        }
+    }
+    // Every sender is gone: the link was dropped. End the stream politely.
+    let _ = send.finish();
+}
+
+async fn read_loop(
+    link: Arc<Link>,
+    mut recv: quinn::RecvStream,
+    max_frame_bytes: usize,
+    cache: Arc<SubscriptionCache>,
+    writer: tokio::task::JoinHandle<()>,
+) {
+    loop {
+        match read_frame::<ServerFrame, _>(&mut recv, max_frame_bytes).await {
+            Ok(Some(ServerFrame::Response { id, result })) => link.answer(id, result, &cache),
+            Ok(Some(ServerFrame::Push(view))) => {
+                let key = view.key.clone();
+                cache.apply(&key, view);
+            }
+            Ok(Some(ServerFrame::Error(body))) => {
+                warn!(node = %link.welcome.node_id, error = %body, "node ended the session stream");
+                break;
+            }
+            Ok(Some(ServerFrame::Welcome(_))) => {
+                warn!(node = %link.welcome.node_id, "unexpected second Welcome; ignored");
+            }
+            Ok(None) => {
+                debug!(node = %link.welcome.node_id, "node closed the session stream");
+                break;
+            }
+            Err(e) => {
+                debug!(node = %link.welcome.node_id, error = %e, "session stream failed");
+                break;
+            }
+        }
+    }
+    link.mark_dead();
+    writer.abort();
+    link.close(CLOSE_STREAM_FAILED, b"session stream ended");
+}

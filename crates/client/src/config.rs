@@ -30,6 +30,9 @@ pub struct ClientConfig {
     /// QUIC keep-alive interval: the client's heartbeat.
     pub keep_alive_interval: Duration,
     /// QUIC idle timeout: a connection silent for this long is considered lost.
+    /// Default 6 s: well inside the nodes' `down_after_ms` (3 s) plus
+    /// `session_grace_ms` (10 s), so a client whose home node dies resumes on another
+    /// node before the owners delete its instances.
     pub idle_timeout: Duration,
     /// Pause after every server failed once during a reconnect; doubles after each
     /// full round up to [`ClientConfig::reconnect_backoff_max`], with random jitter.
@@ -49,8 +52,8 @@ impl Default for ClientConfig {
             client_name: format!("shoal-client/{}", env!("CARGO_PKG_VERSION")),
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
-            keep_alive_interval: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(10),
+            keep_alive_interval: Duration::from_millis(1_500),
+            idle_timeout: Duration::from_secs(6),
             reconnect_backoff: Duration::from_millis(200),
             reconnect_backoff_max: Duration::from_secs(5),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
@@ -151,8 +154,8 @@ mod tests {
         let c = ClientConfig::default();
         assert_eq!(c.servers, vec!["127.0.0.1:7400".to_string()]);
         assert_eq!(c.request_timeout, Duration::from_secs(10));
-        assert_eq!(c.keep_alive_interval, Duration::from_secs(2));
-        assert_eq!(c.idle_timeout, Duration::from_secs(10));
+        assert_eq!(c.keep_alive_interval, Duration::from_millis(1_500));
+        assert_eq!(c.idle_timeout, Duration::from_secs(6));
     }
 
     #[test]

@@ -160,9 +160,10 @@ pub struct NodeOptions {
     pub idle_timeout_ms: Option<u64>,
     /// `--keep-alive-interval-ms`.
     pub keep_alive_interval_ms: Option<u64>,
-    /// `--ttl-check-interval-ms`. Only for builds that have the flag: since the
-    /// replication engine checks Ttl leases on its own tick, `shoal server` refuses it.
-    pub ttl_check_interval_ms: Option<u64>,
+    /// `--seed`: other nodes to join through.
+    pub seeds: Vec<String>,
+    /// `--dev-ca-dir`: the development CA shared by the nodes of one cluster.
+    pub dev_ca_dir: Option<PathBuf>,
     /// `--namespace`, besides `public`.
     pub namespaces: Vec<String>,
     /// Any further arguments of `shoal server`.
@@ -190,9 +191,14 @@ impl NodeOptions {
         self.keep_alive_interval_ms = Some(ms);
         self
     }
-    /// Sets `--ttl-check-interval-ms`.
-    pub fn ttl_check_interval_ms(mut self, ms: u64) -> Self {
-        self.ttl_check_interval_ms = Some(ms);
+    /// Adds a `--seed`.
+    pub fn seed(mut self, addr: impl Into<String>) -> Self {
+        self.seeds.push(addr.into());
+        self
+    }
+    /// Sets `--dev-ca-dir` (the nodes of one cluster share one development CA).
+    pub fn dev_ca_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.dev_ca_dir = Some(dir.into());
         self
     }
     /// Adds a namespace besides `public`.
@@ -236,9 +242,13 @@ impl NodeOptions {
             self.keep_alive_interval_ms.map(|v| v.to_string()),
         );
         flag(
-            "ttl-check-interval-ms",
-            self.ttl_check_interval_ms.map(|v| v.to_string()),
+            "dev-ca-dir",
+            self.dev_ca_dir.as_ref().map(|d| d.display().to_string()),
         );
+        for seed in &self.seeds {
+            args.push("--seed".into());
+            args.push(seed.clone());
+        }
         for ns in &self.namespaces {
             args.push("--namespace".into());
             args.push(ns.clone());

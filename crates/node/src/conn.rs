@@ -82,16 +82,20 @@ pub async fn serve(shared: Arc<Shared>, conn: quinn::Connection) {
         }
         let session = open_session(&shared, &hello, conn_id, &outbox);
         let span = tracing::info_span!("session", %session, client = %hello.client_name);
-        let clean = request_loop(&shared, conn_id, session, &outbox, &mut recv)
+        let end = request_loop(&shared, conn_id, session, &outbox, &mut recv)
             .instrument(span)
             .await;
-        shared.detach(session, conn_id, clean);
+        // After a Goodbye this is a no-op: the session was closed before its answer.
+        shared.detach(session, conn_id, end == SessionEnd::Goodbye);
         metrics::gauge!("shoal_connections").decrement(1.0);
         // Let the writer flush what is queued (a Goodbye's answer, an error).
         let conn = outbox.conn.clone();
         drop(outbox);
         let _ = tokio::time::timeout(Duration::from_secs(3), writer).await;
-        conn.close(CLOSE_NORMAL, b"bye");
+        match end {
+            SessionEnd::Violation => conn.close(CLOSE_PROTOCOL, b"protocol violation"),
+            SessionEnd::Goodbye | SessionEnd::Lost => conn.close(CLOSE_NORMAL, b"bye"),
+        }
     }
     .instrument(span)
     .await
@@ -123,23 +127,37 @@ fn open_session(
     session
 }
 
-/// Reads and answers requests. Returns true when the session ended cleanly (Goodbye).
+/// How a session stream ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SessionEnd {
+    /// The client said Goodbye: its instances go now.
+    Goodbye,
+    /// The stream or connection was lost: the session may resume within its grace.
+    Lost,
+    /// The client broke the protocol (it was told why); treated as lost for the
+    /// session, closed with the protocol-violation code.
+    Violation,
+}
+
+/// Reads and answers requests until the session stream ends.
 async fn request_loop(
     shared: &Arc<Shared>,
     conn_id: ConnId,
     session: SessionId,
     outbox: &Outbox,
     recv: &mut quinn::RecvStream,
-) -> bool {
+) -> SessionEnd {
     let max = shared.config.max_frame_bytes;
     let mut subscriptions: HashSet<ServiceKey> = HashSet::new();
-    let clean = loop {
+    let end = loop {
         let frame = match read_frame::<ClientFrame, _>(recv, max).await {
             Ok(Some(f)) => f,
-            Ok(None) => break false,
+            Ok(None) => break SessionEnd::Lost,
             Err(e) => {
-                refuse_frame_now(outbox, e);
-                break false;
+                if refuse_frame_now(outbox, e) {
+                    break SessionEnd::Violation;
+                }
+                break SessionEnd::Lost;
             }
         };
         let (id, body) = match frame {
@@ -150,12 +168,17 @@ async fn request_loop(
                     ErrorCode::ProtocolViolation,
                     "Hello may come only once",
                 );
-                break false;
+                break SessionEnd::Violation;
             }
         };
         let kind = request_kind(&body);
         let started = std::time::Instant::now();
         let goodbye = matches!(body, Request::Goodbye);
+        if goodbye {
+            // Remove the session's instances before answering, so that a client that
+            // sees the answer can rely on them being gone (at least on this node).
+            shared.detach(session, conn_id, true);
+        }
         let result = handle(
             shared,
             conn_id,
@@ -181,15 +204,15 @@ async fn request_loop(
                 .await
                 .is_err()
             {
-                break false;
+                break SessionEnd::Lost;
             }
         }
         if goodbye {
-            break true;
+            break SessionEnd::Goodbye;
         }
     };
     shared.unsubscribe_all(conn_id, &subscriptions);
-    clean
+    end
 }
 
 /// Applies one request. `None` when the answer was already queued (Subscribe).
@@ -341,16 +364,19 @@ fn send_error(outbox: &Outbox, code: ErrorCode, message: &str) {
     crate::state::push(outbox, ServerFrame::Error(ErrorBody::new(code, message)));
 }
 
-fn refuse_frame_now(outbox: &Outbox, e: FrameError) {
+/// Tells the client why its frame was refused. False when there is nothing to tell
+/// (the stream failed underneath).
+fn refuse_frame_now(outbox: &Outbox, e: FrameError) -> bool {
     let (code, kind) = match &e {
         FrameError::TooLarge { .. } => (ErrorCode::FrameTooLarge, "too_large"),
         FrameError::Malformed(_) => (ErrorCode::MalformedFrame, "malformed"),
         FrameError::Truncated => (ErrorCode::MalformedFrame, "truncated"),
-        FrameError::Io(_) | FrameError::Encode(_) => return,
+        FrameError::Io(_) | FrameError::Encode(_) => return false,
     };
     metrics::counter!("shoal_frame_errors_total", "kind" => kind).increment(1);
     tracing::info!("closing session stream: {e}");
     send_error(outbox, code, &e.to_string());
+    true
 }
 
 /// Sends a connection-level error, lets the writer flush it, and closes.

@@ -1,0 +1,103 @@
+//! CPU time and memory of a process, read from `/proc` (Linux only; elsewhere every
+//! reading is `None` and the report says "n/a").
+
+use std::sync::OnceLock;
+
+/// Clock ticks per second of `utime`/`stime` in `/proc/<pid>/stat`: `getconf CLK_TCK`,
+/// or 100 (the value on every common Linux) when that cannot be run.
+fn clock_ticks() -> f64 {
+    static TICKS: OnceLock<f64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|t| *t > 0.0)
+            .unwrap_or(100.0)
+    })
+}
+
+/// User plus system CPU seconds the process has used so far.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_cpu_ticks(&stat).map(|ticks| ticks as f64 / clock_ticks())
+}
+
+/// `utime + stime` from the text of `/proc/<pid>/stat`. The command name (field 2) is
+/// in parentheses and may contain spaces, so fields are counted after the last `)`:
+/// there, index 0 is field 3 (state), so utime (field 14) is index 11 and stime index 12.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// CPU seconds the whole machine spent busy (every CPU, every state but idle and
+/// iowait) since boot, from the first line of /proc/stat.
+pub fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_machine_busy_ticks(&stat).map(|ticks| ticks as f64 / clock_ticks())
+}
+
+/// `cpu  user nice system idle iowait irq softirq steal guest guest_nice`: busy is
+/// user + nice + system + irq + softirq + steal (guest time is already in user).
+fn parse_machine_busy_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    Some(at(0) + at(1) + at(2) + at(5) + at(6) + at(7))
+}
+
+/// Resident set size in bytes (`VmRSS` of `/proc/<pid>/status`).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_status_kib(&status, "VmRSS:").map(|kib| kib * 1024)
+}
+
+fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line[field.len()..].split_whitespace().next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_skip_a_command_name_with_spaces() {
+        let stat = "1234 (shoal (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4";
+        assert_eq!(parse_cpu_ticks(stat), Some(300));
+        assert_eq!(parse_cpu_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn machine_busy_leaves_out_idle_and_iowait() {
+        let stat = "cpu  100 1 20 5000 7 2 3 4 0 0\ncpu0 50 0 10 2500 3 1 1 2 0 0\n";
+        assert_eq!(parse_machine_busy_ticks(stat), Some(130));
+        assert_eq!(parse_machine_busy_ticks("intr 1 2 3"), None);
+    }
+
+    #[test]
+    fn rss_is_read_in_kib() {
+        let status = "Name:\tshoal\nVmPeak:\t  9999 kB\nVmRSS:\t   20480 kB\n";
+        assert_eq!(parse_status_kib(status, "VmRSS:"), Some(20480));
+        assert_eq!(parse_status_kib(status, "VmHWM:"), None);
+    }
+
+    #[test]
+    fn this_process_is_readable_on_linux() {
+        if cfg!(target_os = "linux") {
+            let me = std::process::id();
+            assert!(cpu_seconds(me).is_some());
+            assert!(rss_bytes(me).is_some_and(|b| b > 0));
+        }
+    }
+}

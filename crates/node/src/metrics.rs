@@ -10,10 +10,15 @@ const LATENCY_BUCKETS: &[f64] = &[
     1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Batch size buckets (operations per replication batch).
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 512.0, 1024.0];
+
 /// Installs the process-wide recorder and returns the handle that renders it.
 pub fn install() -> Result<PrometheusHandle> {
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+        .context("histogram buckets")?
+        .set_buckets_for_metric(Matcher::Suffix("_ops".into()), BATCH_BUCKETS)
         .context("histogram buckets")?
         .install_recorder()
         .context("installing the metrics recorder")

@@ -53,81 +53,26 @@ pub struct Config {
     /// How long a write forwarded to its owner waits for the answer before it is
     /// routed again (ms).
     pub forward_timeout_ms: u64,
-    /// Replication timings and limits.
-    pub replication: ReplicationConfig,
-}
-
-/// Replication timings and limits; see docs/replication.md.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct ReplicationConfig {
-    /// Longest wait of a change in a peer's batch (ms).
-    pub batch_window_ms: u64,
-    /// A batch leaves at once at this many operations.
-    pub batch_max_ops: usize,
-    /// Probe interval of each member (ms).
-    pub probe_interval_ms: u64,
-    /// Not heard from this long: suspect (still owns its services) (ms).
-    pub suspect_after_ms: u64,
-    /// Not heard from this long: down, out of the ring (ms).
-    pub down_after_ms: u64,
-    /// Interval of the anti-entropy digests (ms).
-    pub anti_entropy_interval_ms: u64,
-    /// How long a starting node with seeds waits for a ready peer before it declares
-    /// itself ready with what it has (ms).
-    pub bootstrap_wait_ms: u64,
-    /// How long deletion tombstones are kept (ms).
-    pub tombstone_ttl_ms: u64,
-    /// Liveness deletions pause while more than this share of the other members is down.
-    pub self_preservation_fraction: f64,
-    /// Vnodes per member on the ring; the same on every node of a cluster.
-    pub vnodes: u32,
     /// Messages queued towards one peer before further ones are dropped
     /// (anti-entropy repairs what a drop loses).
     pub peer_queue_messages: usize,
-}
-
-impl Default for ReplicationConfig {
-    fn default() -> Self {
-        let e = shoal_replication::Config::default();
-        ReplicationConfig {
-            batch_window_ms: e.batch_window_ms,
-            batch_max_ops: e.batch_max_ops,
-            probe_interval_ms: e.probe_interval_ms,
-            suspect_after_ms: e.suspect_after_ms,
-            down_after_ms: e.down_after_ms,
-            anti_entropy_interval_ms: e.anti_entropy_interval_ms,
-            bootstrap_wait_ms: e.bootstrap_wait_ms,
-            tombstone_ttl_ms: e.tombstone_ttl_ms,
-            self_preservation_fraction: e.self_preservation_fraction,
-            vnodes: e.vnodes,
-            peer_queue_messages: 4_096,
-        }
-    }
+    /// Replication timings and limits (the `[replication]` table); see
+    /// docs/replication.md.
+    pub replication: shoal_replication::Config,
 }
 
 impl Config {
     /// The engine's settings from this configuration.
     pub fn engine_config(&self) -> shoal_replication::Config {
-        let r = &self.replication;
         shoal_replication::Config {
-            batch_window_ms: r.batch_window_ms,
-            batch_max_ops: r.batch_max_ops,
-            probe_interval_ms: r.probe_interval_ms,
-            suspect_after_ms: r.suspect_after_ms,
-            down_after_ms: r.down_after_ms,
-            anti_entropy_interval_ms: r.anti_entropy_interval_ms,
             session_grace_ms: self.session_grace_ms,
             // A node without seeds is a cluster of one: nothing to wait for.
             bootstrap_wait_ms: if self.seeds.is_empty() {
                 0
             } else {
-                r.bootstrap_wait_ms
+                self.replication.bootstrap_wait_ms
             },
-            tombstone_ttl_ms: r.tombstone_ttl_ms,
-            self_preservation_fraction: r.self_preservation_fraction,
-            vnodes: r.vnodes,
-            ..shoal_replication::Config::default()
+            ..self.replication.clone()
         }
     }
 }
@@ -203,7 +148,8 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             seeds: Vec::new(),
             forward_timeout_ms: 2_000,
-            replication: ReplicationConfig::default(),
+            peer_queue_messages: 4_096,
+            replication: shoal_replication::Config::default(),
         }
     }
 }

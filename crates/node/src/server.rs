@@ -166,7 +166,7 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> Result<
         endpoint.clone(),
         peer_client,
         config.max_frame_bytes,
-        config.replication.peer_queue_messages,
+        config.peer_queue_messages,
     );
 
     let now = crate::state::wall_ms();

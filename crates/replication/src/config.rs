@@ -2,7 +2,12 @@
 
 /// The engine's settings. Every timing is in milliseconds of the clock the caller passes
 /// as `now_ms`. Defaults are documented in `docs/replication.md`.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// It is also the `[replication]` table of a node's configuration file, hence serde;
+/// `session_grace_ms` is not read from that table (the node sets it from its own
+/// top-level `session_grace_ms`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// How long a change may wait in a peer's batch before the batch leaves.
     pub batch_window_ms: u64,
@@ -18,6 +23,7 @@ pub struct Config {
     pub anti_entropy_interval_ms: u64,
     /// How long the instances of a disconnected, orphaned or unknown session are kept
     /// before the owners delete them.
+    #[serde(skip)]
     pub session_grace_ms: u64,
     /// How long a starting node waits to hear from a ready peer before it declares
     /// itself ready with what it has (cold start of a whole cluster).

@@ -57,6 +57,7 @@ struct Registered<'a> {
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    let mut shutdown = crate::cmd::Shutdown::install();
     let (ip, port) = parse_ip_port(&args.address)?;
     let key = args.service.key();
     let spec = InstanceSpec {
@@ -107,7 +108,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     if args.ttl {
         let held = tokio::select! {
             r = beat_forever(&client, &key, &spec) => r,
-            _ = crate::cmd::shutdown_signal() => Ok(()),
+            _ = shutdown.wait() => Ok(()),
         };
         // A Ttl instance outlives the session: remove it explicitly.
         let removed = match client.deregister(&key, &spec.key()).await {
@@ -120,13 +121,13 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         removed.context("removing the instance")?;
         closed.context("closing the session")?;
     } else {
-        crate::cmd::shutdown_signal().await;
+        shutdown.wait().await;
         // A second Ctrl-C stops waiting for the Goodbye (e.g. while no node answers).
         tokio::select! {
             closed = client.close() => closed.context(
                 "saying Goodbye (the node removes the instance after the session grace period)",
             )?,
-            _ = crate::cmd::shutdown_signal() => anyhow::bail!(
+            _ = shutdown.wait() => anyhow::bail!(
                 "interrupted before Goodbye: the node removes the instance after the session grace period"
             ),
         }

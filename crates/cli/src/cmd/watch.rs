@@ -21,6 +21,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    let mut shutdown = crate::cmd::Shutdown::install();
     let client = args.client.connect().await?;
     let key = args.service.key();
     let mut sub = match client.subscribe(&key).await {
@@ -38,7 +39,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
                 Some(view) => show(&args, &view)?,
                 None => break true,
             },
-            _ = crate::cmd::shutdown_signal() => break false,
+            _ = shutdown.wait() => break false,
         }
     };
     let _ = client.close().await;

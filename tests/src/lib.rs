@@ -12,6 +12,11 @@
 //! - [`shoal_cli`] runs a client command to its end; [`CliProcess`] holds a long-running
 //!   one (`shoal register`) that a test can SIGKILL or SIGTERM.
 //! - [`PresenceWatch`] proves an instance never went missing during a stretch of time.
+//! - [`Cluster`] runs N nodes on loopback that share one development CA, each seeded
+//!   with the nodes started before it; it kills, restarts (same id, data directory and,
+//!   by default, ports) and adds nodes, and [`Cluster::wait_until_converged`] waits until
+//!   every node sees every live node up and ready and every `/v1/dump` is identical.
+//!   [`DumpWatch`] proves a set of instances never went missing on a node.
 //! - [`http_get`], [`Node::dump`] and [`wait_for`] observe the node from outside and
 //!   wait for outcomes with generous, bounded timeouts. Tests assert what a user would
 //!   notice, never how fast it happened.
@@ -168,6 +173,10 @@ pub struct NodeOptions {
     pub namespaces: Vec<String>,
     /// Any further arguments of `shoal server`.
     pub extra_args: Vec<String>,
+    /// `--listen-addr`; `127.0.0.1:0` (a free port) when unset.
+    pub listen_addr: Option<SocketAddr>,
+    /// `--http-addr`; `127.0.0.1:0` (a free port) when unset.
+    pub http_addr: Option<SocketAddr>,
 }
 
 impl NodeOptions {
@@ -211,14 +220,26 @@ impl NodeOptions {
         self.extra_args.push(arg.to_string());
         self
     }
+    /// Sets `--listen-addr` (the QUIC address) instead of a free port.
+    pub fn listen_addr(mut self, addr: SocketAddr) -> Self {
+        self.listen_addr = Some(addr);
+        self
+    }
+    /// Sets `--http-addr` instead of a free port.
+    pub fn http_addr(mut self, addr: SocketAddr) -> Self {
+        self.http_addr = Some(addr);
+        self
+    }
 
     fn args(&self, data_dir: &Path) -> Vec<String> {
+        let any_port =
+            |a: Option<SocketAddr>| a.map_or("127.0.0.1:0".to_string(), |a| a.to_string());
         let mut args = vec![
             "server".to_string(),
             "--listen-addr".into(),
-            "127.0.0.1:0".into(),
+            any_port(self.listen_addr),
             "--http-addr".into(),
-            "127.0.0.1:0".into(),
+            any_port(self.http_addr),
             "--data-dir".into(),
             data_dir.display().to_string(),
         ];
@@ -269,72 +290,15 @@ pub struct Node {
     ca: PathBuf,
     root: PathBuf,
     log: PathBuf,
+    opts: NodeOptions,
 }
 
 impl Node {
     /// Starts a node and waits (up to [`START_TIMEOUT`]) for its ready line.
     pub async fn start(opts: NodeOptions) -> Node {
         let root = unique_temp_dir("shoal-test-node");
-        let data_dir = root.join("data");
         let log = root.join("node.log");
-        let log_file = std::fs::File::create(&log)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
-        let mut child = Command::new(shoal_bin())
-            .args(opts.args(&data_dir))
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or("info".into()),
-            )
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", shoal_bin().display()));
-
-        // The node prints one line on stdout; a thread hands lines over and keeps
-        // draining so the node can never block on a full pipe.
-        let stdout = child.stdout.take().expect("stdout was piped above");
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    // Nobody listens any more; keep draining.
-                    continue;
-                }
-            }
-        });
-
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut seen = Vec::new();
-        let parsed = loop {
-            if let Some(p) = take_ready_line(&rx, &mut seen) {
-                break Some(p);
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                // One more look: the line may have come just before the exit.
-                if let Some(p) = take_ready_line(&rx, &mut seen) {
-                    break Some(p);
-                }
-                panic!(
-                    "shoal server exited ({status}) before it was ready\nstdout: {seen:?}\n{}",
-                    tail(&log, 60)
-                );
-            }
-            if Instant::now() > deadline {
-                break None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let Some(ready) = parsed else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "shoal server printed no ready line within {START_TIMEOUT:?}\nstdout: {seen:?}\n{}",
-                tail(&log, 60)
-            );
-        };
+        let (child, ready) = spawn_server(&root, &log, &opts).await;
         Node {
             child,
             exited: None,
@@ -344,9 +308,80 @@ impl Node {
             ca: ready.ca,
             root,
             log,
+            opts,
         }
     }
+}
 
+/// Runs `shoal server` with `opts` in `root` (data in `root/data`, stderr appended to
+/// `log`) and waits (up to [`START_TIMEOUT`]) for its ready line.
+async fn spawn_server(root: &Path, log: &Path, opts: &NodeOptions) -> (Child, ReadyLine) {
+    let data_dir = root.join("data");
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+    let mut child = Command::new(shoal_bin())
+        .args(opts.args(&data_dir))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or("info".into()),
+        )
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", shoal_bin().display()));
+
+    // The node prints one line on stdout; a thread hands lines over and keeps
+    // draining so the node can never block on a full pipe.
+    let stdout = child.stdout.take().expect("stdout was piped above");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                // Nobody listens any more; keep draining.
+                continue;
+            }
+        }
+    });
+
+    let deadline = Instant::now() + START_TIMEOUT;
+    let mut seen = Vec::new();
+    let parsed = loop {
+        if let Some(p) = take_ready_line(&rx, &mut seen) {
+            break Some(p);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            // One more look: the line may have come just before the exit.
+            if let Some(p) = take_ready_line(&rx, &mut seen) {
+                break Some(p);
+            }
+            panic!(
+                "shoal server exited ({status}) before it was ready\nstdout: {seen:?}\n{}",
+                tail(log, 60)
+            );
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let Some(ready) = parsed else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "shoal server printed no ready line within {START_TIMEOUT:?}\nstdout: {seen:?}\n{}",
+            tail(log, 60)
+        );
+    };
+    (child, ready)
+}
+
+impl Node {
     /// The node id it announced.
     pub fn id(&self) -> &str {
         &self.id
@@ -1393,6 +1428,574 @@ async fn relay_loop(
                 }
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Restarts and clusters
+// ---------------------------------------------------------------------------------------
+
+/// The bound the cluster tests assert for convergence: after a fault heals (or a node
+/// starts or restarts), every live node sees every other live node up and ready and
+/// every node's `/v1/dump` is identical within this long. Anti-entropy runs every 5 s
+/// and a batch leaves within milliseconds, so this is generous even on a loaded machine.
+pub const CONVERGENCE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Node {
+    /// The options it was last started with (with its node id filled in after a
+    /// restart).
+    pub fn options(&self) -> &NodeOptions {
+        &self.opts
+    }
+
+    /// Its data directory; a restart keeps it.
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.join("data")
+    }
+
+    /// Whether the process was stopped ([`Node::kill9`], [`Node::terminate`]) and not
+    /// restarted.
+    pub fn is_stopped(&self) -> bool {
+        self.exited.is_some()
+    }
+
+    /// Starts a stopped node again: same node id, same data directory, same QUIC and
+    /// HTTP ports (so its peers find it where they knew it), seeded with `seeds`. Waits
+    /// for its ready line like [`Node::start`]. Panics if the node is still running.
+    pub async fn restart(&mut self, seeds: Vec<String>) {
+        let (quic, http) = (self.quic, self.http);
+        self.restart_at(seeds, Some(quic), Some(http)).await
+    }
+
+    /// Like [`Node::restart`], but on new free ports: its peers must learn its new
+    /// address from it.
+    pub async fn restart_on_new_ports(&mut self, seeds: Vec<String>) {
+        self.restart_at(seeds, None, None).await
+    }
+
+    /// Like [`Node::restart`], on these QUIC and HTTP addresses (`None`: a free port).
+    pub async fn restart_at(
+        &mut self,
+        seeds: Vec<String>,
+        quic: Option<SocketAddr>,
+        http: Option<SocketAddr>,
+    ) {
+        assert!(
+            self.exited.is_some(),
+            "node {} is running; kill9 or terminate it before restarting it",
+            self.id
+        );
+        let mut opts = self.opts.clone();
+        opts.node_id = Some(self.id.clone());
+        opts.seeds = seeds;
+        opts.listen_addr = quic;
+        opts.http_addr = http;
+        {
+            use std::io::Write;
+            if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&self.log) {
+                let _ = writeln!(f, "----- test harness: restarting node {} -----", self.id);
+            }
+        }
+        let (child, ready) = spawn_server(&self.root, &self.log, &opts).await;
+        assert_eq!(ready.id, self.id, "a restarted node keeps its id");
+        self.child = child;
+        self.exited = None;
+        self.quic = ready.quic;
+        self.http = ready.http;
+        self.ca = ready.ca;
+        self.opts = opts;
+    }
+
+    /// `GET /readyz` answered 200.
+    pub async fn is_ready(&self) -> bool {
+        matches!(http_get(self.http, "/readyz").await, Ok(r) if r.status == 200)
+    }
+
+    /// `GET /v1/members`: the cluster as this node sees it (itself included).
+    pub async fn members(&self) -> Vec<Value> {
+        let r = self.get("/v1/members").await;
+        assert_eq!(r.status, 200, "GET /v1/members: {}", r.body);
+        r.json().as_array().cloned().unwrap_or_default()
+    }
+
+    /// `GET /v1/ring`, with the owner of `service` when given.
+    pub async fn ring(&self, service: Option<&ServiceKey>) -> Value {
+        let path = ring_path(service);
+        let r = self.get(&path).await;
+        assert_eq!(r.status, 200, "GET {path}: {}", r.body);
+        r.json()
+    }
+
+    /// The members of this node's ring with their shares, sorted by id.
+    pub async fn ring_shares(&self) -> Vec<(String, f64)> {
+        shares_of(&self.ring(None).await)
+    }
+
+    /// The owner of `service` on this node's ring (`None` when the ring is empty).
+    pub async fn owner_of(&self, service: &ServiceKey) -> Option<String> {
+        self.ring(Some(service)).await["owner"]
+            .as_str()
+            .map(str::to_string)
+    }
+
+    /// SDK settings that reach only this node (so the client is homed here and stays
+    /// here while the node lives).
+    pub fn client_config(&self) -> shoal_client::ClientConfig {
+        shoal_client::ClientConfig::new([self.quic.to_string()], self.ca.clone())
+    }
+
+    /// An SDK client homed on this node.
+    pub async fn client(&self) -> shoal_client::Client {
+        shoal_client::Client::connect(self.client_config())
+            .await
+            .unwrap_or_else(|e| panic!("SDK client to node {}: {e}", self.id))
+    }
+}
+
+/// The `/v1/ring` path, with the owner of `service` when given.
+pub fn ring_path(service: Option<&ServiceKey>) -> String {
+    match service {
+        None => "/v1/ring".to_string(),
+        Some(s) => {
+            let path = instances_path(s);
+            let query = path.split_once('?').map(|(_, q)| q).unwrap_or_default();
+            format!("/v1/ring?{query}")
+        }
+    }
+}
+
+/// The `(member, share)` pairs of a `/v1/ring` document, sorted by member id.
+pub fn shares_of(ring: &Value) -> Vec<(String, f64)> {
+    let mut shares: Vec<(String, f64)> = ring["shares"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|pair| Some((pair[0].as_str()?.to_string(), pair[1].as_f64()?)))
+        .collect();
+    shares.sort_by(|a, b| a.0.cmp(&b.0));
+    shares
+}
+
+/// The entry for node `id` in a `/v1/members` document: `(state, ready, addr)`.
+pub fn member_entry(members: &[Value], id: &str) -> Option<(String, bool, String)> {
+    members.iter().find(|m| m["id"] == id).map(|m| {
+        (
+            m["state"].as_str().unwrap_or_default().to_string(),
+            m["ready"].as_bool().unwrap_or(false),
+            m["addr"].as_str().unwrap_or_default().to_string(),
+        )
+    })
+}
+
+/// A local address with a port that was free a moment ago (for a node whose HTTP
+/// address the test must know before the node prints it).
+pub fn free_tcp_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding an ephemeral TCP port")
+}
+
+/// A seeded RNG for a test's random choices. The seed is printed (shown when the test
+/// fails); `SHOAL_TEST_SEED=<seed>` replays it.
+pub fn test_rng(test: &str) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let seed = std::env::var("SHOAL_TEST_SEED")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        });
+    println!("{test}: seed {seed} (replay with SHOAL_TEST_SEED={seed})");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// A cluster of real nodes on loopback that share one development CA.
+///
+/// Node `i` has the id `n{i}` and is seeded with the QUIC addresses of the nodes started
+/// before it, the way an operator would start them one by one. Nodes keep their index
+/// when they are killed (see [`Cluster::live`]). Dropping the cluster kills every node.
+pub struct Cluster {
+    nodes: Vec<Node>,
+    ca_dir: PathBuf,
+    base: NodeOptions,
+}
+
+impl Cluster {
+    /// Starts `n` nodes with default settings, one after another (each waits for its
+    /// ready line, so each has loaded the registry from the ones before).
+    pub async fn start(n: usize) -> Cluster {
+        Self::start_with(n, NodeOptions::default()).await
+    }
+
+    /// Starts `n` nodes with `base` as every node's options (timings, namespaces);
+    /// the id, the CA directory and the seeds are the cluster's.
+    pub async fn start_with(n: usize, base: NodeOptions) -> Cluster {
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
+            ca_dir: unique_temp_dir("shoal-test-ca"),
+            base,
+        };
+        for _ in 0..n {
+            cluster.add_node().await;
+        }
+        cluster
+    }
+
+    /// The development CA directory every node of this cluster shares.
+    pub fn ca_dir(&self) -> &Path {
+        &self.ca_dir
+    }
+
+    /// The CA certificate clients must trust.
+    pub fn ca_file(&self) -> PathBuf {
+        self.ca_dir.join("ca.pem")
+    }
+
+    /// The options a new node `id` of this cluster gets: the base options, the
+    /// cluster's CA, and the addresses of every live node as seeds.
+    pub fn options_for(&self, id: &str) -> NodeOptions {
+        let mut opts = self.base.clone().node_id(id).dev_ca_dir(&self.ca_dir);
+        opts.seeds = self.servers();
+        opts
+    }
+
+    /// Starts one more node (id `n{index}`, seeded with every live node); returns its
+    /// index once it is ready.
+    pub async fn add_node(&mut self) -> usize {
+        let opts = self.options_for(&format!("n{}", self.nodes.len()));
+        self.add_node_with(opts).await
+    }
+
+    /// Starts one more node with exactly these options; returns its index.
+    pub async fn add_node_with(&mut self, opts: NodeOptions) -> usize {
+        self.nodes.push(Node::start(opts).await);
+        self.nodes.len() - 1
+    }
+
+    /// How many nodes were started (killed ones included).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// True before any node was started.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Node `i`.
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i]
+    }
+
+    /// Node `i`, to kill or restart it.
+    pub fn node_mut(&mut self, i: usize) -> &mut Node {
+        &mut self.nodes[i]
+    }
+
+    /// Every node started, killed ones included.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// The indices of the nodes that run.
+    pub fn live(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| !self.nodes[i].is_stopped())
+            .collect()
+    }
+
+    /// SIGKILL node `i` (a crash).
+    pub fn kill9(&mut self, i: usize) -> ExitStatus {
+        self.nodes[i].kill9()
+    }
+
+    /// Restarts the stopped node `i` with its id, data directory and ports, seeded
+    /// with every other live node.
+    pub async fn restart(&mut self, i: usize) {
+        let seeds = self.servers();
+        self.nodes[i].restart(seeds).await;
+    }
+
+    /// Like [`Cluster::restart`] but on new ports.
+    pub async fn restart_on_new_ports(&mut self, i: usize) {
+        let seeds = self.servers();
+        self.nodes[i].restart_on_new_ports(seeds).await;
+    }
+
+    /// Like [`Cluster::restart`] on these addresses (`None`: a free port).
+    pub async fn restart_at(
+        &mut self,
+        i: usize,
+        quic: Option<SocketAddr>,
+        http: Option<SocketAddr>,
+    ) {
+        let seeds = self.servers();
+        self.nodes[i].restart_at(seeds, quic, http).await;
+    }
+
+    /// The QUIC addresses of the live nodes.
+    pub fn servers(&self) -> Vec<String> {
+        self.live()
+            .into_iter()
+            .map(|i| self.nodes[i].quic_addr().to_string())
+            .collect()
+    }
+
+    /// SDK settings listing every live node.
+    pub fn client_config(&self) -> shoal_client::ClientConfig {
+        shoal_client::ClientConfig::new(self.servers(), self.ca_file())
+    }
+
+    /// The index of the node at QUIC address `addr` (as [`shoal_client::Client::home`]
+    /// says it).
+    pub fn index_of_addr(&self, addr: &str) -> Option<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.quic_addr().to_string() == addr)
+    }
+
+    /// The index of node `id`.
+    pub fn index_of_id(&self, id: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.id() == id)
+    }
+
+    /// The first of `make(0)`, `make(1)`... whose owner (on the first live node's ring)
+    /// satisfies `wanted`. Panics after 10,000 tries.
+    pub async fn find_service(
+        &self,
+        make: impl Fn(usize) -> ServiceKey,
+        wanted: impl Fn(&str) -> bool,
+    ) -> ServiceKey {
+        let asked = &self.nodes[*self.live().first().expect("a live node")];
+        for i in 0..10_000 {
+            let key = make(i);
+            if asked.owner_of(&key).await.is_some_and(|o| wanted(&o)) {
+                return key;
+            }
+        }
+        panic!("no service among 10,000 tries has a wanted owner");
+    }
+
+    /// A service `{prefix}-{k}` in `public` that node `owner` owns.
+    pub async fn service_owned_by(&self, owner: usize, prefix: &str) -> ServiceKey {
+        let id = self.nodes[owner].id().to_string();
+        self.find_service(|k| svc(&format!("{prefix}-{k}")), |o| o == id)
+            .await
+    }
+
+    /// Each live node's `/v1/dump`, by index.
+    pub async fn dumps(&self) -> Vec<(usize, Value)> {
+        let mut out = Vec::new();
+        for i in self.live() {
+            out.push((i, self.nodes[i].dump().await));
+        }
+        out
+    }
+
+    /// One look: `Ok` when every live node sees every live node up and ready and every
+    /// live node's `/v1/dump` is identical; else what differs.
+    pub async fn check_converged(&self) -> Result<(), String> {
+        let live = self.live();
+        for &i in &live {
+            let r = http_get(self.nodes[i].http_addr(), "/v1/members")
+                .await
+                .map_err(|e| format!("{}: GET /v1/members: {e}", self.nodes[i].id()))?;
+            let members: Vec<Value> = serde_json::from_str::<Value>(&r.body)
+                .ok()
+                .and_then(|v| v.as_array().cloned())
+                .ok_or_else(|| format!("{}: /v1/members: {}", self.nodes[i].id(), r.body))?;
+            for &j in &live {
+                let id = self.nodes[j].id();
+                match member_entry(&members, id) {
+                    Some((state, true, _)) if state == "up" => {}
+                    other => {
+                        return Err(format!(
+                            "{} sees {id} as {other:?}, not up and ready",
+                            self.nodes[i].id()
+                        ))
+                    }
+                }
+            }
+        }
+        let mut first: Option<(usize, Value)> = None;
+        for &i in &live {
+            let r = http_get(self.nodes[i].http_addr(), "/v1/dump")
+                .await
+                .map_err(|e| format!("{}: GET /v1/dump: {e}", self.nodes[i].id()))?;
+            let dump: Value = serde_json::from_str(&r.body)
+                .map_err(|e| format!("{}: /v1/dump is not JSON: {e}", self.nodes[i].id()))?;
+            match &first {
+                None => first = Some((i, dump)),
+                Some((f, reference)) => {
+                    if *reference != dump {
+                        return Err(format!(
+                            "dumps of {} and {} differ: {}",
+                            self.nodes[*f].id(),
+                            self.nodes[i].id(),
+                            dump_difference(reference, &dump)
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits (up to [`CONVERGENCE_TIMEOUT`]) until [`Cluster::check_converged`] holds;
+    /// returns how long it took, or panics with what still differed.
+    pub async fn wait_until_converged(&self) -> Duration {
+        self.wait_until_converged_within(CONVERGENCE_TIMEOUT).await
+    }
+
+    /// Like [`Cluster::wait_until_converged`] with another bound; returns how long it
+    /// took.
+    pub async fn wait_until_converged_within(&self, timeout: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            let why = match self.check_converged().await {
+                Ok(()) => return started.elapsed(),
+                Err(why) => why,
+            };
+            if started.elapsed() > timeout {
+                panic!("the cluster did not converge within {timeout:?}: {why}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every live node lists node `i` as down and its ring no longer holds
+    /// it.
+    pub async fn wait_until_seen_down(&self, i: usize, timeout: Duration) {
+        let id = self.nodes[i].id().to_string();
+        for j in self.live() {
+            let node = &self.nodes[j];
+            wait_for(
+                &format!("{} to see {id} down and out of its ring", node.id()),
+                timeout,
+                || async {
+                    let down = matches!(
+                        member_entry(&node.members().await, &id),
+                        Some((state, _, _)) if state == "down"
+                    );
+                    down && !node.ring_shares().await.iter().any(|(m, _)| *m == id)
+                },
+            )
+            .await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Nodes first (they print their logs when the test panics).
+        self.nodes.clear();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.ca_dir);
+        }
+    }
+}
+
+/// A short description of how two `/v1/dump` documents differ: services only in one,
+/// and services whose content differs (a few of each).
+pub fn dump_difference(a: &Value, b: &Value) -> String {
+    fn by_key(d: &Value) -> std::collections::BTreeMap<String, Value> {
+        d.as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| (s["key"].to_string(), s.clone()))
+            .collect()
+    }
+    let (a, b) = (by_key(a), by_key(b));
+    let only_a: Vec<&String> = a.keys().filter(|k| !b.contains_key(*k)).take(5).collect();
+    let only_b: Vec<&String> = b.keys().filter(|k| !a.contains_key(*k)).take(5).collect();
+    let differ: Vec<String> = a
+        .iter()
+        .filter(|(k, v)| b.get(*k).is_some_and(|w| w != *v))
+        .take(3)
+        .map(|(k, v)| format!("{k}: {v} vs {}", b[k]))
+        .collect();
+    format!(
+        "{} vs {} services; only in the first: {only_a:?}; only in the second: {only_b:?}; different: {differ:?}",
+        a.len(),
+        b.len()
+    )
+}
+
+/// Whether `/v1/dump` document `dump` holds instance `ip:port` of `service`.
+pub fn dump_has(dump: &Value, service: &ServiceKey, ip: &str, port: u16) -> bool {
+    instances_in_dump(dump, service)
+        .iter()
+        .any(|i| i["ip"] == ip && i["port"] == port)
+}
+
+/// Watches, every `every`, that a set of instances is present in one node's
+/// `/v1/dump`, recording each poll in which one was missing: proof that no instance
+/// went missing on that node during some stretch of a scenario.
+pub struct DumpWatch {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<DumpWatchReport>,
+}
+
+/// What a [`DumpWatch`] saw.
+#[derive(Debug, Clone, Default)]
+pub struct DumpWatchReport {
+    /// The node watched.
+    pub node: String,
+    /// Dumps read.
+    pub polls: usize,
+    /// Polls that got no dump (no answer or not JSON).
+    pub failed_polls: usize,
+    /// Each miss: when (ms since the watch started) and which instance.
+    pub misses: Vec<String>,
+}
+
+impl DumpWatch {
+    /// Starts watching `expected` (`service`, ip, port) on `node`.
+    pub fn start(node: &Node, expected: Vec<(ServiceKey, String, u16)>, every: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let (http, id) = (node.http_addr(), node.id().to_string());
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            let mut report = DumpWatchReport {
+                node: id,
+                ..DumpWatchReport::default()
+            };
+            while !flag.load(Ordering::SeqCst) {
+                let dump = http_get(http, "/v1/dump")
+                    .await
+                    .ok()
+                    .filter(|r| r.status == 200)
+                    .and_then(|r| serde_json::from_str::<Value>(&r.body).ok());
+                match dump {
+                    None => report.failed_polls += 1,
+                    Some(dump) => {
+                        report.polls += 1;
+                        for (service, ip, port) in &expected {
+                            if !dump_has(&dump, service, ip, *port) {
+                                report.misses.push(format!(
+                                    "+{} ms: {} {ip}:{port} missing",
+                                    started.elapsed().as_millis(),
+                                    service.service
+                                ));
+                            }
+                        }
+                    }
+                }
+                tokio::time::sleep(every).await;
+            }
+            report
+        });
+        DumpWatch { stop, task }
+    }
+
+    /// Stops watching and says what was seen.
+    pub async fn stop(self) -> DumpWatchReport {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.expect("the dump watch does not panic")
     }
 }
 

@@ -81,7 +81,21 @@ struct ServicesParams {
     group: Option<String>,
 }
 
+/// A node that has not loaded the registry answers no reads (it would answer with a
+/// partial copy).
+fn not_ready(s: &AppState) -> Option<Response> {
+    (!s.shared.is_ready()).then(|| {
+        error(ErrorBody::new(
+            ErrorCode::NotReady,
+            "node is loading the registry; ask another node",
+        ))
+    })
+}
+
 async fn services(State(s): State<AppState>, Query(p): Query<ServicesParams>) -> Response {
+    if let Some(r) = not_ready(&s) {
+        return r;
+    }
     let ns = p.namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.into());
     match read(&s.shared.replica)
         .registry()
@@ -104,6 +118,9 @@ struct InstancesParams {
 }
 
 async fn instances(State(s): State<AppState>, Query(p): Query<InstancesParams>) -> Response {
+    if let Some(r) = not_ready(&s) {
+        return r;
+    }
     let key = ServiceKey::new(
         p.namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
         p.group.unwrap_or_else(|| DEFAULT_GROUP.into()),
@@ -128,7 +145,8 @@ async fn instances(State(s): State<AppState>, Query(p): Query<InstancesParams>) 
 }
 
 /// The replicated content, comparable across nodes: node-local fields (the local
-/// change counter, the last beat time) are left out.
+/// change counter, the last beat time) are left out. A debugging view: it answers even
+/// while the node is loading (so a test can watch the load).
 async fn dump(State(s): State<AppState>) -> Response {
     let dump = read(&s.shared.replica).registry().dump_replicated();
     let services: Vec<serde_json::Value> = dump

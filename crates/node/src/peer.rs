@@ -37,6 +37,10 @@ pub struct PeerHello {
     pub addr: String,
     /// Peer protocol version.
     pub version: u32,
+    /// Random per process start: a hello from a new incarnation of a node replaces the
+    /// link of the old one (which may not have timed out yet after a kill -9).
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 /// What the links report to the node.
@@ -67,12 +71,14 @@ struct Link<M> {
     conn: quinn::Connection,
     tx: mpsc::Sender<M>,
     dialed_by: NodeId,
+    incarnation: u64,
 }
 
 /// The set of peer links of one node.
 pub struct Links<M> {
     me: NodeId,
     my_addr: String,
+    incarnation: u64,
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
     max_frame: usize,
@@ -101,6 +107,7 @@ where
             Arc::new(Links {
                 me,
                 my_addr,
+                incarnation: rand::random::<u64>(),
                 endpoint,
                 client_config,
                 max_frame,
@@ -192,6 +199,7 @@ where
             node_id: self.me.clone(),
             addr: self.my_addr.clone(),
             version: PEER_PROTOCOL_VERSION,
+            incarnation: self.incarnation,
         };
         write_frame(&mut send, &hello, self.max_frame).await?;
         let mut recv = tokio::time::timeout(Duration::from_secs(5), conn.accept_uni()).await??;
@@ -219,9 +227,13 @@ where
         {
             let mut links = lock(&self.links);
             if let Some(existing) = links.get(&their.node_id) {
-                // Two links between the same pair: keep the one dialed by the lower id.
-                let keep_existing =
-                    existing.dialed_by <= dialed_by && existing.conn.close_reason().is_none();
+                // Two links between the same pair of processes: keep the one dialed by
+                // the lower id. A link from a new incarnation of the peer always wins:
+                // the old process is gone even if its link has not timed out yet.
+                let same_process = existing.incarnation == their.incarnation;
+                let keep_existing = same_process
+                    && existing.dialed_by <= dialed_by
+                    && existing.conn.close_reason().is_none();
                 if keep_existing {
                     drop(links);
                     conn.close(CLOSE_DUPLICATE, b"duplicate link");
@@ -235,6 +247,7 @@ where
                     conn: conn.clone(),
                     tx,
                     dialed_by,
+                    incarnation: their.incarnation,
                 },
             );
         }

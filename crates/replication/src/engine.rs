@@ -839,6 +839,20 @@ impl Replica {
         self.next_anti_entropy_ms = now_ms + self.config.anti_entropy_interval_ms;
         let mut actions = vec![Action::Ready];
         actions.extend(self.rebuild_ring(now_ms));
+        // Sessions the table says are live here belong to an earlier incarnation of
+        // this node (a node serves no client before it is ready): their clients are not
+        // connected to this process. Announce them disconnected, so the owners keep them
+        // for the grace period and then delete them unless they resume. Without this, a
+        // node restarted faster than `down_after_ms` would leave them live forever.
+        let stale: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, e)| e.home == self.me && e.state == SessionState::Live)
+            .map(|(s, _)| *s)
+            .collect();
+        for session in stale {
+            actions.extend(self.announce(session, SessionState::Disconnected, now_ms));
+        }
         let ping = self.ping();
         for id in self.members.keys() {
             actions.push(Action::Send {

@@ -492,3 +492,38 @@ fn chaos_converges() {
     let t = assert_converged(&mut sim, 60_000);
     eprintln!("converged {t} ms after the heal");
 }
+
+/// A node crashes and is restarted at once, before its peers notice (faster than
+/// `down_after_ms`). The sessions it homed belong to its old incarnation: their
+/// clients are gone unless they resume. Once the restarted node is ready it reports
+/// them disconnected, and the owners delete their instances after the grace period.
+#[test]
+fn sessions_of_a_node_restarted_before_anyone_noticed_are_not_kept_forever() {
+    let mut sim = cluster(seed(21), &["a", "b", "c"]);
+    let c = id("c");
+    sim.open_session(&c, SessionId(77));
+    for i in 0..30 {
+        register(&mut sim, "c", &svc(i), "10.0.0.77", 77);
+    }
+    assert_converged(&mut sim, 2_000);
+    assert_eq!(instances(&sim, "a", &svc(3)), vec!["10.0.0.77".to_string()]);
+
+    sim.kill(&c);
+    sim.add_node_with_seeds("c", vec![id("a"), id("b")]);
+    sim.run_for(1_000);
+    assert!(
+        sim.replica(&c).is_ready(),
+        "the restarted node loaded its snapshot"
+    );
+
+    // Grace (10 s) plus probes and batches.
+    sim.run_for(Config::default().session_grace_ms + 3_000);
+    for node in ["a", "b", "c"] {
+        for i in 0..30 {
+            assert!(
+                instances(&sim, node, &svc(i)).is_empty(),
+                "{node} still holds svc-{i} of the old incarnation's session"
+            );
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! Replication across a 3-node cluster of real processes: a write made through any node
+//! is read on every node; a subscriber homed on one node is pushed the writes made
+//! through another; a deregistration propagates; and bad input sent to a node that does
+//! not own the service still gets its typed error and changes nothing anywhere.
+
+use std::time::Duration;
+
+use shoal_client::{Client, ClientError, QueryOptions, Subscription};
+use shoal_proto::ErrorCode;
+use shoal_storage::{ServiceKey, ServiceView, DEFAULT_GROUP};
+use shoal_tests::*;
+
+/// Generous bound for a change to reach every node (replication batches leave within
+/// milliseconds; anti-entropy repairs within 5 s).
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Waits until the subscription's view satisfies `wanted`; returns it.
+async fn view_until(
+    sub: &mut Subscription,
+    what: &str,
+    wanted: impl Fn(&ServiceView) -> bool,
+) -> ServiceView {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let current = sub.current();
+        if wanted(&current) {
+            return current;
+        }
+        match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the subscription ended while waiting for {what}"),
+            Err(_) => panic!(
+                "no push with {what} within {PATIENCE:?}; last view {:?}",
+                sub.current()
+            ),
+        }
+    }
+}
+
+/// Waits until node `i` lists exactly `expected` as the `(ip, port)`s of `service`.
+async fn wait_for_listing(
+    cluster: &Cluster,
+    i: usize,
+    service: &ServiceKey,
+    expected: &[(String, u16)],
+) {
+    let node = cluster.node(i);
+    wait_for(
+        &format!("{} to list {expected:?} in {}", node.id(), service.service),
+        PATIENCE,
+        || async {
+            let mut got: Vec<(String, u16)> = node
+                .instances(service)
+                .await
+                .iter()
+                .map(|i| {
+                    (
+                        i["ip"].as_str().unwrap_or_default().to_string(),
+                        i["port"].as_u64().unwrap_or_default() as u16,
+                    )
+                })
+                .collect();
+            got.sort();
+            got == expected
+        },
+    )
+    .await;
+}
+
+fn code_of(result: Result<u64, ClientError>) -> Option<ErrorCode> {
+    match result {
+        Err(e) => e.code(),
+        Ok(revision) => panic!("expected a refusal, got Applied {{ revision: {revision} }}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_any_node_is_read_on_every_node() {
+    let cluster = Cluster::start(3).await;
+    cluster.wait_until_converged().await;
+    let orders = svc("orders");
+    let owner = cluster.node(0).owner_of(&orders).await.expect("a ring");
+
+    // One client homed on each node registers one instance of the same service: the
+    // owner applies one write itself, the other two nodes forward theirs to it.
+    let mut clients: Vec<Client> = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..3 {
+        let client = cluster.node(i).client().await;
+        assert_eq!(
+            client.welcome().expect("connected").node_id.0,
+            cluster.node(i).id()
+        );
+        let ip = format!("10.0.0.{}", i + 1);
+        let mut spec = inst(&ip, 8080);
+        spec.weight = 2.5;
+        spec.metadata
+            .insert("via".into(), cluster.node(i).id().to_string());
+        client
+            .register(&orders, spec)
+            .await
+            .unwrap_or_else(|e| panic!("register through {}: {e}", cluster.node(i).id()));
+        expected.push(addr(&ip, 8080));
+        clients.push(client);
+    }
+    println!("orders is owned by {owner}");
+
+    // Every node serves all three from its own copy, with every field intact.
+    for i in 0..3 {
+        wait_for_listing(&cluster, i, &orders, &expected).await;
+        for (k, (ip, port)) in expected.iter().enumerate() {
+            let got = cluster
+                .node(i)
+                .instance(&orders, ip, *port)
+                .await
+                .expect("listed above");
+            assert_eq!(got["weight"], 2.5, "{got}");
+            assert_eq!(got["metadata"]["via"], cluster.node(k).id(), "{got}");
+        }
+    }
+    cluster.wait_until_converged().await;
+
+    // The SDK's query, answered by each home node, agrees.
+    for client in &clients {
+        let view = client
+            .query(&orders, QueryOptions::all())
+            .await
+            .expect("query");
+        assert_eq!(addrs(&view), expected);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_on_one_node_is_pushed_the_writes_made_through_another() {
+    let cluster = Cluster::start(3).await;
+    cluster.wait_until_converged().await;
+    // Subscriber homed on n0, writer homed on n1, the service owned by n2: the write is
+    // forwarded to n2, applied there and replicated to n0, which pushes it.
+    let payments = cluster.service_owned_by(2, "payments").await;
+    let subscriber = cluster.node(0).client().await;
+    let writer = cluster.node(1).client().await;
+
+    let mut sub = subscriber.subscribe(&payments).await.expect("subscribe");
+    assert!(sub.current().instances.is_empty(), "{:?}", sub.current());
+
+    writer
+        .register(&payments, inst("10.0.1.1", 9000))
+        .await
+        .expect("register through n1");
+    let view = view_until(&mut sub, "the instance registered through n1", |v| {
+        addrs(v) == vec![addr("10.0.1.1", 9000)]
+    })
+    .await;
+    assert!(view.revision > 0);
+
+    // An update made through n1 is pushed too.
+    let mut changed = inst("10.0.1.1", 9000);
+    changed.weight = 7.0;
+    writer.update(&payments, changed).await.expect("update");
+    view_until(&mut sub, "weight 7", |v| {
+        v.instances.len() == 1 && v.instances[0].weight == 7.0
+    })
+    .await;
+
+    // The deregistration propagates: pushed to n0's subscriber, gone on every node.
+    writer
+        .deregister(&payments, &inst("10.0.1.1", 9000).key())
+        .await
+        .expect("deregister through n1");
+    view_until(&mut sub, "no instance", |v| v.instances.is_empty()).await;
+    for i in 0..3 {
+        wait_for_listing(&cluster, i, &payments, &[]).await;
+    }
+    cluster.wait_until_converged().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_through_a_node_that_does_not_own_the_service_gets_the_typed_error() {
+    let cluster = Cluster::start_with(3, NodeOptions::default().namespace("staging")).await;
+    cluster.wait_until_converged().await;
+    let home = cluster.node(0).id().to_string();
+    let not_home = |owner: &str| owner != home;
+    let inventory = cluster
+        .find_service(
+            |k| ServiceKey::new("staging", DEFAULT_GROUP, format!("inventory-{k}")),
+            not_home,
+        )
+        .await;
+    let unknown_ns = cluster
+        .find_service(
+            |k| ServiceKey::new("no-such-namespace", DEFAULT_GROUP, format!("inventory-{k}")),
+            not_home,
+        )
+        .await;
+    let client = cluster.node(0).client().await;
+
+    // Each invalid write is refused with its own code, though the owner is elsewhere.
+    assert_eq!(
+        code_of(client.register(&inventory, inst("10.0.2.1", 0)).await),
+        Some(ErrorCode::InvalidPort)
+    );
+    let mut heavy = inst("10.0.2.1", 80);
+    heavy.weight = 10_001.0;
+    assert_eq!(
+        code_of(client.register(&inventory, heavy).await),
+        Some(ErrorCode::InvalidWeight)
+    );
+    assert_eq!(
+        code_of(client.register(&inventory, inst("not-an-ip", 80)).await),
+        Some(ErrorCode::InvalidIp)
+    );
+    let mut chatty = inst("10.0.2.1", 80);
+    for k in 0..1000 {
+        chatty.metadata.insert(format!("k{k}"), "v".into());
+    }
+    assert_eq!(
+        code_of(client.register(&inventory, chatty).await),
+        Some(ErrorCode::InvalidMetadata)
+    );
+    assert_eq!(
+        code_of(client.register(&unknown_ns, inst("10.0.2.1", 80)).await),
+        Some(ErrorCode::UnknownNamespace)
+    );
+    assert_eq!(
+        code_of(
+            client
+                .register(&svc("no spaces allowed"), inst("10.0.2.1", 80))
+                .await
+        ),
+        Some(ErrorCode::InvalidName)
+    );
+    assert_eq!(
+        code_of(
+            client
+                .deregister(&inventory, &inst("10.0.2.1", 80).key())
+                .await
+        ),
+        Some(ErrorCode::NotFound)
+    );
+    assert_eq!(
+        code_of(client.update(&inventory, inst("10.0.2.1", 80)).await),
+        Some(ErrorCode::NotFound)
+    );
+
+    // The node keeps serving: a valid write through the same node and session works.
+    client
+        .register(&inventory, inst("10.0.2.1", 80))
+        .await
+        .expect("a valid write after the refused ones");
+    for i in 0..3 {
+        wait_for_listing(&cluster, i, &inventory, &[addr("10.0.2.1", 80)]).await;
+    }
+
+    // Nothing refused left a trace on any node: every dump holds that one instance only.
+    cluster.wait_until_converged().await;
+    for (i, dump) in cluster.dumps().await {
+        let services = dump.as_array().cloned().unwrap_or_default();
+        assert_eq!(services.len(), 1, "{}: {dump}", cluster.node(i).id());
+        assert_eq!(
+            instances_in_dump(&dump, &inventory).len(),
+            1,
+            "{}: {dump}",
+            cluster.node(i).id()
+        );
+    }
+}

@@ -6,16 +6,27 @@
 //! on ephemeral ports in a temporary directory and stops it afterwards; `--servers` and
 //! `--ca` point it at a node that is already running instead.
 //!
+//! `shoal-bench cluster` starts a cluster of `shoal server` processes on loopback
+//! (3 by default) and measures registrations/s through all nodes, the time from a write
+//! to its push on every node, and how many services change owner when a node dies or
+//! joins; see `cluster.rs`.
+//!
 //! It measures and reports; it never judges. The figures go to `docs/benchmarks.md` by
 //! hand, with the machine they were measured on.
 
+mod cluster;
+mod cluster_report;
+mod cpu;
+mod http;
 mod machine;
 mod node;
 mod procstat;
 mod progress;
+mod remap;
 mod report;
 mod single_node;
 mod stats;
+mod visibility;
 
 use std::path::PathBuf;
 
@@ -34,6 +45,95 @@ enum Command {
     /// Register many instances on one node, then query them; report rates, latency
     /// percentiles, the node's CPU seconds and its memory.
     SingleNode(SingleNodeArgs),
+    /// Start a cluster of nodes on loopback; measure registrations/s through all of
+    /// them, write-to-visible-everywhere latency, owner remapping on a node's death and
+    /// on a join, and every node's CPU seconds and memory.
+    Cluster(ClusterArgs),
+}
+
+/// Options of `shoal-bench cluster`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// Nodes in the cluster (node-1 ... node-N); the remap phase kills node-N and adds
+    /// node-(N+1).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Phases to run, comma-separated: register, visibility, remap.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "register,visibility,remap"
+    )]
+    pub phases: Vec<Phase>,
+    /// Register phase: client sessions, spread evenly over the nodes (session s is
+    /// homed on node s mod N and knows only that node).
+    #[arg(long, default_value_t = 60)]
+    pub sessions: usize,
+    /// Register phase: instances each session registers.
+    #[arg(long, default_value_t = 1000)]
+    pub instances_per_session: usize,
+    /// Register phase: services the instances are spread over (instance g goes to
+    /// service g mod K).
+    #[arg(long, default_value_t = 6000)]
+    pub services: usize,
+    /// Register phase: requests in flight per session.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Visibility phase: target write rates, one phase each (writes per second,
+    /// comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "2000")]
+    pub visibility_rate: Vec<u64>,
+    /// Visibility phase: how long the writer writes at each rate, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub visibility_seconds: u64,
+    /// Visibility phase: services the writer updates round-robin, each subscribed to
+    /// by one client per node.
+    #[arg(long, default_value_t = 200)]
+    pub visibility_services: usize,
+    /// Visibility phase: instances per service that the writes rotate over (a write
+    /// replaces the one made services x slots writes earlier).
+    #[arg(long, default_value_t = 16)]
+    pub visibility_slots: usize,
+    /// Visibility phase: writer sessions, all homed on node-1; write n goes to writer
+    /// n mod W. (A node serves one session's requests one after another, so one
+    /// writer's rate is bounded by its node's time per request.)
+    #[arg(long, default_value_t = 1)]
+    pub visibility_writers: usize,
+    /// Visibility phase: most writes in flight at once, over all writers.
+    #[arg(long, default_value_t = 1024)]
+    pub visibility_in_flight: usize,
+    /// Remap phase: service keys whose owners are compared.
+    #[arg(long, default_value_t = 10_000)]
+    pub remap_keys: usize,
+    /// Before each phase, wait until other processes used at most this share of the
+    /// machine's CPUs over 3 s (1 = do not wait).
+    #[arg(long, default_value_t = 0.10)]
+    pub quiet_share: f64,
+    /// Longest wait for a quiet machine before a phase, in seconds; then it runs anyway
+    /// and the result says so.
+    #[arg(long, default_value_t = 900)]
+    pub quiet_timeout: u64,
+    /// The `shoal` binary to start (default: `shoal` next to this executable).
+    #[arg(long)]
+    pub shoal_bin: Option<PathBuf>,
+    /// Keep the nodes' directories (logs, data) after the run.
+    #[arg(long)]
+    pub keep_dirs: bool,
+    /// Where to write the JSON result.
+    #[arg(long, default_value = "target/bench/cluster.json")]
+    pub out: PathBuf,
+}
+
+/// A phase of `shoal-bench cluster`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Registrations/s through all nodes, until acknowledged and until visible.
+    Register,
+    /// Time from a write to its push on every node.
+    Visibility,
+    /// Owners before and after a node dies and after a node joins.
+    Remap,
 }
 
 /// Options of `shoal-bench single-node`.
@@ -87,5 +187,6 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::SingleNode(args) => runtime.block_on(single_node::run(args)),
+        Command::Cluster(args) => runtime.block_on(cluster::run(args)),
     }
 }

@@ -1,5 +1,7 @@
-//! A `shoal server` process started for one benchmark run: ephemeral ports, a fresh
-//! temporary data directory, stopped (and its directory removed) at the end.
+//! A `shoal server` process started for one benchmark run. `single-node` starts one on
+//! ephemeral ports in a fresh temporary data directory, stopped (and its directory
+//! removed) at the end; `cluster` starts several with fixed ports, a shared development
+//! CA and seeds, in directories it removes itself.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -19,9 +21,31 @@ pub struct SpawnedNode {
     pub pid: u32,
     /// QUIC address, as `ip:port`.
     pub quic_addr: String,
+    /// HTTP address (admin API), as `ip:port`.
+    pub http_addr: String,
     /// The development CA the node wrote, which the clients trust.
     pub ca_file: PathBuf,
-    dir: PathBuf,
+    /// Its log (stderr).
+    pub log_path: PathBuf,
+    /// The directory to remove when it stops, when this node owns one.
+    owned_dir: Option<PathBuf>,
+}
+
+/// How to start one node of a cluster.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    /// `--node-id`.
+    pub node_id: String,
+    /// `--data-dir` (created if missing).
+    pub data_dir: PathBuf,
+    /// `--dev-ca-dir`: the development CA shared by the cluster.
+    pub dev_ca_dir: Option<PathBuf>,
+    /// `--listen-addr` (QUIC, UDP).
+    pub listen_addr: String,
+    /// `--seed`, one per other node.
+    pub seeds: Vec<String>,
+    /// Where its stderr goes.
+    pub log_path: PathBuf,
 }
 
 /// What the node prints on stdout once it serves:
@@ -29,6 +53,7 @@ pub struct SpawnedNode {
 #[derive(Debug, PartialEq)]
 struct ReadyLine {
     quic: String,
+    http: String,
     ca: PathBuf,
 }
 
@@ -37,12 +62,14 @@ fn parse_ready_line(line: &str) -> Option<ReadyLine> {
     let (_, fields) = rest.split_once(" ready: ")?;
     // The CA path is last and may contain spaces: take everything after " ca=".
     let (head, ca) = fields.split_once(" ca=")?;
-    let quic = head
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("quic="))?
-        .to_string();
+    let field = |name: &str| {
+        head.split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .map(str::to_string)
+    };
     Some(ReadyLine {
-        quic,
+        quic: field("quic=")?,
+        http: field("http=")?,
         ca: PathBuf::from(ca),
     })
 }
@@ -78,21 +105,57 @@ impl SpawnedNode {
         let data = dir.join("data");
         std::fs::create_dir_all(&data)
             .with_context(|| format!("cannot create {}", data.display()))?;
-        let log_path = dir.join("node.log");
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("cannot create {}", log_path.display()))?;
-        let mut child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .arg("server")
             .args(["--listen-addr", "127.0.0.1:0"])
             .args(["--http-addr", "127.0.0.1:0"])
             .arg("--data-dir")
-            .arg(&data)
+            .arg(&data);
+        let mut node = Self::spawn(command, &dir.join("node.log")).await?;
+        node.owned_dir = Some(dir);
+        Ok(node)
+    }
+
+    /// Starts one node of a cluster as `spec` says (HTTP on an ephemeral port) and
+    /// waits for its ready line. The caller removes the directories.
+    pub async fn start_member(binary: &Path, spec: &NodeSpec) -> Result<SpawnedNode> {
+        std::fs::create_dir_all(&spec.data_dir)
+            .with_context(|| format!("cannot create {}", spec.data_dir.display()))?;
+        let mut command = Command::new(binary);
+        command
+            .arg("server")
+            .args(["--node-id", &spec.node_id])
+            .arg("--data-dir")
+            .arg(&spec.data_dir)
+            .args(["--listen-addr", &spec.listen_addr])
+            .args(["--http-addr", "127.0.0.1:0"]);
+        if let Some(ca_dir) = &spec.dev_ca_dir {
+            command.arg("--dev-ca-dir").arg(ca_dir);
+        }
+        for seed in &spec.seeds {
+            command.args(["--seed", seed]);
+        }
+        Self::spawn(command, &spec.log_path)
+            .await
+            .with_context(|| format!("starting {}", spec.node_id))
+    }
+
+    async fn spawn(mut command: Command, log_path: &Path) -> Result<SpawnedNode> {
+        let log = std::fs::File::create(log_path)
+            .with_context(|| format!("cannot create {}", log_path.display()))?;
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
+            .with_context(|| {
+                format!(
+                    "cannot start {}",
+                    command.as_std().get_program().to_string_lossy()
+                )
+            })?;
         let pid = child
             .id()
             .ok_or_else(|| anyhow!("the node exited at once; see {}", log_path.display()))?;
@@ -119,22 +182,36 @@ impl SpawnedNode {
             child,
             pid,
             quic_addr: ready.quic,
+            http_addr: ready.http,
             ca_file: ready.ca,
-            dir,
+            log_path: log_path.to_path_buf(),
+            owned_dir: None,
         })
     }
 
-    /// Kills the node, waits for it, and removes its directory.
+    /// Whether the process has exited (and how), without waiting.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Kills the node with SIGKILL, like a crash, and waits for it to exit.
+    pub async fn kill(mut self) -> Result<()> {
+        self.child.kill().await.context("cannot kill the node")
+    }
+
+    /// Kills the node, waits for it, and removes its directory if it made one.
     pub async fn stop(mut self) -> Result<()> {
-        if let Ok(Some(status)) = self.child.try_wait() {
+        if let Some(status) = self.exited() {
             bail!(
                 "the node exited during the run ({status}); its log is in {}",
-                self.dir.join("node.log").display()
+                self.log_path.display()
             );
         }
         self.child.kill().await.context("cannot kill the node")?;
-        std::fs::remove_dir_all(&self.dir)
-            .with_context(|| format!("cannot remove {}", self.dir.display()))?;
+        if let Some(dir) = &self.owned_dir {
+            std::fs::remove_dir_all(dir)
+                .with_context(|| format!("cannot remove {}", dir.display()))?;
+        }
         Ok(())
     }
 }
@@ -150,6 +227,7 @@ mod tests {
             parse_ready_line(line),
             Some(ReadyLine {
                 quic: "127.0.0.1:40123".into(),
+                http: "127.0.0.1:40124".into(),
                 ca: PathBuf::from("/tmp/x y/ca.pem"),
             })
         );

@@ -4,11 +4,11 @@ use std::fmt::Write;
 
 use crate::single_node::{CpuUse, SingleNodeResult};
 
-fn opt(v: Option<f64>, digits: usize, unit: &str) -> String {
+pub(crate) fn opt(v: Option<f64>, digits: usize, unit: &str) -> String {
     v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.digits$}{unit}"))
 }
 
-fn mib(bytes: Option<u64>) -> String {
+pub(crate) fn mib(bytes: Option<u64>) -> String {
     opt(bytes.map(|b| b as f64 / (1024.0 * 1024.0)), 1, " MiB")
 }
 

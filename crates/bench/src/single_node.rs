@@ -34,12 +34,12 @@ use crate::stats::{Latency, Samples};
 use crate::SingleNodeArgs;
 
 /// The namespace the benchmark writes to (the one every node has).
-const NAMESPACE: &str = "public";
+pub(crate) const NAMESPACE: &str = "public";
 /// The group of the benchmark's services, apart from anything else on the node.
 const GROUP: &str = "shoal-bench";
 /// Request timeout of the benchmark's clients: generous, so that a slow answer under
 /// load counts as latency rather than as an error.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Everything one run measured; written as JSON.
 #[derive(Debug, Serialize)]
@@ -330,7 +330,7 @@ async fn measure(
 }
 
 /// Opens `n` sessions, a few at a time.
-async fn connect_all(config: &ClientConfig, n: usize) -> Result<Vec<Client>> {
+pub(crate) async fn connect_all(config: &ClientConfig, n: usize) -> Result<Vec<Client>> {
     let mut clients = Vec::with_capacity(n);
     for chunk in (0..n).collect::<Vec<_>>().chunks(16) {
         let mut connecting = JoinSet::new();
@@ -351,7 +351,7 @@ async fn connect_all(config: &ClientConfig, n: usize) -> Result<Vec<Client>> {
 
 /// The instance number `g` (0-based over the whole run) as a distinct address:
 /// 10.x.y.z from the low 24 bits, the port from the rest.
-fn instance_spec(g: usize) -> InstanceSpec {
+pub(crate) fn instance_spec(g: usize) -> InstanceSpec {
     let ip = format!("10.{}.{}.{}", (g >> 16) & 0xff, (g >> 8) & 0xff, g & 0xff);
     let port = 8080 + u16::try_from(g >> 24).unwrap_or(0);
     InstanceSpec::new(ip, port)
@@ -359,22 +359,22 @@ fn instance_spec(g: usize) -> InstanceSpec {
 
 /// What one task of a phase brings back.
 #[derive(Default)]
-struct TaskTally {
-    samples: Samples,
-    errors: u64,
-    first_error: Option<String>,
-    instances_seen: u64,
+pub(crate) struct TaskTally {
+    pub(crate) samples: Samples,
+    pub(crate) errors: u64,
+    pub(crate) first_error: Option<String>,
+    pub(crate) instances_seen: u64,
 }
 
 impl TaskTally {
-    fn failed(&mut self, what: String) {
+    pub(crate) fn failed(&mut self, what: String) {
         self.errors += 1;
         if self.first_error.is_none() {
             self.first_error = Some(what);
         }
     }
 
-    fn merge(&mut self, other: TaskTally) {
+    pub(crate) fn merge(&mut self, other: TaskTally) {
         self.samples.merge(other.samples);
         self.errors += other.errors;
         self.instances_seen += other.instances_seen;

@@ -2,7 +2,7 @@
 CARGO ?= cargo
 NODES ?= 3
 
-.PHONY: run test build lint fmt bench clean
+.PHONY: run test build lint fmt bench clean chaos
 
 ## Build, then start a local cluster with development certificates (Ctrl-C stops it).
 run:
@@ -32,3 +32,9 @@ bench:
 clean:
 	$(CARGO) clean
 	rm -rf .shoal
+
+## The chaos suite, including the scenarios that still find open bugs (ignored in
+## `make test`). SEED=N replays one schedule.
+chaos:
+	$(CARGO) build --bin shoal
+	SHOAL_CHAOS_SEED=$(SEED) $(CARGO) test -p shoal-tests --test chaos --test chaos_partition -- --include-ignored --test-threads 1

@@ -2058,3 +2058,4 @@ mod tests {
         assert_eq!((r.status, r.body.as_str()), (404, "abcde"));
     }
 }
+pub mod chaos;

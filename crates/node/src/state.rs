@@ -252,10 +252,13 @@ impl Shared {
             let Some(subs) = subscribers.get(&change.key) else {
                 continue;
             };
-            let view = match registry.query(&change.key, &[], false) {
+            let mut view = match registry.query(&change.key, &[], false) {
                 Ok(v) => v,
                 Err(_) => continue,
             };
+            // A service emptied by this change no longer exists (revision 0); its
+            // push still carries the change's revision so revisions never go back.
+            view.revision = view.revision.max(change.revision);
             metrics::counter!("shoal_pushes_total").increment(subs.len() as u64);
             for outbox in subs.values() {
                 push(outbox, ServerFrame::Push(view.clone()));

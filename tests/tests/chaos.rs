@@ -5,15 +5,16 @@
 //! Replay a failure with the seed it printed:
 //! `SHOAL_CHAOS_SEED=<seed> cargo test -p shoal-tests --test chaos -- --nocapture <test>`.
 //!
-//! The long run (many seeds, longer schedules) is `chaos_long`, ignored by default:
-//! `cargo test -p shoal-tests --test chaos -- --ignored --nocapture chaos_long`.
+//! Scenarios that still find an open bug are ignored here and run by `make chaos`
+//! (`--include-ignored`), as is the long run `chaos_long` (many seeds, longer
+//! schedules): `cargo test -p shoal-tests --test chaos -- --ignored --nocapture chaos_long`.
 
 use shoal_tests::chaos::*;
 
 /// (a) One node at a time is killed (-9) and restarted, or frozen (SIGSTOP) and thawed,
 /// for 40 s on a 3-node cluster while 4 clients churn registrations, doomed clients
 /// crash and a subscriber per node checks every push.
-#[ignore = "open bug found by the chaos suite; see issue 4 notes"]
+#[ignore = "open bugs 3, 4, 6 (seed 7): docs/reliability.md"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_restart_freeze_three_nodes() {
     let _one_at_a_time = exclusive().await;
@@ -33,7 +34,6 @@ async fn kill_restart_freeze_three_nodes() {
 /// clients keep running. The registry is rebuilt from the clients (they fail over,
 /// resume their sessions on the new nodes and register again); nothing a live client
 /// registered is lost for good, nothing a crashed client registered comes back.
-#[ignore = "open bug found by the chaos suite; see issue 4 notes"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_cluster_restart() {
     let _one_at_a_time = exclusive().await;
@@ -51,8 +51,10 @@ async fn full_cluster_restart() {
 /// (c) Self-preservation: 3 of 5 nodes killed at once. The 2 survivors turn
 /// self-preservation on and keep the whole registry (instances of clients homed on the
 /// dead nodes included) for 20 s, far past the grace period; writes keep working on
-/// them. After the restart the mode ends and the instances of the clients that died
-/// with the nodes are deleted.
+/// them. The victims come back one at a time, 3 s apart: no live client's instance may
+/// vanish meanwhile (its home is on its way back), the mode ends, and the instances of
+/// the clients that died with the nodes are deleted.
+#[ignore = "open bug 5 (seed 5): leaving self-preservation reaps homes still down; docs/reliability.md"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn self_preservation_three_of_five() {
     let _one_at_a_time = exclusive().await;
@@ -202,7 +204,7 @@ mod regressions {
     /// it for an instance registered while it was frozen was answered NotFound and
     /// deleted nothing: the instance stayed registered on every node for good (its
     /// session is alive), although the client was told it was not there.
-    #[ignore = "open bug found by the chaos suite; see issue 4 notes"]
+    #[ignore = "open bug 3: a stale owner answers NotFound and deletes nothing; docs/reliability.md"]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn deregister_through_an_owner_that_just_resumed_deletes_everywhere() {
         let _one_at_a_time = exclusive().await;
@@ -234,6 +236,134 @@ mod regressions {
         assert!(
             answer.is_ok() && left.is_empty(),
             "Deregister answered {answer:?}; 15 s later the instance is still on nodes {left:?}"
+        );
+    }
+
+    /// Found while reducing `kill_restart_freeze_three_nodes` (seed 7): a node that
+    /// resumes after a stall (SIGSTOP here; a VM pause or a long GC in production)
+    /// first finds every peer silent for the length of the stall and marks them down,
+    /// then drains the requests that queued up meanwhile while its ring holds only
+    /// itself: it applies and acknowledges them as their owner, and sends them to no
+    /// peer (changes are queued only for peers that are not down). They spread by
+    /// anti-entropy at best; if the node dies first they are lost.
+    #[ignore = "open bug 4: writes drained right after a stall are not replicated; docs/reliability.md"]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_queued_during_a_stall_reach_the_other_nodes() {
+        let _one_at_a_time = exclusive().await;
+        let mut c = ChaosCluster::start(3, Mode::Loopback, &node_args())
+            .await
+            .unwrap();
+        let client = Client::connect(
+            ClientConfig::new([c.quic(0).to_string()], c.ca_file())
+                .with_request_timeout(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
+        c.freeze(0);
+        let mut pending = Vec::new();
+        for i in 0..8u16 {
+            let client = client.clone();
+            pending.push(tokio::spawn(async move {
+                let service = ServiceKey::named(format!("stalled-{i}"));
+                let r = client
+                    .register(&service, InstanceSpec::new("10.5.0.4", 5000 + i))
+                    .await;
+                (service, 5000 + i, r.is_ok())
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        c.thaw(0);
+        let thawed = Instant::now();
+        // Those acknowledged at once, by the resumed node itself.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let acked: Vec<(ServiceKey, u16)> = {
+            let mut out = Vec::new();
+            for p in pending.iter_mut() {
+                if p.is_finished() {
+                    let (service, port, ok) = p.await.unwrap();
+                    if ok {
+                        out.push((service, port));
+                    }
+                }
+            }
+            out
+        };
+        assert!(
+            !acked.is_empty(),
+            "no registration was acknowledged at once"
+        );
+        // The replication bound of the chaos checkers (2 s) from the acknowledgement.
+        tokio::time::sleep_until((thawed + Duration::from_millis(2_100)).into()).await;
+        let mut absent = Vec::new();
+        for (service, port) in &acked {
+            let on = holders(&c, service, *port).await;
+            if on != vec![0, 1, 2] {
+                absent.push(format!("{} :{port} only on {on:?}", service.service));
+            }
+        }
+        assert!(
+            absent.is_empty(),
+            "2 s after being acknowledged, {} of {} registrations are missing on other nodes: {absent:?}",
+            absent.len(),
+            acked.len()
+        );
+    }
+
+    /// Found by the long run (seeds 100, 101, 104, 105: "stale", then "final-extra" on
+    /// every node): instances deregistered while a node was frozen stayed on that node
+    /// after it resumed, in the services it owns again (anti-entropy, run by owners,
+    /// never carried the deletions to it), and about 60 s later, once the others had
+    /// dropped their tombstones (`tombstone_ttl_ms`), its live copies spread back to
+    /// every node: deleted instances of a live session came back for good.
+    #[ignore = "open bug 6: deletions never reach a resumed owner, then come back; docs/reliability.md"]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deletions_made_while_a_node_was_frozen_reach_it() {
+        let _one_at_a_time = exclusive().await;
+        let mut c = ChaosCluster::start(3, Mode::Loopback, &node_args())
+            .await
+            .unwrap();
+        let client = Client::connect(ClientConfig::new([c.quic(1).to_string()], c.ca_file()))
+            .await
+            .unwrap();
+        let services: Vec<ServiceKey> = (0..12)
+            .map(|k| ServiceKey::named(format!("frozen-{k}")))
+            .collect();
+        for (i, s) in services.iter().enumerate() {
+            client
+                .register(s, InstanceSpec::new("10.5.0.5", 6000 + i as u16))
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        c.freeze(2);
+        // n2 is down for the others after 3 s; its services move.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        for (i, s) in services.iter().enumerate() {
+            client
+                .deregister(s, &InstanceSpec::new("10.5.0.5", 6000 + i as u16).key())
+                .await
+                .unwrap();
+        }
+        c.thaw(2);
+        // The bound the chaos checkers give a resumed node (12 s), and some.
+        let started = Instant::now();
+        let mut left = Vec::new();
+        while started.elapsed() < Duration::from_secs(20) {
+            left.clear();
+            for (i, s) in services.iter().enumerate() {
+                let on = holders(&c, s, 6000 + i as u16).await;
+                if !on.is_empty() {
+                    left.push(format!("{} on {on:?}", s.service));
+                }
+            }
+            if left.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert!(
+            left.is_empty(),
+            "20 s after n2 resumed, deregistered instances are still listed: {left:?}"
         );
     }
 

@@ -601,7 +601,10 @@ impl Running {
                     let started = Instant::now();
                     self.cluster.restart(i).await;
                     let mut w = shared.world.lock().unwrap();
-                    w.set(i, NodeState::Up, Some(Instant::now()));
+                    // After a full-cluster restart the clients rebuild the registry:
+                    // hold the node to the rules only after that.
+                    let from = Instant::now() + if full { b.rebuild } else { Duration::ZERO };
+                    w.set(i, NodeState::Up, Some(from));
                     w.record(format!(
                         "restart n{i} (ready after {} ms)",
                         started.elapsed().as_millis()

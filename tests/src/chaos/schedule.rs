@@ -203,9 +203,9 @@ impl Schedule {
     }
 
     /// Self-preservation: 3 of 5 nodes (chosen by the seed) killed at once and
-    /// restarted 20 s later. Doomed clients homed on the victims die with them; one
-    /// homed on a survivor crashes while the survivors preserve. Returns the schedule
-    /// and the victims.
+    /// restarted one at a time, 3 s apart, from 20 s later. Doomed clients homed on the
+    /// victims die with them; one homed on a survivor crashes while the survivors
+    /// preserve. Returns the schedule and the victims.
     pub fn self_preservation(seed: u64) -> (Schedule, Vec<usize>) {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut order: Vec<usize> = (0..5).collect();
@@ -215,16 +215,17 @@ impl Schedule {
         let survivor = order[3];
         let kill = 6_000;
         let back = kill + 20_000;
-        let mut steps = vec![
-            Step {
-                at_ms: kill,
-                fault: Fault::Kill(victims.clone()),
-            },
-            Step {
-                at_ms: back,
-                fault: Fault::Restart(victims.clone()),
-            },
-        ];
+        let mut steps = vec![Step {
+            at_ms: kill,
+            fault: Fault::Kill(victims.clone()),
+        }];
+        // The operator brings them back one at a time, 3 s apart.
+        for (k, &v) in victims.iter().enumerate() {
+            steps.push(Step {
+                at_ms: back + 3_000 * k as u64,
+                fault: Fault::Restart(vec![v]),
+            });
+        }
         for (id, &v) in victims.iter().enumerate() {
             steps.push(Step {
                 at_ms: 500,
@@ -253,7 +254,7 @@ impl Schedule {
             at_ms: kill + 5_000,
             fault: Fault::CrashDoomed(3),
         });
-        (Schedule::new(seed, back + 12_000, steps), victims)
+        (Schedule::new(seed, back + 18_000, steps), victims)
     }
 }
 

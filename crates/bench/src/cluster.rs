@@ -24,7 +24,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -37,8 +37,8 @@ use crate::cpu::{wait_quiet, CpuMark, PhaseCpu, QuietWait};
 use crate::machine::Machine;
 use crate::node::{shoal_binary, NodeSpec, SpawnedNode};
 use crate::progress::Progress;
-use crate::single_node::{connect_all, instance_spec, TaskTally, NAMESPACE, REQUEST_TIMEOUT};
-use crate::stats::{Latency, Samples};
+use crate::single_node::{connect_all, register_all, NAMESPACE, REQUEST_TIMEOUT};
+use crate::stats::Latency;
 use crate::{cluster_report, remap, visibility, ClusterArgs, Phase};
 
 /// Group of the register phase's services.
@@ -659,40 +659,7 @@ async fn register_phase(
         started,
         started + SETTLE_TIMEOUT,
     ));
-    let mut tasks = JoinSet::new();
-    for (s, client) in sessions.iter().enumerate() {
-        let next = Arc::new(AtomicUsize::new(0));
-        for _ in 0..args.concurrency.min(per_session) {
-            let (client, next, done, services) =
-                (client.clone(), next.clone(), done.clone(), services.clone());
-            tasks.spawn(async move {
-                let mut tally = TaskTally::default();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= per_session {
-                        return tally;
-                    }
-                    let g = s * per_session + i;
-                    let service = &services[g % services.len()];
-                    let t = Instant::now();
-                    match client.register(service, instance_spec(g)).await {
-                        Ok(_) => {
-                            tally.samples.record(t.elapsed());
-                            done.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => tally.failed(format!("register {}: {e}", service.service)),
-                    }
-                }
-            });
-        }
-    }
-    let mut all = TaskTally {
-        samples: Samples::with_capacity(total as usize),
-        ..TaskTally::default()
-    };
-    while let Some(joined) = tasks.join_next().await {
-        all.merge(joined?);
-    }
+    let all = register_all(&sessions, &services, per_session, args.concurrency, &done).await?;
     let ack_seconds = started.elapsed().as_secs_f64();
     drop(progress);
     if let Some(e) = all.first_error {

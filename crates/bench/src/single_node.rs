@@ -384,21 +384,21 @@ impl TaskTally {
     }
 }
 
-async fn register_phase(
-    args: &SingleNodeArgs,
+/// Registers `per_session` instances through each session, spread over `services`,
+/// with up to `concurrency` requests in flight per session; counts acknowledgements in
+/// `done`. Shared by the single-node and cluster scenarios.
+pub(crate) async fn register_all(
     sessions: &[Client],
     services: &Arc<Vec<ServiceKey>>,
-    server_pid: Option<u32>,
-) -> Result<RegisterPhase> {
-    let per_session = args.instances_per_session;
-    let total = (sessions.len() * per_session) as u64;
-    let done = Arc::new(AtomicU64::new(0));
-    let progress = Progress::start("register", done.clone(), Some(total));
-    let mark = CpuMark::now(server_pid);
+    per_session: usize,
+    concurrency: usize,
+    done: &Arc<AtomicU64>,
+) -> Result<TaskTally> {
+    let total = sessions.len() * per_session;
     let mut tasks = JoinSet::new();
     for (s, client) in sessions.iter().enumerate() {
         let next = Arc::new(AtomicUsize::new(0));
-        for _ in 0..args.concurrency.min(per_session) {
+        for _ in 0..concurrency.min(per_session) {
             let (client, next, done, services) =
                 (client.clone(), next.clone(), done.clone(), services.clone());
             tasks.spawn(async move {
@@ -423,12 +423,27 @@ async fn register_phase(
         }
     }
     let mut all = TaskTally {
-        samples: Samples::with_capacity(total as usize),
+        samples: Samples::with_capacity(total),
         ..TaskTally::default()
     };
     while let Some(joined) = tasks.join_next().await {
         all.merge(joined?);
     }
+    Ok(all)
+}
+
+async fn register_phase(
+    args: &SingleNodeArgs,
+    sessions: &[Client],
+    services: &Arc<Vec<ServiceKey>>,
+    server_pid: Option<u32>,
+) -> Result<RegisterPhase> {
+    let per_session = args.instances_per_session;
+    let total = (sessions.len() * per_session) as u64;
+    let done = Arc::new(AtomicU64::new(0));
+    let progress = Progress::start("register", done.clone(), Some(total));
+    let mark = CpuMark::now(server_pid);
+    let all = register_all(sessions, services, per_session, args.concurrency, &done).await?;
     let seconds = mark.at.elapsed().as_secs_f64();
     let cpu = mark.since(server_pid);
     drop(progress);

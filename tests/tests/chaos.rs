@@ -204,7 +204,6 @@ mod regressions {
     /// it for an instance registered while it was frozen was answered NotFound and
     /// deleted nothing: the instance stayed registered on every node for good (its
     /// session is alive), although the client was told it was not there.
-    #[ignore = "open bug 3: a stale owner answers NotFound and deletes nothing; docs/reliability.md"]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn deregister_through_an_owner_that_just_resumed_deletes_everywhere() {
         let _one_at_a_time = exclusive().await;
@@ -246,7 +245,6 @@ mod regressions {
     /// itself: it applies and acknowledges them as their owner, and sends them to no
     /// peer (changes are queued only for peers that are not down). They spread by
     /// anti-entropy at best; if the node dies first they are lost.
-    #[ignore = "open bug 4: writes drained right after a stall are not replicated; docs/reliability.md"]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn writes_queued_during_a_stall_reach_the_other_nodes() {
         let _one_at_a_time = exclusive().await;
@@ -315,7 +313,6 @@ mod regressions {
     /// never carried the deletions to it), and about 60 s later, once the others had
     /// dropped their tombstones (`tombstone_ttl_ms`), its live copies spread back to
     /// every node: deleted instances of a live session came back for good.
-    #[ignore = "open bug 6: deletions never reach a resumed owner, then come back; docs/reliability.md"]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn deletions_made_while_a_node_was_frozen_reach_it() {
         let _one_at_a_time = exclusive().await;

@@ -40,6 +40,11 @@ pub struct Config {
     /// How long a snapshot request may go unanswered before it is asked again
     /// (possibly of another peer).
     pub snapshot_timeout_ms: u64,
+    /// For this long after its ring changed, it became ready or it resumed from a
+    /// stall, a node's copy may miss writes made elsewhere (anti-entropy has not run
+    /// yet): a Deregister of an instance it does not hold then deletes it anyway (a
+    /// tombstone with a fresh stamp) instead of answering NotFound.
+    pub settle_ms: u64,
 }
 
 impl Default for Config {
@@ -58,6 +63,7 @@ impl Default for Config {
             vnodes: shoal_ring::DEFAULT_VNODES,
             chunk_max_services: 256,
             snapshot_timeout_ms: 3_000,
+            settle_ms: 10_000,
         }
     }
 }

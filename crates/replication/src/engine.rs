@@ -105,6 +105,10 @@ struct Member {
     state: MemberState,
     /// When this node saw it go Down (or learned of it without hearing it).
     down_since_ms: u64,
+    /// It came back (its link came up, it was Down, or it was not ready): once it
+    /// says it is ready, send it the digests of the ranges this node owns at once,
+    /// rather than at the next anti-entropy round.
+    needs_digest: bool,
 }
 
 /// Changes waiting to be sent to one peer.
@@ -171,6 +175,12 @@ pub struct Replica {
     self_preservation: bool,
     next_forward_id: u64,
     rng: u64,
+    /// When `tick` last ran: a tick late by more than `suspect_after_ms` means this
+    /// node stalled (a paused process or VM), not that its peers went silent.
+    last_tick_ms: Option<u64>,
+    /// Until then this node's copy may miss writes made elsewhere (see
+    /// [`Config::settle_ms`]).
+    unsettled_until_ms: u64,
 }
 
 impl Replica {
@@ -221,6 +231,8 @@ impl Replica {
             self_preservation: false,
             next_forward_id: 1,
             rng: seed | 1,
+            last_tick_ms: None,
+            unsettled_until_ms: 0,
             config,
         }
     }
@@ -318,6 +330,11 @@ impl Replica {
         now_ms: u64,
     ) -> Result<(Option<Change>, Vec<Action>), StorageError> {
         self.registry.note_now(now_ms);
+        // An owner whose copy may be incomplete (or a node that got a forward for a
+        // service it does not own) deletes what it does not hold too: its NotFound
+        // could be wrong, and the instance stay everywhere else.
+        let unsure =
+            now_ms < self.unsettled_until_ms || !owns(&self.ring, &self.me, write.service());
         let r = &mut self.registry;
         let change = match write {
             Write::Register {
@@ -326,9 +343,12 @@ impl Replica {
                 session,
             } => r.register(&service, instance, session, now_ms).map(Some),
             Write::Update { service, instance } => r.update(&service, instance, now_ms).map(Some),
-            Write::Deregister { service, instance } => {
-                r.deregister_at(&service, &instance, now_ms).map(Some)
+            Write::Deregister { service, instance } => if unsure {
+                r.deregister_blind_at(&service, &instance, now_ms)
+            } else {
+                r.deregister_at(&service, &instance, now_ms)
             }
+            .map(Some),
             Write::Beat { service, instance } => r.beat(&service, &instance, now_ms),
             Write::SetServiceMeta { service, meta } => r.set_service_meta(&service, meta).map(Some),
         }?;
@@ -402,8 +422,10 @@ impl Replica {
             link_up: false,
             state: MemberState::Down,
             down_since_ms: now_ms,
+            needs_digest: true,
         });
         m.link_up = true;
+        m.needs_digest = true;
         if !addr.is_empty() {
             m.addr = addr;
         }
@@ -442,6 +464,7 @@ impl Replica {
                     link_up: true,
                     state: MemberState::Down,
                     down_since_ms: now_ms,
+                    needs_digest: true,
                 });
                 m.addr = p.addr.clone();
             }
@@ -459,6 +482,7 @@ impl Replica {
                     link_up: true,
                     state: MemberState::Down,
                     down_since_ms: now_ms,
+                    needs_digest: true,
                 },
             );
         }
@@ -479,6 +503,7 @@ impl Replica {
                             link_up: false,
                             state: MemberState::Down,
                             down_since_ms: now_ms,
+                            needs_digest: true,
                         },
                     );
                     actions.push(Action::Connect { to: id, addr });
@@ -566,10 +591,11 @@ impl Replica {
                     for (key, d) in self.registry.service_digests_in(s, e) {
                         match theirs.get(&key) {
                             Some(t) if *t == d => {}
-                            Some(t) => {
-                                if *t != 0 {
-                                    ask.push(key.clone());
-                                }
+                            Some(_) => {
+                                // Theirs differs: each side may hold what the other
+                                // lacks, deletions included (a copy that holds only
+                                // tombstones has digest 0), so both records go.
+                                ask.push(key.clone());
                                 send.push(key.clone());
                             }
                             None => send.push(key.clone()),
@@ -577,8 +603,8 @@ impl Replica {
                         mine_seen.insert(key);
                     }
                 }
-                for (key, d) in &theirs {
-                    if *d != 0 && !mine_seen.contains(key) {
+                for key in theirs.keys() {
+                    if !mine_seen.contains(key) {
                         ask.push(key.clone());
                     }
                 }
@@ -597,6 +623,7 @@ impl Replica {
                 actions.extend(self.repair_msgs(from, records));
             }
         }
+        actions.extend(self.digest_if_back(from));
         actions
     }
 
@@ -604,6 +631,25 @@ impl Replica {
     /// anti-entropy. Call it often (every few ms: batches leave on ticks).
     pub fn tick(&mut self, now_ms: u64) -> Vec<Action> {
         self.registry.note_now(now_ms);
+        let stalled = self
+            .last_tick_ms
+            .is_some_and(|t| now_ms.saturating_sub(t) > self.config.suspect_after_ms);
+        self.last_tick_ms = Some(now_ms);
+        if stalled {
+            // This node did not run for a while (a paused process or VM, a long GC):
+            // the silence of its peers is its own. Hear them again rather than mark
+            // them Down, which would make it own every service for a moment and apply
+            // the writes queued meanwhile without replicating them. Its copy may have
+            // missed writes: probe and exchange digests at once.
+            for m in self.members.values_mut() {
+                if m.state != MemberState::Down {
+                    m.last_heard_ms = Some(now_ms);
+                }
+            }
+            self.next_probe_ms = now_ms;
+            self.next_anti_entropy_ms = now_ms;
+            self.unsettle(now_ms);
+        }
         let mut actions = Vec::new();
         actions.extend(self.detect(now_ms));
         actions.extend(self.bootstrap(now_ms));
@@ -645,6 +691,41 @@ impl Replica {
 
     // ---------------------------------------------------------------- membership
 
+    fn unsettle(&mut self, now_ms: u64) {
+        self.unsettled_until_ms = self
+            .unsettled_until_ms
+            .max(now_ms.saturating_add(self.config.settle_ms));
+    }
+
+    /// Whether this node's copy may miss writes made elsewhere (see
+    /// [`Config::settle_ms`]).
+    pub fn is_settling(&self, now_ms: u64) -> bool {
+        now_ms < self.unsettled_until_ms
+    }
+
+    /// If `node` came back and is ready now, and this node is ready: the digests of
+    /// the ranges this node owns, for it, at once.
+    fn digest_if_back(&mut self, node: &NodeId) -> Vec<Action> {
+        if !self.ready {
+            return Vec::new();
+        }
+        let Some(m) = self.members.get_mut(node) else {
+            return Vec::new();
+        };
+        if !m.needs_digest || !m.ready || m.state == MemberState::Down {
+            return Vec::new();
+        }
+        m.needs_digest = false;
+        let ranges = self.my_range_digests();
+        if ranges.is_empty() {
+            return Vec::new();
+        }
+        vec![Action::Send {
+            to: node.clone(),
+            msg: PeerMsg::Digest { ranges },
+        }]
+    }
+
     fn ping(&self) -> Ping {
         Ping {
             version: PEER_PROTOCOL_VERSION,
@@ -669,6 +750,7 @@ impl Replica {
         m.state = MemberState::Up;
         let mut actions = Vec::new();
         if was == MemberState::Down {
+            m.needs_digest = true;
             // Back (or new): tell it the sessions this node is home to, which it may
             // have missed, and let it in the ring if it is ready.
             let anns = self.own_sessions();
@@ -689,6 +771,7 @@ impl Replica {
         if let Some(m) = self.members.get_mut(node) {
             if m.ready != ready {
                 m.ready = ready;
+                m.needs_digest |= ready;
                 actions.extend(self.rebuild_ring(now_ms));
             }
         }
@@ -753,6 +836,7 @@ impl Replica {
             return Vec::new();
         };
         let old = std::mem::replace(&mut self.ring, ring);
+        self.unsettle(now_ms);
         let me = self.me.clone();
         let new = &self.ring;
         self.registry
@@ -836,7 +920,9 @@ impl Replica {
     fn become_ready(&mut self, now_ms: u64) -> Vec<Action> {
         self.ready = true;
         self.snapshot = None;
-        self.next_anti_entropy_ms = now_ms + self.config.anti_entropy_interval_ms;
+        // The snapshot came from one peer: compare with the others at once.
+        self.next_anti_entropy_ms = now_ms;
+        self.unsettle(now_ms);
         let mut actions = vec![Action::Ready];
         actions.extend(self.rebuild_ring(now_ms));
         // Sessions the table says are live here belong to an earlier incarnation of
@@ -1049,9 +1135,9 @@ impl Replica {
         actions
     }
 
-    fn anti_entropy(&mut self) -> Vec<Action> {
-        let ranges: Vec<RangeDigest> = self
-            .ring
+    /// The digests of the ring ranges this node owns.
+    fn my_range_digests(&self) -> Vec<RangeDigest> {
+        self.ring
             .ranges()
             .iter()
             .filter(|r| r.owner == self.me.0)
@@ -1060,9 +1146,18 @@ impl Replica {
                 end: r.end,
                 hash: self.registry.range_digest(r.start, r.end),
             })
-            .collect();
+            .collect()
+    }
+
+    fn anti_entropy(&mut self) -> Vec<Action> {
+        let ranges = self.my_range_digests();
         if ranges.is_empty() {
             return Vec::new();
+        }
+        for m in self.members.values_mut() {
+            if m.state != MemberState::Down && m.ready {
+                m.needs_digest = false;
+            }
         }
         self.members
             .iter()
@@ -1163,8 +1258,27 @@ impl Replica {
             .values()
             .filter(|m| m.last_heard_ms.is_some() && m.state == MemberState::Down)
             .count();
+        let preserving = self.self_preservation;
         self.self_preservation =
             known > 0 && down as f64 > self.config.self_preservation_fraction * known as f64;
+        if preserving && !self.self_preservation {
+            // Leaving self-preservation: the sessions it held past their grace period
+            // (disconnected, orphaned by a home still down, unknown) get a full grace
+            // period from now, so that the clients of the members still coming back
+            // can resume. Deleting them at once would be the mass expiry that
+            // self-preservation exists to prevent, only later.
+            for e in self.sessions.values_mut() {
+                if e.state == SessionState::Disconnected {
+                    e.since_ms = now_ms;
+                }
+                if e.orphaned_since_ms.is_some() {
+                    e.orphaned_since_ms = Some(now_ms);
+                }
+            }
+            for since in self.unknown_since.values_mut() {
+                *since = now_ms;
+            }
+        }
 
         let mut actions = Vec::new();
         self.registry.gc_tombstones(now_ms);

@@ -90,6 +90,9 @@ pub struct Sim {
     links: BTreeSet<(NodeId, NodeId)>,
     cut: BTreeSet<(NodeId, NodeId)>,
     filter: Option<DropFilter>,
+    /// Frozen nodes (a SIGSTOPped process): no ticks; what reaches them waits.
+    frozen: BTreeSet<NodeId>,
+    held: Vec<Envelope>,
     published: BTreeMap<NodeId, Vec<Change>>,
     forwards: HashMap<(NodeId, u64), ForwardOutcome>,
     delivered: u64,
@@ -119,6 +122,8 @@ impl Sim {
             links: BTreeSet::new(),
             cut: BTreeSet::new(),
             filter: None,
+            frozen: BTreeSet::new(),
+            held: Vec::new(),
             published: BTreeMap::new(),
             forwards: HashMap::new(),
             delivered: 0,
@@ -178,6 +183,8 @@ impl Sim {
     /// Stops a node (a crash: it says nothing). Its links go down at its peers.
     pub fn kill(&mut self, id: &NodeId) {
         self.nodes.remove(id);
+        self.frozen.remove(id);
+        self.held.retain(|e| &e.to != id);
         let gone: Vec<_> = self
             .links
             .iter()
@@ -192,6 +199,36 @@ impl Sim {
                 let actions = r.peer_link_down(id, now);
                 self.execute(&other, actions);
             }
+        }
+    }
+
+    /// Freezes a node, as SIGSTOP does: it stops ticking and handling messages; what
+    /// is sent to it waits (in its socket buffers) until [`Sim::thaw`]. Its links stay
+    /// up.
+    pub fn freeze(&mut self, id: &NodeId) {
+        self.frozen.insert(id.clone());
+    }
+
+    /// Resumes a frozen node, as SIGCONT does: its first tick runs at once, late by
+    /// the length of the freeze; what waited for it is handled from the next step of
+    /// the simulation on, so that writes made right after `thaw` (the client requests
+    /// that queued up in the process) see the node as its first tick left it.
+    pub fn thaw(&mut self, id: &NodeId) {
+        if !self.frozen.remove(id) {
+            return;
+        }
+        let now = self.now_ms;
+        if let Some(r) = self.nodes.get_mut(id) {
+            let actions = r.tick(now);
+            self.execute(id, actions);
+        }
+        let (mine, rest): (Vec<Envelope>, Vec<Envelope>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|e| &e.to == id);
+        self.held = rest;
+        for env in mine {
+            self.seq += 1;
+            self.queue.insert((now, self.seq), env);
         }
     }
 
@@ -313,6 +350,9 @@ impl Sim {
             self.deliver_due();
             let ids = self.ids();
             for id in ids {
+                if self.frozen.contains(&id) {
+                    continue;
+                }
                 let now = self.now_ms;
                 let actions = self.nodes.get_mut(&id).map(|r| r.tick(now));
                 if let Some(actions) = actions {
@@ -341,22 +381,30 @@ impl Sim {
                 break;
             }
             let env = entry.remove();
-            if self.cut.contains(&pair(&env.from, &env.to))
-                || !self.links.contains(&pair(&env.from, &env.to))
-            {
-                self.dropped += 1;
+            if self.frozen.contains(&env.to) {
+                self.held.push(env);
                 continue;
             }
-            let now = self.now_ms;
-            let Some(r) = self.nodes.get_mut(&env.to) else {
-                self.dropped += 1;
-                continue;
-            };
-            self.delivered += 1;
-            let actions = r.handle(&env.from, env.msg, now);
-            let to = env.to;
-            self.execute(&to, actions);
+            self.deliver(env);
         }
+    }
+
+    fn deliver(&mut self, env: Envelope) {
+        if self.cut.contains(&pair(&env.from, &env.to))
+            || !self.links.contains(&pair(&env.from, &env.to))
+        {
+            self.dropped += 1;
+            return;
+        }
+        let now = self.now_ms;
+        let Some(r) = self.nodes.get_mut(&env.to) else {
+            self.dropped += 1;
+            return;
+        };
+        self.delivered += 1;
+        let actions = r.handle(&env.from, env.msg, now);
+        let to = env.to;
+        self.execute(&to, actions);
     }
 
     fn connect(&mut self, a: &NodeId, b: &NodeId) {

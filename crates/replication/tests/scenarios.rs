@@ -148,7 +148,7 @@ fn a_write_at_a_non_owner_is_forwarded_to_the_owner() {
         instance: InstanceKey {
             cluster: "DEFAULT".into(),
             ip: "10.0.0.99".into(),
-            port: 80,
+            port: 0,
         },
     };
     let WriteResult::Forwarded { id: fid, .. } = sim.write(&id("a"), bad) else {
@@ -157,7 +157,7 @@ fn a_write_at_a_non_owner_is_forwarded_to_the_owner() {
     sim.run_for(50);
     assert!(matches!(
         sim.forward_outcome(&id("a"), fid),
-        Some(ForwardOutcome::Rejected { code, .. }) if code == "not_found"
+        Some(ForwardOutcome::Rejected { code, .. }) if code == "invalid_port"
     ));
     assert_converged(&mut sim, 1_000);
     assert_eq!(instances(&sim, "c", &s), vec!["10.0.0.7"]);
@@ -526,4 +526,259 @@ fn sessions_of_a_node_restarted_before_anyone_noticed_are_not_kept_forever() {
             );
         }
     }
+}
+
+/// Services `a_node` owns, among the first `n`.
+fn owned_by(sim: &Sim, node: &str, n: usize) -> Vec<ServiceKey> {
+    (0..n)
+        .map(svc)
+        .filter(|s| sim.replica(&id(node)).owner(s) == Some(id(node)))
+        .collect()
+}
+
+fn deregister(sim: &mut Sim, via: &str, service: &ServiceKey, ip: &str) -> WriteResult {
+    let w = Write::Deregister {
+        service: service.clone(),
+        instance: InstanceSpec::new(ip, 8080).key(),
+    };
+    sim.write(&id(via), w)
+}
+
+/// Bug 4 of docs/reliability.md: a node resuming from a stall used to mark every peer
+/// Down on its first (late) tick, own every service for a moment, and apply the writes
+/// queued meanwhile without replicating them to anyone.
+#[test]
+fn writes_made_right_after_a_stall_are_replicated() {
+    let mut sim = cluster(seed(21), &["a", "b", "c"]);
+    sim.open_session(&id("c"), SessionId(1));
+    let theirs: Vec<ServiceKey> = (0..60)
+        .map(svc)
+        .filter(|s| sim.replica(&id("c")).owner(s) != Some(id("c")))
+        .take(5)
+        .collect();
+    sim.run_for(100);
+    sim.freeze(&id("c"));
+    sim.run_for(5_000);
+    assert_eq!(
+        sim.replica(&id("a")).ring().len(),
+        2,
+        "a still has c in its ring"
+    );
+    sim.thaw(&id("c"));
+    // The requests that queued up during the stall are served right after it.
+    assert_eq!(
+        sim.replica(&id("c")).ring().len(),
+        3,
+        "c dropped its peers from its ring on resuming"
+    );
+    for (i, s) in theirs.iter().enumerate() {
+        register(&mut sim, "c", s, &format!("10.0.1.{i}"), 1);
+    }
+    sim.run_for(200);
+    for n in ["a", "b"] {
+        for s in &theirs {
+            assert_eq!(instances(&sim, n, s).len(), 1, "{s} not on {n}");
+        }
+    }
+    assert_converged(&mut sim, 2_000);
+}
+
+/// Bug 6 of docs/reliability.md: deletions made while the owner was frozen never
+/// reached it (anti-entropy asked a peer for its records only when the peer still held
+/// live instances), and its stale copies spread back once the tombstones expired.
+#[test]
+fn deletions_made_while_the_owner_was_frozen_reach_it_and_stay_deleted() {
+    let mut sim = cluster(seed(22), &["a", "b", "c"]);
+    let services = owned_by(&sim, "c", 60);
+    assert!(services.len() >= 4, "c owns too few of 60 services");
+    let services = &services[..4];
+    sim.open_session(&id("a"), SessionId(1));
+    for s in services {
+        for ip in ["10.0.0.1", "10.0.0.2", "10.0.0.3"] {
+            register(&mut sim, "a", s, ip, 1);
+        }
+    }
+    assert_converged(&mut sim, 2_000);
+
+    sim.freeze(&id("c"));
+    sim.run_for(4_000);
+    // The services moved to a and b; delete one instance of the first two, and every
+    // instance of the last two (a copy holding only tombstones has digest 0).
+    for (i, s) in services.iter().enumerate() {
+        let ips: &[&str] = if i < 2 {
+            &["10.0.0.1"]
+        } else {
+            &["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+        };
+        for ip in ips {
+            match deregister(&mut sim, "a", s, ip) {
+                WriteResult::Applied(Some(_)) | WriteResult::Forwarded { .. } => {}
+                other => panic!("deregister {s} {ip}: {other:?}"),
+            }
+        }
+    }
+    sim.run_for(1_000);
+    sim.thaw(&id("c"));
+    // Anti-entropy runs at once after a stall.
+    sim.run_for(2_000);
+    let expect = |i: usize| -> Vec<String> {
+        if i < 2 {
+            vec!["10.0.0.2".into(), "10.0.0.3".into()]
+        } else {
+            Vec::new()
+        }
+    };
+    for (i, s) in services.iter().enumerate() {
+        assert_eq!(
+            instances(&sim, "c", s),
+            expect(i),
+            "{s} on c after the thaw"
+        );
+    }
+    // Past the tombstones' lifetime nothing comes back.
+    sim.run_for(70_000);
+    assert_converged(&mut sim, 2_000);
+    for n in ["a", "b", "c"] {
+        for (i, s) in services.iter().enumerate() {
+            assert_eq!(instances(&sim, n, s), expect(i), "{s} on {n} after 70 s");
+        }
+    }
+}
+
+/// Bug 3 of docs/reliability.md: a Deregister forwarded to an owner that just resumed
+/// and does not hold the instance yet (it was registered during the freeze) used to be
+/// answered NotFound, deleting nothing.
+#[test]
+fn a_deregister_through_an_owner_that_just_resumed_deletes_everywhere() {
+    let mut sim = cluster(seed(23), &["a", "b", "c"]);
+    let services = owned_by(&sim, "c", 60);
+    let s = services[0].clone();
+    sim.open_session(&id("a"), SessionId(1));
+    sim.run_for(100);
+    sim.freeze(&id("c"));
+    sim.run_for(4_000);
+    register(&mut sim, "a", &s, "10.0.0.7", 1);
+    sim.run_for(100);
+    // Anti-entropy would repair c within a round; cut it so that the Deregister
+    // reaches c first, as it did in the chaos run.
+    sim.set_filter(Box::new(|_, to, msg| {
+        to.0 == "c" && matches!(msg, PeerMsg::Repair { .. } | PeerMsg::Batch(_))
+    }));
+    sim.thaw(&id("c"));
+    sim.run_for(100);
+    assert_eq!(sim.replica(&id("a")).owner(&s), Some(id("c")));
+    assert!(
+        instances(&sim, "c", &s).is_empty(),
+        "c got the instance already"
+    );
+    let WriteResult::Forwarded { to, id: fwd } = deregister(&mut sim, "a", &s, "10.0.0.7") else {
+        panic!("a should forward to c");
+    };
+    assert_eq!(to, id("c"));
+    sim.run_for(100);
+    match sim.forward_outcome(&id("a"), fwd) {
+        Some(ForwardOutcome::Applied { .. }) => {}
+        other => panic!("the owner answered {other:?}"),
+    }
+    sim.clear_filter();
+    sim.run_for(6_000);
+    assert_converged(&mut sim, 2_000);
+    for n in ["a", "b", "c"] {
+        assert!(instances(&sim, n, &s).is_empty(), "{s} still on {n}");
+    }
+}
+
+/// A settled owner still answers NotFound for an instance nobody registered.
+#[test]
+fn a_settled_owner_answers_not_found() {
+    let mut sim = cluster(seed(24), &["a", "b", "c"]);
+    sim.run_for(12_000);
+    let s = owned_by(&sim, "a", 60)[0].clone();
+    match deregister(&mut sim, "a", &s, "10.9.9.9") {
+        WriteResult::Rejected(e) => assert_eq!(e.code(), "not_found"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Bug 5 of docs/reliability.md: when the first of several dead members came back,
+/// the survivors left self-preservation and deleted at once the instances of the
+/// sessions whose homes were still down.
+#[test]
+fn leaving_self_preservation_gives_the_homes_still_down_a_grace_period() {
+    let mut sim = cluster(seed(25), &["a", "b", "c", "d", "e"]);
+    let names = ["a", "b", "c", "d", "e"];
+    for i in 0..50 {
+        let home = names[i % 5];
+        sim.open_session(&id(home), SessionId(i as u128));
+        register(&mut sim, home, &svc(i), "10.0.0.1", i as u128);
+    }
+    assert_converged(&mut sim, 2_000);
+    for n in ["c", "d", "e"] {
+        sim.kill(&id(n));
+    }
+    sim.run_for(20_000);
+    assert!(sim.replica(&id("a")).self_preservation_active());
+    // The victims come back one at a time, 3 s apart; each one's clients resume there
+    // once it is ready.
+    for (k, n) in ["c", "d", "e"].iter().enumerate() {
+        sim.add_node_with_seeds(n, vec![id("a")]);
+        for _ in 0..30 {
+            sim.run_for(100);
+            for survivor in ["a", "b"] {
+                assert_eq!(
+                    sim.replica(&id(survivor)).registry().instance_count(),
+                    50,
+                    "{survivor} deleted instances {} ms after {n} came back",
+                    sim.now_ms()
+                );
+            }
+        }
+        assert!(sim.replica(&id(n)).is_ready(), "{n} not ready in 3 s");
+        for i in (0..50).filter(|i| i % 5 == 2 + k) {
+            sim.open_session(&id(n), SessionId(i as u128));
+        }
+    }
+    sim.run_for(15_000);
+    assert_converged(&mut sim, 2_000);
+    assert_eq!(sim.replica(&id("a")).registry().instance_count(), 50);
+}
+
+/// Bug 7 of docs/reliability.md: a node that became ready during a deletion served
+/// the deleted instance until the next anti-entropy round (up to 5 s). Owners now send
+/// their digests to a member as soon as it says it is ready.
+#[test]
+fn a_node_that_becomes_ready_gets_deletions_it_missed_at_once() {
+    let mut sim = cluster(seed(26), &["a", "b", "c"]);
+    let s = owned_by(&sim, "a", 60)[0].clone();
+    sim.open_session(&id("a"), SessionId(1));
+    for ip in ["10.0.0.1", "10.0.0.2"] {
+        register(&mut sim, "a", &s, ip, 1);
+    }
+    assert_converged(&mut sim, 2_000);
+    sim.kill(&id("c"));
+    sim.run_for(4_000);
+    // c restarts; batches to it are lost while it loads (the deletion below falls
+    // between its snapshot and its being ready).
+    sim.set_filter(Box::new(|_, to, msg| {
+        to.0 == "c" && matches!(msg, PeerMsg::Batch(_))
+    }));
+    sim.add_node_with_seeds("c", vec![id("b")]);
+    let mut deleted = false;
+    for _ in 0..400 {
+        sim.run_for(5);
+        if !deleted && !instances(&sim, "c", &s).is_empty() {
+            match deregister(&mut sim, "a", &s, "10.0.0.1") {
+                WriteResult::Applied(Some(_)) => deleted = true,
+                other => panic!("{other:?}"),
+            }
+        }
+        if sim.replica(&id("c")).is_ready() {
+            break;
+        }
+    }
+    assert!(deleted && sim.replica(&id("c")).is_ready());
+    // With the deletion's batch lost, and well within one anti-entropy interval (5 s).
+    sim.run_for(300);
+    assert_eq!(instances(&sim, "c", &s), vec!["10.0.0.2"]);
+    sim.clear_filter();
 }

@@ -376,9 +376,33 @@ impl Registry {
         instance: &InstanceKey,
         now_ms: u64,
     ) -> Result<Change, StorageError> {
+        self.deregister_with(service, instance, now_ms, false)
+    }
+
+    /// Like [`Registry::deregister_at`], but an instance this copy does not hold is
+    /// deleted all the same: a tombstone with a fresh stamp is written (and recorded for
+    /// the peers), so that copies elsewhere that hold it, at an older stamp, drop it.
+    /// For an owner whose copy may miss writes made elsewhere (it just took the service
+    /// over, or resumed after a stall): its "not found" would be wrong.
+    pub fn deregister_blind_at(
+        &mut self,
+        service: &ServiceKey,
+        instance: &InstanceKey,
+        now_ms: u64,
+    ) -> Result<Change, StorageError> {
+        self.deregister_with(service, instance, now_ms, true)
+    }
+
+    fn deregister_with(
+        &mut self,
+        service: &ServiceKey,
+        instance: &InstanceKey,
+        now_ms: u64,
+        blind: bool,
+    ) -> Result<Change, StorageError> {
         self.check_service(service)?;
         let key = self.canonical_key(instance)?;
-        if self.instance(service, &key).is_none() {
+        if !blind && self.instance(service, &key).is_none() {
             return Err(not_found(service, &key));
         }
         let version = self.next_version(now_ms);

@@ -5,16 +5,14 @@
 //! Replay a failure with the seed it printed:
 //! `SHOAL_CHAOS_SEED=<seed> cargo test -p shoal-tests --test chaos -- --nocapture <test>`.
 //!
-//! Scenarios that still find an open bug are ignored here and run by `make chaos`
-//! (`--include-ignored`), as is the long run `chaos_long` (many seeds, longer
-//! schedules): `cargo test -p shoal-tests --test chaos -- --ignored --nocapture chaos_long`.
+//! The long run `chaos_long` (many seeds, longer schedules) is ignored here and run by
+//! `make chaos`: `cargo test -p shoal-tests --test chaos -- --ignored --nocapture chaos_long`.
 
 use shoal_tests::chaos::*;
 
 /// (a) One node at a time is killed (-9) and restarted, or frozen (SIGSTOP) and thawed,
 /// for 40 s on a 3-node cluster while 4 clients churn registrations, doomed clients
 /// crash and a subscriber per node checks every push.
-#[ignore = "open bugs 3, 4, 6 (seed 7): docs/reliability.md"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_restart_freeze_three_nodes() {
     let _one_at_a_time = exclusive().await;
@@ -54,7 +52,6 @@ async fn full_cluster_restart() {
 /// them. The victims come back one at a time, 3 s apart: no live client's instance may
 /// vanish meanwhile (its home is on its way back), the mode ends, and the instances of
 /// the clients that died with the nodes are deleted.
-#[ignore = "open bug 5 (seed 5): leaving self-preservation reaps homes still down; docs/reliability.md"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn self_preservation_three_of_five() {
     let _one_at_a_time = exclusive().await;

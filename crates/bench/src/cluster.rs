@@ -198,7 +198,7 @@ pub fn node_id(i: usize) -> String {
 
 impl Cluster {
     /// Starts `n` nodes seeded with each other and waits until they converge.
-    async fn start(binary: &Path, n: usize) -> Result<(Cluster, f64)> {
+    pub(crate) async fn start(binary: &Path, n: usize) -> Result<(Cluster, f64)> {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
@@ -399,7 +399,7 @@ impl Cluster {
     }
 
     /// Stops every node; removes the run's directory unless `keep`.
-    async fn stop(self, keep: bool) -> Result<()> {
+    pub(crate) async fn stop(self, keep: bool) -> Result<()> {
         let mut first_error = None;
         for node in self.nodes {
             if let Some(process) = node.process {

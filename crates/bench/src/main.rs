@@ -11,21 +11,30 @@
 //! to its push on every node, and how many services change owner when a node dies or
 //! joins; see `cluster.rs`.
 //!
+//! `shoal-bench compare` runs the same scenarios against a 3-node rnacos cluster (over
+//! the Nacos v1 HTTP API) and a 3-node Shoal cluster, one after the other, and prints
+//! both figures and their ratio; see `compare.rs`.
+//!
 //! It measures and reports; it never judges. The figures go to `docs/benchmarks.md` by
 //! hand, with the machine they were measured on.
 
 mod cluster;
 mod cluster_report;
+mod compare;
+mod compare_report;
 mod cpu;
 mod http;
+mod httpc;
 mod machine;
 mod node;
 mod procstat;
 mod progress;
 mod remap;
 mod report;
+mod rnacos;
 mod single_node;
 mod stats;
+mod target;
 mod visibility;
 
 use std::path::PathBuf;
@@ -49,6 +58,10 @@ enum Command {
     /// them, write-to-visible-everywhere latency, owner remapping on a node's death and
     /// on a join, and every node's CPU seconds and memory.
     Cluster(ClusterArgs),
+    /// Run the same scenarios against a 3-node rnacos cluster (Nacos v1 HTTP API) and
+    /// a 3-node Shoal cluster, one after the other; print both figures and their ratio,
+    /// write JSON and an SVG of the latency distributions.
+    Compare(compare::CompareArgs),
 }
 
 /// Options of `shoal-bench cluster`.
@@ -188,5 +201,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::SingleNode(args) => runtime.block_on(single_node::run(args)),
         Command::Cluster(args) => runtime.block_on(cluster::run(args)),
+        Command::Compare(args) => runtime.block_on(compare::run(args)),
     }
 }

@@ -67,6 +67,21 @@ fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
     line[field.len()..].split_whitespace().next()?.parse().ok()
 }
 
+/// Bytes received on the loopback interface since boot (`lo` in /proc/net/dev). On
+/// loopback every byte sent is also received, so this counts each byte once; it
+/// covers every process that talks over loopback, not only the ones measured.
+pub fn loopback_bytes() -> Option<u64> {
+    let dev = std::fs::read_to_string("/proc/net/dev").ok()?;
+    parse_netdev_rx(&dev, "lo")
+}
+
+fn parse_netdev_rx(dev: &str, iface: &str) -> Option<u64> {
+    dev.lines().find_map(|l| {
+        let (name, rest) = l.split_once(':')?;
+        (name.trim() == iface).then(|| rest.split_whitespace().next()?.parse().ok())?
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,6 +105,14 @@ mod tests {
         let status = "Name:\tshoal\nVmPeak:\t  9999 kB\nVmRSS:\t   20480 kB\n";
         assert_eq!(parse_status_kib(status, "VmRSS:"), Some(20480));
         assert_eq!(parse_status_kib(status, "VmHWM:"), None);
+    }
+
+    #[test]
+    fn loopback_counter() {
+        let dev = "Inter-|   Receive\n face |bytes    packets\n    lo: 1343   22 0 0 0 0 0 0 1343 22 0 0 0 0 0 0\n  eth0: 5 1 0 0 0 0 0 0 7 1 0 0 0 0 0 0\n";
+        assert_eq!(parse_netdev_rx(dev, "lo"), Some(1343));
+        assert_eq!(parse_netdev_rx(dev, "eth0"), Some(5));
+        assert_eq!(parse_netdev_rx(dev, "wlan0"), None);
     }
 
     #[test]

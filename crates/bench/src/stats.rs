@@ -45,8 +45,12 @@ impl Samples {
         Latency {
             count: v.len(),
             mean_ms: mean / 1000.0,
+            min_ms: v.first().map_or(0.0, |&m| m as f64 / 1000.0),
+            p25_ms: percentile(v, 25.0),
             p50_ms: percentile(v, 50.0),
+            p75_ms: percentile(v, 75.0),
             p90_ms: percentile(v, 90.0),
+            p95_ms: percentile(v, 95.0),
             p99_ms: percentile(v, 99.0),
             p999_ms: percentile(v, 99.9),
             max_ms: v.last().map_or(0.0, |&m| m as f64 / 1000.0),
@@ -61,16 +65,44 @@ pub struct Latency {
     pub count: usize,
     /// Mean.
     pub mean_ms: f64,
+    /// Fastest sample.
+    pub min_ms: f64,
+    /// 25th percentile.
+    pub p25_ms: f64,
     /// Median.
     pub p50_ms: f64,
+    /// 75th percentile.
+    pub p75_ms: f64,
     /// 90th percentile.
     pub p90_ms: f64,
+    /// 95th percentile.
+    pub p95_ms: f64,
     /// 99th percentile.
     pub p99_ms: f64,
     /// 99.9th percentile.
     pub p999_ms: f64,
     /// Slowest sample.
     pub max_ms: f64,
+}
+
+impl Latency {
+    /// `(percentile, ms)` points of the distribution, for a plot.
+    pub fn curve(&self) -> Vec<(f64, f64)> {
+        if self.count == 0 {
+            return Vec::new();
+        }
+        vec![
+            (0.0, self.min_ms),
+            (25.0, self.p25_ms),
+            (50.0, self.p50_ms),
+            (75.0, self.p75_ms),
+            (90.0, self.p90_ms),
+            (95.0, self.p95_ms),
+            (99.0, self.p99_ms),
+            (99.9, self.p999_ms),
+            (100.0, self.max_ms),
+        ]
+    }
 }
 
 /// The nearest-rank percentile `p` (0..=100) of sorted microseconds, in milliseconds.

@@ -264,3 +264,65 @@ async fn bad_input_through_a_node_that_does_not_own_the_service_gets_the_typed_e
         );
     }
 }
+
+/// A session's requests are served in parallel with the forwarded writes that wait for
+/// their owner: a write to a frozen owner does not hold up the session's next requests
+/// (before, a session was served one request at a time, so one slow owner stalled
+/// everything its clients did through that node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_waiting_for_a_frozen_owner_does_not_hold_up_the_session() {
+    use shoal_proto::{ClientFrame, Request, Response, ServerFrame};
+    let cluster = Cluster::start(3).await;
+    let mut raw = RawClient::connect(cluster.node(0)).await;
+    raw.hello(None).await;
+    // A service node-2 owns, as node-1 sees the ring.
+    let owner = cluster.node(2).id().to_string();
+    let mut service = None;
+    for k in 0..1000 {
+        let s = ServiceKey::named(format!("frozen-owner-{k}"));
+        if let Response::Ring(r) = raw
+            .ok(Request::Ring {
+                service: Some(s.clone()),
+            })
+            .await
+        {
+            if r.owner.as_ref().map(|o| o.0.as_str()) == Some(owner.as_str()) {
+                service = Some(s);
+                break;
+            }
+        }
+    }
+    let service = service.expect("node-2 owns none of 1000 services");
+    let pid = cluster.node(2).pid();
+    let stop = std::process::Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(stop.success());
+    raw.send_frame(&ClientFrame::Request {
+        id: 1_000,
+        body: Request::Register {
+            service: service.clone(),
+            instance: shoal_storage::InstanceSpec::new("10.6.0.1", 7000),
+        },
+    })
+    .await;
+    // The next request is answered while the Register waits for node-2.
+    let pong = raw.request(Request::Ping).await;
+    let cont = std::process::Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(cont.success());
+    assert_eq!(pong, Ok(Response::Done));
+    // Then the Register gets its answer (applied, or Unavailable if node-2 stayed
+    // silent past the forward timeout twice).
+    match raw.next_event(PATIENCE).await {
+        Event::Frame(ServerFrame::Response { id: 1_000, result }) => match result {
+            Ok(Response::Applied { .. }) => {}
+            Err(e) => assert_eq!(e.code, ErrorCode::Unavailable, "{e}"),
+            Ok(other) => panic!("Register answered {other:?}"),
+        },
+        other => panic!("expected the Register's answer, got {other:?}"),
+    }
+}

@@ -1,7 +1,7 @@
 //! The write path of a client request, and the cluster views the CLI asks for.
 //!
-//! A write goes to the owner of its service: applied here when this node owns it,
-//! else forwarded once over the peer link. If the owner does not answer in
+//! A write goes to the owner of its service (answered with the service's revision
+//! there): applied here when this node owns it, else forwarded once over the peer link. If the owner does not answer in
 //! `forward_timeout_ms` (it may just have died), the route is looked up again, once:
 //! by then the ring may name another owner, possibly this node.
 
@@ -14,43 +14,76 @@ use shoal_storage::ServiceKey;
 
 use crate::state::{read, write as write_lock, Shared};
 
-/// Applies `w` at its owner and answers with the service's revision there.
-pub async fn write(shared: &Arc<Shared>, w: Write) -> Result<Response, ErrorBody> {
+/// A write under way: answered already (applied here or refused), or forwarded to its
+/// owner and waiting for the answer.
+pub enum Started {
+    /// The answer.
+    Done(Result<Response, ErrorBody>),
+    /// Forwarded: [`finish_write`] awaits the owner's answer.
+    Forwarded(Pending),
+}
+
+/// A forwarded write waiting for its owner's answer.
+pub struct Pending {
+    id: u64,
+    owner: shoal_storage::NodeId,
+    rx: tokio::sync::oneshot::Receiver<ForwardOutcome>,
+    write: Write,
+}
+
+/// The part of a write that runs at once and in the order the requests came: route,
+/// then apply here or send to the owner. A session's writes leave in its order (a
+/// forward goes over the one ordered link to the owner), while the answers of
+/// forwarded writes are awaited concurrently.
+pub fn start_write(shared: &Arc<Shared>, w: Write) -> Started {
+    let route = read(&shared.replica).route(w.service());
+    match route {
+        Route::Local => Started::Done(apply_here(shared, w)),
+        Route::Unavailable => Started::Done(Err(ErrorBody::new(
+            ErrorCode::NotReady,
+            "no ready node owns services yet",
+        ))),
+        Route::Forward(owner) => {
+            metrics::counter!("shoal_forwarded_writes_total").increment(1);
+            let mut replica = write_lock(&shared.replica);
+            let (id, actions) = replica.forward(&owner, w.clone());
+            let rx = shared.expect_forward(id);
+            shared.execute(&replica, actions);
+            Started::Forwarded(Pending {
+                id,
+                owner,
+                rx,
+                write: w,
+            })
+        }
+    }
+}
+
+/// Awaits a forwarded write's answer. If the owner does not answer in
+/// `forward_timeout_ms` (it may just have died), the route is looked up again, once.
+pub async fn finish_write(shared: &Arc<Shared>, p: Pending) -> Result<Response, ErrorBody> {
     let timeout = Duration::from_millis(shared.config.forward_timeout_ms);
-    for _attempt in 0..2 {
-        let route = read(&shared.replica).route(w.service());
-        match route {
-            Route::Local => return apply_here(shared, w),
-            Route::Unavailable => {
-                return Err(ErrorBody::new(
-                    ErrorCode::NotReady,
-                    "no ready node owns services yet",
-                ))
+    let mut pending = p;
+    for attempt in 0..2 {
+        match tokio::time::timeout(timeout, &mut pending.rx).await {
+            Ok(Ok(ForwardOutcome::Applied { revision })) => {
+                return Ok(Response::Applied { revision })
             }
-            Route::Forward(owner) => {
-                metrics::counter!("shoal_forwarded_writes_total").increment(1);
-                let rx = {
-                    let mut replica = write_lock(&shared.replica);
-                    let (id, actions) = replica.forward(&owner, w.clone());
-                    let rx = shared.expect_forward(id);
-                    shared.execute(&replica, actions);
-                    (id, rx)
-                };
-                let (id, rx) = rx;
-                match tokio::time::timeout(timeout, rx).await {
-                    Ok(Ok(ForwardOutcome::Applied { revision })) => {
-                        return Ok(Response::Applied { revision })
-                    }
-                    Ok(Ok(ForwardOutcome::Rejected { code, message })) => {
-                        return Err(ErrorBody::new(code_of(&code), message))
-                    }
-                    // Dropped (no link to the owner) or timed out: look again.
-                    Ok(Err(_)) | Err(_) => {
-                        shared.forget_forward(id);
-                        metrics::counter!("shoal_forward_failures_total").increment(1);
-                        tracing::debug!(%owner, "forwarded write got no answer; routing again");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
+            Ok(Ok(ForwardOutcome::Rejected { code, message })) => {
+                return Err(ErrorBody::new(code_of(&code), message))
+            }
+            // Dropped (no link to the owner) or timed out: look again.
+            Ok(Err(_)) | Err(_) => {
+                shared.forget_forward(pending.id);
+                metrics::counter!("shoal_forward_failures_total").increment(1);
+                tracing::debug!(owner = %pending.owner, "forwarded write got no answer; routing again");
+                if attempt == 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                match start_write(shared, pending.write.clone()) {
+                    Started::Done(r) => return r,
+                    Started::Forwarded(next) => pending = next,
                 }
             }
         }

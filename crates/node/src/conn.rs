@@ -149,6 +149,7 @@ async fn request_loop(
 ) -> SessionEnd {
     let max = shared.config.max_frame_bytes;
     let mut subscriptions: HashSet<ServiceKey> = HashSet::new();
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS_IN_FLIGHT));
     let end = loop {
         let frame = match read_frame::<ClientFrame, _>(recv, max).await {
             Ok(Some(f)) => f,
@@ -179,7 +180,7 @@ async fn request_loop(
             // sees the answer can rely on them being gone (at least on this node).
             shared.detach(session, conn_id, true);
         }
-        let result = handle(
+        let result = match handle(
             shared,
             conn_id,
             session,
@@ -187,17 +188,28 @@ async fn request_loop(
             &mut subscriptions,
             id,
             body,
-        )
-        .await;
-        let outcome = match &result {
-            Some(Ok(_)) | None => "ok",
-            Some(Err(_)) => "error",
+        ) {
+            Handled::Now(result) => result,
+            Handled::Forwarded(pending) => {
+                // The owner answers later; meanwhile this session's next requests are
+                // served. At most MAX_FORWARDS_IN_FLIGHT wait at once, then reading
+                // the stream waits too (back-pressure on the client).
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break SessionEnd::Lost;
+                };
+                let shared = shared.clone();
+                let tx = outbox.tx.clone();
+                tokio::spawn(async move {
+                    let result = crate::cluster::finish_write(&shared, pending).await;
+                    observe(kind, started, &result);
+                    let _ = tx.send(ServerFrame::Response { id, result }).await;
+                    drop(permit);
+                });
+                continue;
+            }
         };
-        metrics::counter!("shoal_requests_total", "kind" => kind, "outcome" => outcome)
-            .increment(1);
-        metrics::histogram!("shoal_request_duration_seconds", "kind" => kind)
-            .record(started.elapsed().as_secs_f64());
         if let Some(result) = result {
+            observe(kind, started, &result);
             if outbox
                 .tx
                 .send(ServerFrame::Response { id, result })
@@ -206,6 +218,9 @@ async fn request_loop(
             {
                 break SessionEnd::Lost;
             }
+        } else {
+            metrics::counter!("shoal_requests_total", "kind" => kind, "outcome" => "ok")
+                .increment(1);
         }
         if goodbye {
             break SessionEnd::Goodbye;
@@ -215,8 +230,27 @@ async fn request_loop(
     end
 }
 
-/// Applies one request. `None` when the answer was already queued (Subscribe).
-async fn handle(
+/// Forwarded writes of one session that may wait for their owners' answers at once.
+const MAX_FORWARDS_IN_FLIGHT: usize = 1024;
+
+/// What [`handle`] did with a request.
+enum Handled {
+    /// The answer (`None` when it was already queued: Subscribe).
+    Now(Option<Result<Response, ErrorBody>>),
+    /// A write forwarded to its owner: the answer comes later.
+    Forwarded(crate::cluster::Pending),
+}
+
+fn observe(kind: &'static str, started: std::time::Instant, result: &Result<Response, ErrorBody>) {
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    metrics::counter!("shoal_requests_total", "kind" => kind, "outcome" => outcome).increment(1);
+    metrics::histogram!("shoal_request_duration_seconds", "kind" => kind)
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// Serves one request, in the order they came. Writes are applied or sent to their
+/// owner at once; a forwarded write's answer is awaited by the caller, concurrently.
+fn handle(
     shared: &Arc<Shared>,
     conn_id: ConnId,
     session: SessionId,
@@ -224,31 +258,28 @@ async fn handle(
     subscriptions: &mut HashSet<ServiceKey>,
     id: u64,
     body: Request,
-) -> Option<Result<Response, ErrorBody>> {
+) -> Handled {
+    use crate::cluster::{start_write, Started};
     let storage_err = |e: shoal_storage::StorageError| ErrorBody::from(e);
-    Some(match body {
+    let write = |w: Write| match start_write(shared, w) {
+        Started::Done(r) => Handled::Now(Some(r)),
+        Started::Forwarded(p) => Handled::Forwarded(p),
+    };
+    Handled::Now(Some(match body {
         Request::Register { service, instance } => {
-            crate::cluster::write(
-                shared,
-                Write::Register {
-                    service,
-                    instance,
-                    session,
-                },
-            )
-            .await
+            return write(Write::Register {
+                service,
+                instance,
+                session,
+            })
         }
-        Request::Update { service, instance } => {
-            crate::cluster::write(shared, Write::Update { service, instance }).await
-        }
+        Request::Update { service, instance } => return write(Write::Update { service, instance }),
         Request::Deregister { service, instance } => {
-            crate::cluster::write(shared, Write::Deregister { service, instance }).await
+            return write(Write::Deregister { service, instance })
         }
-        Request::Beat { service, instance } => {
-            crate::cluster::write(shared, Write::Beat { service, instance }).await
-        }
+        Request::Beat { service, instance } => return write(Write::Beat { service, instance }),
         Request::SetServiceMeta { service, meta } => {
-            crate::cluster::write(shared, Write::SetServiceMeta { service, meta }).await
+            return write(Write::SetServiceMeta { service, meta })
         }
         Request::Query {
             service,
@@ -267,7 +298,7 @@ async fn handle(
         Request::Subscribe { service } => match shared.subscribe(conn_id, outbox, &service, id) {
             Ok(()) => {
                 subscriptions.insert(service);
-                return None;
+                return Handled::Now(None);
             }
             Err(e) => Err(e.into()),
         },
@@ -287,7 +318,7 @@ async fn handle(
             crate::cluster::ring(shared, service.as_ref()).map(Response::Ring)
         }
         Request::Ping | Request::Goodbye => Ok(Response::Done),
-    })
+    }))
 }
 
 fn request_kind(body: &Request) -> &'static str {

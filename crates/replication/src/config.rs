@@ -42,8 +42,9 @@ pub struct Config {
     pub snapshot_timeout_ms: u64,
     /// For this long after its ring changed, it became ready or it resumed from a
     /// stall, a node's copy may miss writes made elsewhere (anti-entropy has not run
-    /// yet): a Deregister of an instance it does not hold then deletes it anyway (a
-    /// tombstone with a fresh stamp) instead of answering NotFound.
+    /// yet): a Deregister of an instance it does not hold is still answered NotFound,
+    /// but also leaves a tombstone with a fresh stamp, which deletes the older copies
+    /// that other nodes may hold.
     pub settle_ms: u64,
 }
 

@@ -323,7 +323,9 @@ impl Replica {
     /// so views that differ for a moment cause no loop). Stamps it, queues its
     /// operations for every peer, and returns the change (none for a beat that only
     /// refreshed a lease) with the actions, which include [`Action::Publish`].
-    /// On error nothing changed and nothing is sent.
+    /// On error nothing visible changed and nothing is sent now; the one exception is
+    /// a NotFound Deregister while this node is settling (see [`Config::settle_ms`]):
+    /// it leaves a tombstone for the instance, which the next `tick` sends.
     pub fn apply_write(
         &mut self,
         write: Write,
@@ -331,8 +333,8 @@ impl Replica {
     ) -> Result<(Option<Change>, Vec<Action>), StorageError> {
         self.registry.note_now(now_ms);
         // An owner whose copy may be incomplete (or a node that got a forward for a
-        // service it does not own) deletes what it does not hold too: its NotFound
-        // could be wrong, and the instance stay everywhere else.
+        // service it does not own) deletes what it does not hold too: the instance may
+        // be registered elsewhere, and would stay there for good.
         let unsure =
             now_ms < self.unsettled_until_ms || !owns(&self.ring, &self.me, write.service());
         let r = &mut self.registry;
@@ -343,12 +345,18 @@ impl Replica {
                 session,
             } => r.register(&service, instance, session, now_ms).map(Some),
             Write::Update { service, instance } => r.update(&service, instance, now_ms).map(Some),
-            Write::Deregister { service, instance } => if unsure {
-                r.deregister_blind_at(&service, &instance, now_ms)
-            } else {
-                r.deregister_at(&service, &instance, now_ms)
+            Write::Deregister { service, instance } => {
+                match r.deregister_at(&service, &instance, now_ms) {
+                    Err(StorageError::NotFound(what)) if unsure => {
+                        // Not here, but perhaps elsewhere at an older stamp: delete it
+                        // there (the tombstone leaves with the next tick), and answer
+                        // what this copy knows.
+                        r.deregister_blind_at(&service, &instance, now_ms)?;
+                        return Err(StorageError::NotFound(what));
+                    }
+                    other => other.map(Some),
+                }
             }
-            .map(Some),
             Write::Beat { service, instance } => r.beat(&service, &instance, now_ms),
             Write::SetServiceMeta { service, meta } => r.set_service_meta(&service, meta).map(Some),
         }?;
@@ -650,7 +658,7 @@ impl Replica {
             self.next_anti_entropy_ms = now_ms;
             self.unsettle(now_ms);
         }
-        let mut actions = Vec::new();
+        let mut actions = self.queue_local_ops(now_ms);
         actions.extend(self.detect(now_ms));
         actions.extend(self.bootstrap(now_ms));
 

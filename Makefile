@@ -2,7 +2,7 @@
 CARGO ?= cargo
 NODES ?= 3
 
-.PHONY: run test build lint fmt bench clean chaos
+.PHONY: run test build lint fmt bench bench-compare clean chaos
 
 ## Build, then start a local cluster with development certificates (Ctrl-C stops it).
 run:
@@ -28,6 +28,16 @@ fmt:
 bench:
 	$(CARGO) build --release --bin shoal --bin shoal-bench
 	./target/release/shoal-bench single-node
+
+## Side by side with rnacos: installs rnacos 0.8.8 if it is missing, then runs the same
+## scenarios against a 3-node rnacos cluster and a 3-node Shoal cluster on loopback, one
+## after the other. COMPARE_ARGS passes options (see `shoal-bench compare --help`).
+bench-compare:
+	@command -v rnacos >/dev/null 2>&1 || test -x "$$HOME/.cargo/bin/rnacos" || \
+		$(CARGO) install rnacos --version 0.8.8 --locked || \
+		$(CARGO) install rnacos --version 0.8.8
+	$(CARGO) build --release --bin shoal --bin shoal-bench
+	./target/release/shoal-bench compare $(COMPARE_ARGS)
 
 clean:
 	$(CARGO) clean

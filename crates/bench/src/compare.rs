@@ -134,7 +134,7 @@ pub struct CompareArgs {
     pub visibility_services: usize,
     /// Visibility: instance slots per service (a write replaces the one made
     /// services x slots writes earlier).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 64)]
     pub visibility_slots: usize,
     /// Visibility: polling lanes per node.
     #[arg(long, default_value_t = 4)]
@@ -165,7 +165,7 @@ pub struct CompareArgs {
     #[arg(long, default_value_t = 0.10)]
     pub quiet_share: f64,
     /// Longest wait for a quiet machine, in seconds; then the scenario runs anyway.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 120)]
     pub quiet_timeout: u64,
     /// The `shoal` binary (default: next to this executable).
     #[arg(long)]
@@ -1252,6 +1252,18 @@ async fn poll_visibility(args: &CompareArgs, h: &mut Harness, run: &mut TargetRu
             }
         }
     }
+    let mut counters = h.counters().await?;
+    let gone = time_until_count(
+        &mut counters,
+        &names.group,
+        0,
+        Instant::now(),
+        Instant::now() + Duration::from_secs(30),
+    )
+    .await;
+    if gone.iter().any(Option::is_none) {
+        eprintln!("[{S}] warning: the written instances did not all disappear within 30 s");
+    }
     let ack = acks.summarize();
     let everywhere = everywhere.summarize();
     let offered = if send_seconds > 0.0 {
@@ -1322,8 +1334,14 @@ async fn push(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> Resul
         Nodes::Rnacos(_) => {
             let why = "not expressible: rnacos pushes changes only to gRPC (Nacos 2.x) \
                        subscribers; its v1 UDP listener resends lists periodically, not on change";
-            run.na(S, "write-to-push p50", why);
-            run.na(S, "write-to-push p99", why);
+            for metric in [
+                "write-to-push p50 (each node)",
+                "write-to-push p99 (each node)",
+                "pushed on every node p50",
+                "pushed on every node p99",
+            ] {
+                run.na(S, metric, why);
+            }
             return Ok(());
         }
     };
@@ -1614,14 +1632,21 @@ async fn churn(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> Resu
     Ok(())
 }
 
+/// One probe round: a write to every service through every survivor.
 #[derive(Serialize)]
-struct Observation {
+struct ProbeRound {
     /// Seconds since the kill, at the end of the round.
     at: f64,
-    owned: bool,
-    failed_probes: usize,
+    /// Probe writes that failed or took longer than 1 s.
+    failed: usize,
+}
+
+/// One reading of every survivor's count of the held instances.
+#[derive(Serialize)]
+struct CountReading {
+    /// Seconds since the kill, when read.
+    at: f64,
     counts: Vec<Option<u64>>,
-    visible: bool,
 }
 
 #[derive(Serialize)]
@@ -1629,7 +1654,8 @@ struct FailoverDetail {
     quiet: QuietWait,
     killed: String,
     expected: u64,
-    observations: Vec<Observation>,
+    probe_rounds: Vec<ProbeRound>,
+    count_readings: Vec<CountReading>,
     recovered_seconds: Option<f64>,
     owned_seconds: Option<f64>,
     visible_seconds: Option<f64>,
@@ -1638,7 +1664,8 @@ struct FailoverDetail {
     cpu: PhaseCpu,
 }
 
-/// One probe round: a write to every service through every survivor; how many failed.
+/// One probe round: a write to every service through every survivor, one service per
+/// lane at a time; how many failed.
 async fn probe_round(probes: &mut [(usize, Vec<Lane>)], names: &Names) -> usize {
     let mut futures = Vec::new();
     for (node, lanes) in probes.iter_mut() {
@@ -1664,15 +1691,15 @@ async fn probe_round(probes: &mut [(usize, Vec<Lane>)], names: &Names) -> usize 
     crate::target::join_all(futures).await.into_iter().sum()
 }
 
-/// The first moment after which every observation passed `ok`, if the last did.
-fn recovered_at(obs: &[Observation], ok: impl Fn(&Observation) -> bool) -> Option<f64> {
-    if !obs.last().is_some_and(&ok) {
+/// From `(seconds, ok)` readings in time order: the first moment after which every
+/// reading was ok, if the last one was.
+fn recovered_at(readings: &[(f64, bool)]) -> Option<f64> {
+    if !readings.last().is_some_and(|r| r.1) {
         return None;
     }
-    let last_bad = obs.iter().rposition(|o| !ok(o));
-    match last_bad {
-        Some(i) => obs.get(i + 1).map(|o| o.at),
-        None => obs.first().map(|o| o.at),
+    match readings.iter().rposition(|r| !r.1) {
+        Some(i) => readings.get(i + 1).map(|r| r.0),
+        None => readings.first().map(|r| r.0),
     }
 }
 
@@ -1688,12 +1715,14 @@ async fn failover(
     let live = h.live();
     let victim = *live.last().ok_or_else(|| anyhow!("no node runs"))?;
     let survivors: Vec<usize> = live.iter().copied().filter(|&i| i != victim).collect();
+    let names = reg.names.clone();
     let mut probes = Vec::new();
     for &s in &survivors {
-        let lanes = h.client(s, true, 16, Duration::from_secs(1)).await?;
+        let lanes = h
+            .client(s, true, names.len().min(128), Duration::from_secs(1))
+            .await?;
         probes.push((s, lanes));
     }
-    let names = reg.names.clone();
     // Probes in place before the kill.
     let started = Instant::now();
     while probe_round(&mut probes, &names).await > 0 {
@@ -1725,39 +1754,52 @@ async fn failover(
     let mark = CpuMark::now(&h.pids());
     h.kill(victim).await?;
     let killed = Instant::now();
-    let mut observations = Vec::new();
-    let mut last_print = Instant::now();
-    while killed.elapsed() < Duration::from_secs(args.failover_window) {
-        let failed = probe_round(&mut probes, &names).await;
-        let mut counts = Vec::new();
-        for (_, c) in counters.iter_mut() {
-            counts.push(c.count(&names.group).await.ok());
+    let window = Duration::from_secs(args.failover_window);
+    let group = names.group.clone();
+    let reader = tokio::spawn(async move {
+        let mut readings = Vec::new();
+        while killed.elapsed() < window {
+            let at = killed.elapsed().as_secs_f64();
+            let mut counts = Vec::new();
+            for (_, c) in counters.iter_mut() {
+                counts.push(c.count(&group).await.ok());
+            }
+            readings.push(CountReading { at, counts });
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let visible = counts.iter().all(|c| *c == Some(expected));
+        readings
+    });
+    let mut rounds = Vec::new();
+    let mut last_print = Instant::now();
+    while killed.elapsed() < window {
+        let failed = probe_round(&mut probes, &names).await;
         let at = killed.elapsed().as_secs_f64();
         if last_print.elapsed() >= Duration::from_secs(1) {
-            eprintln!(
-                "[{S}] {at:>5.1}s  probes failed {failed}, survivors count {counts:?} of {expected}"
-            );
+            eprintln!("[{S}] {at:>5.1}s  probe writes failed: {failed}");
             last_print = Instant::now();
         }
-        observations.push(Observation {
-            at,
-            owned: failed == 0,
-            failed_probes: failed,
-            counts,
-            visible,
-        });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        rounds.push(ProbeRound { at, failed });
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let readings = reader.await?;
     let cpu = mark.since();
     h.check_alive()?;
-    let recovered = recovered_at(&observations, |o| o.owned && o.visible);
-    let owned = recovered_at(&observations, |o| o.owned);
-    let visible = recovered_at(&observations, |o| o.visible);
-    let lowest = observations
+    let owned = recovered_at(
+        &rounds
+            .iter()
+            .map(|r| (r.at, r.failed == 0))
+            .collect::<Vec<_>>(),
+    );
+    let visible = recovered_at(
+        &readings
+            .iter()
+            .map(|r| (r.at, r.counts.iter().all(|c| *c == Some(expected))))
+            .collect::<Vec<_>>(),
+    );
+    let recovered = owned.zip(visible).map(|(a, b)| a.max(b));
+    let lowest = readings
         .iter()
-        .flat_map(|o| o.counts.iter().map(|c| c.unwrap_or(0)))
+        .flat_map(|r| r.counts.iter().map(|c| c.unwrap_or(0)))
         .min();
     run.fig(S, "kill to every service owned", "s", Better::Lower, owned);
     run.fig(
@@ -1774,6 +1816,14 @@ async fn failover(
         Better::Lower,
         recovered,
     );
+    if recovered.is_none() {
+        if let Some(f) = run.figures.last_mut() {
+            f.note = Some(format!(
+                "not recovered within the {} s window",
+                args.failover_window
+            ));
+        }
+    }
     run.fig(
         S,
         "most instances missing on a survivor",
@@ -1781,14 +1831,6 @@ async fn failover(
         Better::Lower,
         lowest.map(|l| expected.saturating_sub(l) as f64),
     );
-    if recovered.is_none() {
-        run.figures.last_mut().map(|f| {
-            f.note = Some(format!(
-                "not recovered within the {} s window",
-                args.failover_window
-            ))
-        });
-    }
     run.cpu_figures(S, &cpu);
     run.detail(
         S,
@@ -1796,7 +1838,8 @@ async fn failover(
             quiet: q,
             killed: h.ids[victim].clone(),
             expected,
-            observations,
+            probe_rounds: rounds,
+            count_readings: readings,
             recovered_seconds: recovered,
             owned_seconds: owned,
             visible_seconds: visible,
@@ -1812,30 +1855,19 @@ async fn failover(
 mod tests {
     use super::*;
 
-    fn obs(at: f64, owned: bool, visible: bool) -> Observation {
-        Observation {
-            at,
-            owned,
-            failed_probes: 0,
-            counts: Vec::new(),
-            visible,
-        }
-    }
-
     #[test]
-    fn recovery_is_after_the_last_bad_round() {
-        let o = vec![
-            obs(0.2, false, true),
-            obs(1.0, true, true),
-            obs(2.0, false, true),
-            obs(3.0, true, true),
-            obs(4.0, true, true),
+    fn recovery_is_after_the_last_bad_reading() {
+        let r = [
+            (0.2, false),
+            (1.0, true),
+            (2.0, false),
+            (3.0, true),
+            (4.0, true),
         ];
-        assert_eq!(recovered_at(&o, |o| o.owned), Some(3.0));
-        assert_eq!(recovered_at(&o, |o| o.visible), Some(0.2));
-        let never = vec![obs(1.0, true, true), obs(2.0, false, true)];
-        assert_eq!(recovered_at(&never, |o| o.owned), None);
-        assert_eq!(recovered_at(&[], |o: &Observation| o.owned), None);
+        assert_eq!(recovered_at(&r), Some(3.0));
+        assert_eq!(recovered_at(&[(0.2, true), (0.4, true)]), Some(0.2));
+        assert_eq!(recovered_at(&[(1.0, true), (2.0, false)]), None);
+        assert_eq!(recovered_at(&[]), None);
     }
 
     #[test]

@@ -36,7 +36,12 @@ use crate::httpc::{encode, HttpConn};
 /// How long a node may take to answer HTTP after its start.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the cluster may take until a write on any node is listed by every node.
-const CONVERGE_TIMEOUT: Duration = Duration::from_secs(90);
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(45);
+/// Cluster starts tried before giving up. rnacos 0.8.8 sometimes panics in its raft
+/// state machine right at startup on a busy machine (`raftapply.rs:421`, an actor used
+/// before it is wired); such a cluster never forms, so it is stopped and started
+/// again in fresh directories.
+const START_ATTEMPTS: usize = 3;
 /// Timeout of the HTTP calls the harness makes (not the measured ones).
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -95,8 +100,25 @@ pub fn rnacos_binary(given: Option<&Path>) -> Result<PathBuf> {
 }
 
 impl RnacosCluster {
-    /// Starts `n` nodes and waits until a write through any node is listed by all.
+    /// Starts `n` nodes and waits until a write through any node is listed by all;
+    /// tries again (fresh directories) when a start fails.
     pub async fn start(binary: &Path, n: usize) -> Result<(RnacosCluster, f64)> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(binary, n).await {
+                Ok(started) => return Ok(started),
+                Err(e) if attempt < START_ATTEMPTS => {
+                    eprintln!(
+                        "warning: rnacos cluster start {attempt} failed, trying again: {e:#}"
+                    );
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn start_once(binary: &Path, n: usize) -> Result<(RnacosCluster, f64)> {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
@@ -154,14 +176,22 @@ impl RnacosCluster {
                 child: Some(child),
                 log_path,
             };
-            wait_http(&node).await?;
+            let ready = wait_http(&node).await;
+            cluster.nodes.push(node);
+            if let Err(e) = ready {
+                let _ = cluster.stop(true).await;
+                return Err(e);
+            }
+            let node = cluster.nodes.last().ok_or_else(|| anyhow!("no node"))?;
             eprintln!(
                 "started {} (pid {}) http={} grpc={}",
                 node.id, node.pid, node.http_addr, node.grpc_addr
             );
-            cluster.nodes.push(node);
         }
-        cluster.wait_converged().await?;
+        if let Err(e) = cluster.wait_converged().await {
+            let _ = cluster.stop(true).await;
+            return Err(e);
+        }
         let seconds = started.elapsed().as_secs_f64();
         eprintln!("rnacos cluster of {n} converged {seconds:.2} s after the first start");
         Ok((cluster, seconds))
@@ -176,6 +206,16 @@ impl RnacosCluster {
         let services: Vec<String> = (0..8).map(|k| format!("probe-{k}")).collect();
         loop {
             self.check_alive()?;
+            for node in &self.nodes {
+                let log = std::fs::read_to_string(&node.log_path).unwrap_or_default();
+                if log.contains("panicked") {
+                    bail!(
+                        "{} panicked at startup; see {}",
+                        node.id,
+                        node.log_path.display()
+                    );
+                }
+            }
             let mut pending = Vec::new();
             for (i, node) in self.nodes.iter().enumerate() {
                 let mut conn = HttpConn::new(vec![node.http_addr.clone()], ADMIN_TIMEOUT);

@@ -46,7 +46,7 @@ pub fn start_write(shared: &Arc<Shared>, w: Write) -> Started {
         Route::Forward(owner) => {
             metrics::counter!("shoal_forwarded_writes_total").increment(1);
             let mut replica = write_lock(&shared.replica);
-            let (id, actions) = replica.forward(&owner, w.clone());
+            let (id, actions) = replica.forward(&owner, w.clone(), shared.now_ms());
             let rx = shared.expect_forward(id);
             shared.execute(&replica, actions);
             Started::Forwarded(Pending {
@@ -122,6 +122,7 @@ fn code_of(code: &str) -> ErrorCode {
         "invalid_setting" => ErrorCode::InvalidSetting,
         "unknown_namespace" => ErrorCode::UnknownNamespace,
         "not_found" => ErrorCode::NotFound,
+        "unavailable" => ErrorCode::Unavailable,
         _ => ErrorCode::Internal,
     }
 }

@@ -66,6 +66,7 @@ impl Config {
     pub fn engine_config(&self) -> shoal_replication::Config {
         shoal_replication::Config {
             session_grace_ms: self.session_grace_ms,
+            forward_ttl_ms: self.forward_timeout_ms,
             // A node without seeds is a cluster of one: nothing to wait for.
             bootstrap_wait_ms: if self.seeds.is_empty() {
                 0

@@ -13,7 +13,7 @@ use shoal_storage::{ServiceKey, SessionId};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::server::{CLOSE_NORMAL, CLOSE_PROTOCOL};
+use crate::server::{CLOSE_NORMAL, CLOSE_PROTOCOL, CLOSE_STALLED};
 use crate::state::{read, ConnId, Outbox, Shared};
 
 /// How long a new connection may take to open its session stream and say Hello.
@@ -95,6 +95,7 @@ pub async fn serve(shared: Arc<Shared>, conn: quinn::Connection) {
         match end {
             SessionEnd::Violation => conn.close(CLOSE_PROTOCOL, b"protocol violation"),
             SessionEnd::Goodbye | SessionEnd::Lost => conn.close(CLOSE_NORMAL, b"bye"),
+            SessionEnd::Stalled => conn.close(CLOSE_STALLED, b"node stalled; reconnect"),
         }
     }
     .instrument(span)
@@ -137,6 +138,9 @@ enum SessionEnd {
     /// The client broke the protocol (it was told why); treated as lost for the
     /// session, closed with the protocol-violation code.
     Violation,
+    /// This node stalled (see [`Shared::stall_epoch`]): treated as lost for the
+    /// session; closed so that the client reconnects.
+    Stalled,
 }
 
 /// Reads and answers requests until the session stream ends.
@@ -150,6 +154,7 @@ async fn request_loop(
     let max = shared.config.max_frame_bytes;
     let mut subscriptions: HashSet<ServiceKey> = HashSet::new();
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS_IN_FLIGHT));
+    let era = shared.stall_epoch(shared.now_ms());
     let end = loop {
         let frame = match read_frame::<ClientFrame, _>(recv, max).await {
             Ok(Some(f)) => f,
@@ -172,6 +177,13 @@ async fn request_loop(
                 break SessionEnd::Violation;
             }
         };
+        if shared.stall_epoch(shared.now_ms()) != era {
+            // This node stalled since the session's connection opened: the request
+            // may have waited out the stall, and its client have moved on. Close; a
+            // client that is still there reconnects and re-asserts its instances.
+            metrics::counter!("shoal_requests_refused_after_stall_total").increment(1);
+            break SessionEnd::Stalled;
+        }
         let kind = request_kind(&body);
         let started = std::time::Instant::now();
         let goodbye = matches!(body, Request::Goodbye);

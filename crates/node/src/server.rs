@@ -25,6 +25,9 @@ pub const CLOSE_PROTOCOL: VarInt = VarInt::from_u32(1);
 pub const CLOSE_SLOW_CONSUMER: VarInt = VarInt::from_u32(2);
 /// Application close code: the node is shutting down; resume elsewhere.
 pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(3);
+/// Application close code: the node stalled (did not run for half the idle timeout)
+/// and refuses the requests that waited meanwhile; reconnect and re-assert.
+pub const CLOSE_STALLED: VarInt = VarInt::from_u32(4);
 
 /// A node that is running.
 pub struct RunningNode {
@@ -280,6 +283,13 @@ async fn tick_loop(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         let now = shared.now_ms();
+        if let Some(ms) = shared.ticked(now) {
+            metrics::counter!("shoal_stalls_total").increment(1);
+            tracing::warn!(
+                stalled_ms = ms,
+                "this node did not run for {ms} ms; client requests that waited out the stall are refused (their clients reconnect)"
+            );
+        }
         let mut replica = write(&shared.replica);
         let actions = replica.tick(now);
         shared.execute(&replica, actions);

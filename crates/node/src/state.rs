@@ -55,6 +55,10 @@ pub struct Shared {
     next_conn: AtomicU64,
     /// When the node started (ms, wall clock): for the snapshot-load duration metric.
     pub started_ms: u64,
+    /// When the tick loop last ran (ms, wall clock; 0 before it first ran).
+    last_tick_ms: AtomicU64,
+    /// How many stalls this process came out of (see [`Shared::stall_epoch`]).
+    stalls: AtomicU64,
 }
 
 /// The outcome of attaching a connection to a session.
@@ -95,7 +99,43 @@ impl Shared {
             ready: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
             started_ms: wall_ms(),
+            last_tick_ms: AtomicU64::new(0),
+            stalls: AtomicU64::new(0),
         })
+    }
+
+    /// A stall (the process did not run: SIGSTOP, a paused VM, a long GC) this long is
+    /// long enough for clients to have given up on this node: half the idle timeout.
+    fn stall_ms(&self) -> u64 {
+        (self.config.idle_timeout_ms / 2).max(1)
+    }
+
+    /// Called by the tick loop each time it runs: counts a stall when the previous run
+    /// is older than [`Shared::stall_ms`]; returns its length if so.
+    pub fn ticked(&self, now_ms: u64) -> Option<u64> {
+        let prev = self.last_tick_ms.swap(now_ms, Ordering::AcqRel);
+        let gap = now_ms.saturating_sub(prev);
+        if prev != 0 && gap > self.stall_ms() {
+            self.stalls.fetch_add(1, Ordering::AcqRel);
+            Some(gap)
+        } else {
+            None
+        }
+    }
+
+    /// Which stall this process is in the era of, as of `now_ms`: it changes when the
+    /// process comes out of a stall, even before the tick loop noticed. A request read
+    /// on a connection opened in an earlier era may have waited out the stall in the
+    /// socket buffers; its client has likely given up, sent it again through another
+    /// node, and written since: serving it now could undo a later write.
+    pub fn stall_epoch(&self, now_ms: u64) -> u64 {
+        let stalls = self.stalls.load(Ordering::Acquire);
+        let last = self.last_tick_ms.load(Ordering::Acquire);
+        if last != 0 && now_ms.saturating_sub(last) > self.stall_ms() {
+            stalls + 1
+        } else {
+            stalls
+        }
     }
 
     /// The clock every engine and registry call uses.

@@ -46,6 +46,11 @@ pub struct Config {
     /// but also leaves a tombstone with a fresh stamp, which deletes the older copies
     /// that other nodes may hold.
     pub settle_ms: u64,
+    /// A forwarded write that arrives later than this after it was sent is refused
+    /// unapplied (its sender has given up on it). Not read from the `[replication]`
+    /// table: the node sets it from its `forward_timeout_ms`.
+    #[serde(skip)]
+    pub forward_ttl_ms: u64,
 }
 
 impl Default for Config {
@@ -65,6 +70,7 @@ impl Default for Config {
             chunk_max_services: 256,
             snapshot_timeout_ms: 3_000,
             settle_ms: 10_000,
+            forward_ttl_ms: 2_000,
         }
     }
 }

@@ -369,10 +369,14 @@ impl Replica {
 
     /// Sends a client write to `owner` (what [`Replica::route`] said). The answer comes
     /// back as [`Action::ForwardDone`] with the returned id; the node times it out.
-    pub fn forward(&mut self, owner: &NodeId, write: Write) -> (u64, Vec<Action>) {
+    pub fn forward(&mut self, owner: &NodeId, write: Write, now_ms: u64) -> (u64, Vec<Action>) {
         let id = self.next_forward_id;
         self.next_forward_id += 1;
-        let msg = PeerMsg::Forward { id, write };
+        let msg = PeerMsg::Forward {
+            id,
+            write,
+            sent_ms: now_ms,
+        };
         (
             id,
             vec![Action::Send {
@@ -526,7 +530,24 @@ impl Replica {
             }
             PeerMsg::Ack(a) => actions.extend(self.set_ready(from, a.ready, now_ms)),
             PeerMsg::Batch(b) => actions.extend(self.on_batch(from, b, now_ms)),
-            PeerMsg::Forward { id, write } => {
+            PeerMsg::Forward { id, sent_ms, .. }
+                if sent_ms > 0 && now_ms > sent_ms.saturating_add(self.config.forward_ttl_ms) =>
+            {
+                actions.push(Action::Send {
+                    to: from.clone(),
+                    msg: PeerMsg::ForwardReply {
+                        id,
+                        outcome: ForwardOutcome::Rejected {
+                            code: "unavailable".into(),
+                            message: format!(
+                                "the forwarded write arrived {} ms after it was sent; not applied",
+                                now_ms - sent_ms
+                            ),
+                        },
+                    },
+                });
+            }
+            PeerMsg::Forward { id, write, .. } => {
                 let outcome = match self.apply_write(write, now_ms) {
                     Ok((change, more)) => {
                         actions.extend(more);
@@ -1122,7 +1143,7 @@ impl Replica {
                         actions.extend(more);
                     }
                 }
-                Route::Forward(owner) => actions.extend(self.forward(&owner, write).1),
+                Route::Forward(owner) => actions.extend(self.forward(&owner, write, now_ms).1),
             }
         }
         actions

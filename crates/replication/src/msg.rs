@@ -30,6 +30,12 @@ pub enum PeerMsg {
         id: u64,
         /// The write.
         write: Write,
+        /// When the sender sent it (its `now_ms`; 0 from a sender that does not say).
+        /// A forward older than `forward_ttl_ms` on arrival is refused unapplied: its
+        /// sender has given up on it and may have sent the write again, and the client
+        /// may have written since (a late copy would win over a later deregistration).
+        #[serde(default)]
+        sent_ms: u64,
     },
     /// The outcome of a forwarded write.
     ForwardReply {

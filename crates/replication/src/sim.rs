@@ -320,7 +320,7 @@ impl Sim {
                 Err(e) => WriteResult::Rejected(e),
             },
             Route::Forward(to) => {
-                let (id, actions) = r.forward(&to, write);
+                let (id, actions) = r.forward(&to, write, now);
                 self.execute(via, actions);
                 WriteResult::Forwarded { to, id }
             }

@@ -783,3 +783,38 @@ fn a_node_that_becomes_ready_gets_deletions_it_missed_at_once() {
     assert_eq!(instances(&sim, "c", &s), vec!["10.0.0.2"]);
     sim.clear_filter();
 }
+
+/// Bug 8 of docs/reliability.md (the peer half): a forward that waited out its owner's
+/// stall was applied on arrival, long after its sender had given up on it (and the
+/// client had retried elsewhere and perhaps deregistered since). It is refused now.
+#[test]
+fn a_forward_that_waited_out_its_owners_stall_is_refused() {
+    let mut sim = cluster(seed(27), &["a", "b", "c"]);
+    let s = owned_by(&sim, "c", 60)[0].clone();
+    sim.open_session(&id("a"), SessionId(1));
+    sim.run_for(100);
+    sim.freeze(&id("c"));
+    let w = Write::Register {
+        service: s.clone(),
+        instance: InstanceSpec::new("10.0.0.8", 8080),
+        session: SessionId(1),
+    };
+    let WriteResult::Forwarded { to, id: fwd } = sim.write(&id("a"), w) else {
+        panic!("a should forward to c");
+    };
+    assert_eq!(to, id("c"));
+    sim.run_for(5_000);
+    sim.thaw(&id("c"));
+    sim.run_for(200);
+    match sim.forward_outcome(&id("a"), fwd) {
+        Some(ForwardOutcome::Rejected { code, .. }) if code == "unavailable" => {}
+        other => panic!("the stale forward got {other:?}"),
+    }
+    sim.run_for(6_000);
+    for n in ["a", "b", "c"] {
+        assert!(
+            instances(&sim, n, &s).is_empty(),
+            "the stale write was applied on {n}"
+        );
+    }
+}

@@ -399,6 +399,10 @@ fn parse_dump_versions(
     (all, per, versions)
 }
 
+/// How long before a fault step an acknowledged write may still sit in its owner's
+/// batch (`batch_window_ms` is 5 ms; the rest is scheduling slack on a loaded machine).
+const AP_WINDOW: Duration = Duration::from_millis(100);
+
 /// Checks one consistent poll of node `node` (`present`, read between `start` and
 /// `end`) against the ledger.
 fn evaluate(
@@ -450,8 +454,19 @@ fn evaluate(
                 && !reg.failed
                 && reg.dereg_requested.is_none_or(|d| d > end)
                 && reg.crashed.is_none_or(|c| c > end);
+            // Acknowledged just before a fault: the owner may have answered before its
+            // batch left (the AP window of docs/reliability.md); it arrives when the
+            // owner is back, or when the client re-registers after failing over. Its
+            // absence is tolerated here; `final-missing` still catches a loss for good.
+            let in_ap_window = reg.acked.is_some_and(|a| {
+                world
+                    .fault_times
+                    .iter()
+                    .any(|&f| f >= a && f <= a + AP_WINDOW)
+            });
+            let never_seen = !seen.contains(&(node, key.clone()));
             if must && !here {
-                if settled {
+                if settled && !(in_ap_window && never_seen) {
                     let (kind, detail) = if seen.contains(&(node, key.clone())) {
                         (
                             "flap",

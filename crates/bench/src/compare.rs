@@ -1635,6 +1635,8 @@ async fn churn(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> Resu
 /// One probe round: a write to every service through every survivor.
 #[derive(Serialize)]
 struct ProbeRound {
+    /// Seconds since the kill, at the start of the round.
+    from: f64,
     /// Seconds since the kill, at the end of the round.
     at: f64,
     /// Probe writes that failed or took longer than 1 s.
@@ -1772,13 +1774,14 @@ async fn failover(
     let mut rounds = Vec::new();
     let mut last_print = Instant::now();
     while killed.elapsed() < window {
+        let from = killed.elapsed().as_secs_f64();
         let failed = probe_round(&mut probes, &names).await;
         let at = killed.elapsed().as_secs_f64();
         if last_print.elapsed() >= Duration::from_secs(1) {
             eprintln!("[{S}] {at:>5.1}s  probe writes failed: {failed}");
             last_print = Instant::now();
         }
-        rounds.push(ProbeRound { at, failed });
+        rounds.push(ProbeRound { from, at, failed });
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let readings = reader.await?;

@@ -36,9 +36,9 @@ pub fn ratio(better: Better, rnacos: Option<f64>, shoal: Option<f64>) -> String 
     };
     let x = match better {
         Better::Higher if r > 0.0 => s / r,
-        Better::Lower if s > 0.0 => r / s,
         Better::Lower if s == 0.0 && r == 0.0 => return "=".into(),
-        Better::Lower if s == 0.0 => return "inf".into(),
+        Better::Lower if s == 0.0 || r / s > 100.0 => return ">100x".into(),
+        Better::Lower => r / s,
         Better::Neither if r > 0.0 => return format!("({:.2})", s / r),
         _ => return String::new(),
     };
@@ -72,6 +72,14 @@ pub fn table(r: &CompareResult) -> String {
             }
         }
     }
+    // Rows of a scenario together, scenarios in the order first seen.
+    let mut order: Vec<&'static str> = Vec::new();
+    for k in &keys {
+        if !order.contains(&k.0) {
+            order.push(k.0);
+        }
+    }
+    keys.sort_by_key(|k| order.iter().position(|s| *s == k.0));
     let mut rows: Vec<[String; 6]> = vec![[
         "scenario".into(),
         "metric".into(),
@@ -296,6 +304,8 @@ mod tests {
         assert_eq!(ratio(Better::Lower, Some(10.0), Some(4.0)), "2.50x");
         assert_eq!(ratio(Better::Lower, Some(2.0), Some(4.0)), "0.50x");
         assert_eq!(ratio(Better::Lower, Some(0.0), Some(0.0)), "=");
+        assert_eq!(ratio(Better::Lower, Some(5.0), Some(0.0)), ">100x");
+        assert_eq!(ratio(Better::Lower, Some(36.0), Some(0.0001)), ">100x");
         assert_eq!(ratio(Better::Neither, Some(2.0), Some(4.0)), "(2.00)");
         assert_eq!(ratio(Better::Higher, None, Some(4.0)), "");
     }

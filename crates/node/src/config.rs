@@ -56,6 +56,10 @@ pub struct Config {
     /// Messages queued towards one peer before further ones are dropped
     /// (anti-entropy repairs what a drop loses).
     pub peer_queue_messages: usize,
+    /// Largest frame sent to or accepted from a peer (bytes). Peers are authenticated
+    /// (mutual TLS) and their snapshot chunks and repairs carry many services, so this
+    /// is larger than `max_frame_bytes`, which bounds what clients may send.
+    pub peer_max_frame_bytes: usize,
     /// Replication timings and limits (the `[replication]` table); see
     /// docs/replication.md.
     pub replication: shoal_replication::Config,
@@ -150,6 +154,7 @@ impl Default for Config {
             seeds: Vec::new(),
             forward_timeout_ms: 2_000,
             peer_queue_messages: 4_096,
+            peer_max_frame_bytes: 64 << 20,
             replication: shoal_replication::Config::default(),
         }
     }
@@ -174,6 +179,10 @@ impl Config {
         anyhow::ensure!(
             self.max_frame_bytes >= 1024 && self.max_frame_bytes <= u32::MAX as usize,
             "max_frame_bytes must be between 1024 and 4294967295"
+        );
+        anyhow::ensure!(
+            self.peer_max_frame_bytes >= 65_536 && self.peer_max_frame_bytes <= u32::MAX as usize,
+            "peer_max_frame_bytes must be between 65536 and 4294967295"
         );
         anyhow::ensure!(
             self.outbound_queue_frames > 0,

@@ -168,7 +168,7 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> Result<
         my_addr.clone(),
         endpoint.clone(),
         peer_client,
-        config.max_frame_bytes,
+        config.peer_max_frame_bytes,
         config.peer_queue_messages,
     );
 

@@ -37,6 +37,10 @@ pub struct Config {
     pub vnodes: u32,
     /// Services per snapshot chunk and per anti-entropy repair message.
     pub chunk_max_services: usize,
+    /// Operations (instances, tombstones, settings) per snapshot chunk and repair
+    /// message: a chunk ends once it holds this many (a single larger service still
+    /// goes whole). Keeps peer messages far below `peer_max_frame_bytes`.
+    pub chunk_max_ops: usize,
     /// How long a snapshot request may go unanswered before it is asked again
     /// (possibly of another peer).
     pub snapshot_timeout_ms: u64,
@@ -68,6 +72,7 @@ impl Default for Config {
             self_preservation_fraction: 0.5,
             vnodes: shoal_ring::DEFAULT_VNODES,
             chunk_max_services: 256,
+            chunk_max_ops: 4_096,
             snapshot_timeout_ms: 3_000,
             settle_ms: 10_000,
             forward_ttl_ms: 2_000,

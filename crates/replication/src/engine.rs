@@ -570,9 +570,11 @@ impl Replica {
             }
             PeerMsg::SnapshotRequest { after } => {
                 if self.ready {
-                    let (records, next) = self
-                        .registry
-                        .snapshot_chunk(after.as_ref(), self.config.chunk_max_services);
+                    let (records, next) = self.registry.snapshot_chunk(
+                        after.as_ref(),
+                        self.config.chunk_max_services,
+                        self.config.chunk_max_ops,
+                    );
                     let done = next.is_none();
                     let sessions = if done {
                         self.session_table()
@@ -1149,16 +1151,31 @@ impl Replica {
         actions
     }
 
+    /// Repair messages of at most `chunk_max_services` records and (unless one record
+    /// alone is larger) `chunk_max_ops` operations each.
     fn repair_msgs(&self, to: &NodeId, records: Vec<ServiceRecord>) -> Vec<Action> {
         let max = self.config.chunk_max_services.max(1);
+        let max_ops = self.config.chunk_max_ops.max(1);
         let mut actions = Vec::new();
-        let mut records = records.into_iter().peekable();
-        while records.peek().is_some() {
+        let mut chunk: Vec<ServiceRecord> = Vec::new();
+        let mut ops = 0;
+        for r in records {
+            if !chunk.is_empty() && (chunk.len() >= max || ops + r.ops.len() > max_ops) {
+                actions.push(Action::Send {
+                    to: to.clone(),
+                    msg: PeerMsg::Repair {
+                        records: std::mem::take(&mut chunk),
+                    },
+                });
+                ops = 0;
+            }
+            ops += r.ops.len();
+            chunk.push(r);
+        }
+        if !chunk.is_empty() {
             actions.push(Action::Send {
                 to: to.clone(),
-                msg: PeerMsg::Repair {
-                    records: records.by_ref().take(max).collect(),
-                },
+                msg: PeerMsg::Repair { records: chunk },
             });
         }
         actions

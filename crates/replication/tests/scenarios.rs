@@ -818,3 +818,56 @@ fn a_forward_that_waited_out_its_owners_stall_is_refused() {
         );
     }
 }
+
+/// Snapshot chunks and repairs are bounded by operations, not only by services, so a
+/// registry of large services travels in moderate messages (before, a chunk of 256
+/// services of 100 instances exceeded the peer frame limit and was dropped, so a
+/// node could not load or repair at that scale).
+#[test]
+fn snapshot_and_repair_messages_stay_within_the_operation_bound() {
+    use std::cell::Cell;
+    use std::rc::Rc;
+    let config = Config {
+        chunk_max_ops: 50,
+        ..Config::default()
+    };
+    let mut sim = Sim::new(seed(28), config);
+    for n in ["a", "b"] {
+        sim.add_node(n);
+    }
+    sim.run_for(4_000);
+    sim.open_session(&id("a"), SessionId(1));
+    for i in 0..20 {
+        for k in 0..30 {
+            register(&mut sim, "a", &svc(i), &format!("10.0.{i}.{k}"), 1);
+        }
+    }
+    assert_converged(&mut sim, 2_000);
+    let largest = Rc::new(Cell::new(0usize));
+    let seen = largest.clone();
+    // Every batch to c is lost: it must load and be repaired in bounded messages.
+    sim.set_filter(Box::new(move |_, to, msg| {
+        let ops = match msg {
+            PeerMsg::SnapshotChunk(c) => c.records.iter().map(|r| r.ops.len()).sum(),
+            PeerMsg::Repair { records } => records.iter().map(|r| r.ops.len()).sum(),
+            _ => 0,
+        };
+        seen.set(seen.get().max(ops));
+        to.0 == "c" && matches!(msg, PeerMsg::Batch(_))
+    }));
+    sim.add_node("c");
+    sim.run_for(4_000);
+    assert!(sim.replica(&id("c")).is_ready());
+    for i in 20..24 {
+        for k in 0..30 {
+            register(&mut sim, "a", &svc(i), &format!("10.1.{i}.{k}"), 1);
+        }
+    }
+    assert_converged(&mut sim, 12_000);
+    // A chunk ends once it holds 50 operations: at most 50 + one 30-instance service.
+    assert!(
+        largest.get() > 0 && largest.get() < 80,
+        "largest message: {} operations",
+        largest.get()
+    );
+}

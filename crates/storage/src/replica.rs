@@ -625,28 +625,33 @@ impl Registry {
 
     /// Up to `max` records (at least 1), in ring order, after the service `after`
     /// (from the start when `None`), and the cursor of the next chunk (`None` after the
-    /// last). Streams a full snapshot without holding it all.
+    /// last). The chunk also ends once its records hold `max_ops` operations or more, so
+    /// that a chunk of large services stays a moderate message. Streams a full snapshot
+    /// without holding it all.
     pub fn snapshot_chunk(
         &self,
         after: Option<&ServiceKey>,
         max: usize,
+        max_ops: usize,
     ) -> (Vec<ServiceRecord>, Option<ServiceKey>) {
         let max = max.max(1);
         let start = match after {
             Some(k) => Bound::Excluded((self.placement_of(k), k.clone())),
             None => Bound::Unbounded,
         };
-        let mut keys = self.placed.range((start, Bound::Unbounded));
-        let records: Vec<ServiceRecord> = keys
-            .by_ref()
-            .take(max)
-            .filter_map(|(_, k)| self.record(k))
-            .collect();
-        let next = if keys.next().is_some() {
-            records.last().map(|r| r.service.clone())
-        } else {
-            None
-        };
+        let mut keys = self.placed.range((start, Bound::Unbounded)).peekable();
+        let mut records: Vec<ServiceRecord> = Vec::new();
+        let mut ops = 0;
+        let mut last = None;
+        while records.len() < max && ops < max_ops.max(1) {
+            let Some((_, k)) = keys.next() else { break };
+            last = Some(k.clone());
+            if let Some(r) = self.record(k) {
+                ops += r.ops.len();
+                records.push(r);
+            }
+        }
+        let next = if keys.peek().is_some() { last } else { None };
         (records, next)
     }
 
@@ -1026,7 +1031,7 @@ mod tests {
         let mut after = None;
         let mut chunks = 0;
         loop {
-            let (records, next) = w.snapshot_chunk(after.as_ref(), 4);
+            let (records, next) = w.snapshot_chunk(after.as_ref(), 4, usize::MAX);
             assert!(records.len() <= 4);
             chunks += 1;
             for rec in records {
@@ -1042,6 +1047,41 @@ mod tests {
         assert_eq!(r.tombstone_count(), 5);
         assert_eq!(digests(&r), digests(&w));
         r.check_invariants();
+    }
+
+    #[test]
+    fn snapshot_chunks_end_at_the_operation_bound() {
+        let mut w = writer(1);
+        // 10 services of 7 instances each: 70 operations.
+        for i in 0..10 {
+            let s = svc(&format!("s{i}"));
+            for k in 0..7 {
+                w.register(
+                    &s,
+                    InstanceSpec::new(&format!("10.0.0.{k}"), 80),
+                    SessionId(1),
+                    0,
+                )
+                .unwrap();
+            }
+        }
+        let mut r = replica();
+        let mut after = None;
+        let mut sizes = Vec::new();
+        loop {
+            let (records, next) = w.snapshot_chunk(after.as_ref(), 100, 20);
+            // Ends once 20 or more operations are in: 3 services (21 operations).
+            sizes.push(records.iter().map(|r| r.ops.len()).sum::<usize>());
+            for rec in records {
+                r.apply_record(rec, 5).unwrap();
+            }
+            match next {
+                Some(k) => after = Some(k),
+                None => break,
+            }
+        }
+        assert_eq!(sizes, vec![21, 21, 21, 7]);
+        assert_eq!(r.dump_replicated(), w.dump_replicated());
     }
 
     #[test]

@@ -1058,7 +1058,7 @@ mod tests {
             for k in 0..7 {
                 w.register(
                     &s,
-                    InstanceSpec::new(&format!("10.0.0.{k}"), 80),
+                    InstanceSpec::new(format!("10.0.0.{k}"), 80),
                     SessionId(1),
                     0,
                 )

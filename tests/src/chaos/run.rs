@@ -458,12 +458,13 @@ fn evaluate(
             // batch left (the AP window of docs/reliability.md); it arrives when the
             // owner is back, or when the client re-registers after failing over. Its
             // absence is tolerated here; `final-missing` still catches a loss for good.
-            let in_ap_window = reg.acked.is_some_and(|a| {
+            let before_a_fault = |a: Instant| {
                 world
                     .fault_times
                     .iter()
                     .any(|&f| f >= a && f <= a + AP_WINDOW)
-            });
+            };
+            let in_ap_window = reg.acked.is_some_and(before_a_fault);
             let never_seen = !seen.contains(&(node, key.clone()));
             if must && !here {
                 if settled && !(in_ap_window && never_seen) {
@@ -484,7 +485,13 @@ fn evaluate(
                 }
             }
             if here && settled {
-                if reg.dereg_acked.is_some_and(|d| d + b.replication <= start) {
+                // The same AP window for a deletion acknowledged just before a fault:
+                // tolerated here, `final-extra` catches it if it never spreads.
+                let dereg_in_ap_window = reg.dereg_acked.is_some_and(before_a_fault);
+                if dereg_in_ap_window && reg.dereg_acked.is_some_and(|d| d + b.replication <= start)
+                {
+                    tolerated += 1;
+                } else if reg.dereg_acked.is_some_and(|d| d + b.replication <= start) {
                     findings.push((
                         "stale",
                         name(),

@@ -366,13 +366,9 @@ async fn gauge_loop(shared: Arc<Shared>, metrics: Option<PrometheusHandle>) {
         let (services, instances, members, ring, owned, self_preservation) = {
             let r = read(&shared.replica);
             let members = r.members();
-            let owned: usize = r
-                .registry()
-                .namespaces()
-                .iter()
-                .filter_map(|ns| r.registry().list_services(ns, None).ok())
-                .map(|list| list.iter().filter(|s| r.owns(&s.key)).count())
-                .sum();
+            // Counted over the ring ranges this node owns, without building a list of
+            // every service (that took 11 % of a node's CPU at 450 000 instances).
+            let owned = r.owned_service_count();
             (
                 r.registry().service_count(),
                 r.registry().instance_count(),

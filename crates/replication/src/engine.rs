@@ -297,6 +297,17 @@ impl Replica {
             .map(|id| NodeId(id.to_string()))
     }
 
+    /// How many services with live data this node owns (a walk over its ring ranges,
+    /// without allocating: for gauges).
+    pub fn owned_service_count(&self) -> usize {
+        self.ring
+            .ranges()
+            .iter()
+            .filter(|r| r.owner == self.me.0)
+            .map(|r| self.registry.live_services_in(r.start, r.end))
+            .sum()
+    }
+
     /// Whether this node owns the service.
     pub fn owns(&self, service: &ServiceKey) -> bool {
         owns(&self.ring, &self.me, service)

@@ -871,3 +871,23 @@ fn snapshot_and_repair_messages_stay_within_the_operation_bound() {
         largest.get()
     );
 }
+
+/// The owned-services gauge counts over the ring ranges; it must agree with the owner
+/// of every service, and the nodes' counts must add up to the registry.
+#[test]
+fn owned_service_counts_match_the_owners() {
+    let mut sim = cluster(seed(29), &["a", "b", "c"]);
+    sim.open_session(&id("a"), SessionId(1));
+    for i in 0..100 {
+        register(&mut sim, "a", &svc(i), "10.0.0.1", 1);
+    }
+    assert_converged(&mut sim, 2_000);
+    let mut total = 0;
+    for n in ["a", "b", "c"] {
+        let r = sim.replica(&id(n));
+        let by_owner = (0..100).filter(|&i| r.owns(&svc(i))).count();
+        assert_eq!(r.owned_service_count(), by_owner, "{n}");
+        total += by_owner;
+    }
+    assert_eq!(total, 100);
+}

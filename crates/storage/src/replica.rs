@@ -540,6 +540,14 @@ impl Registry {
             .collect()
     }
 
+    /// How many services with live data (instances or settings) are placed in the arc
+    /// `start..=end`: no allocation, for gauges.
+    pub fn live_services_in(&self, start: u64, end: u64) -> usize {
+        self.placed_in(start, end)
+            .filter(|k| self.services.contains_key(*k))
+            .count()
+    }
+
     /// The services placed in the arc `start..=end`, in ring order.
     fn placed_in(&self, start: u64, end: u64) -> impl Iterator<Item = &ServiceKey> + '_ {
         let lower = |from: u64| {

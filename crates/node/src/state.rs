@@ -104,10 +104,13 @@ impl Shared {
         })
     }
 
-    /// A stall (the process did not run: SIGSTOP, a paused VM, a long GC) this long is
-    /// long enough for clients to have given up on this node: half the idle timeout.
+    /// A stall (the process did not run: SIGSTOP, a paused VM, a long GC) this long may
+    /// be long enough for clients to have given up on this node: half the idle timeout,
+    /// but at least 2 s (a busy machine delays a tick by less) and at most the idle
+    /// timeout (by then every client has given up).
     fn stall_ms(&self) -> u64 {
-        (self.config.idle_timeout_ms / 2).max(1)
+        let idle = self.config.idle_timeout_ms.max(1);
+        (idle / 2).max(2_000).min(idle)
     }
 
     /// Called by the tick loop each time it runs: counts a stall when the previous run

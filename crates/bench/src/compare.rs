@@ -406,11 +406,15 @@ async fn scenarios(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> 
         failover(args, h, run, &reg, &beater).await?;
     }
     beater.stop().await;
+    // Goodbye from every session at once (one after the other takes minutes with
+    // thousands of sessions).
+    let mut closing = JoinSet::new();
     for lanes in reg.sessions {
         if let Some(first) = lanes.into_iter().next() {
-            first.close().await;
+            closing.spawn(first.close());
         }
     }
+    while closing.join_next().await.is_some() {}
     Ok(())
 }
 

@@ -201,6 +201,16 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::SingleNode(args) => runtime.block_on(single_node::run(args)),
         Command::Cluster(args) => runtime.block_on(cluster::run(args)),
-        Command::Compare(args) => runtime.block_on(compare::run(args)),
+        Command::Compare(args) => runtime.block_on(async {
+            // On Ctrl-C or SIGTERM the run is dropped, and with it every node process it
+            // started (they are killed on drop), so none is left behind.
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                result = compare::run(args) => result,
+                _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the nodes were stopped"),
+                _ = term.recv() => anyhow::bail!("terminated; the nodes were stopped"),
+            }
+        }),
     }
 }

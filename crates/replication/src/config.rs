@@ -41,6 +41,11 @@ pub struct Config {
     /// message: a chunk ends once it holds this many (a single larger service still
     /// goes whole). Keeps peer messages far below `peer_max_frame_bytes`.
     pub chunk_max_ops: usize,
+    /// Services an owner repairs with one peer per anti-entropy exchange, at most
+    /// (those that changed here longest ago first: the recent ones are likely in a
+    /// batch on its way). Under heavy writes many services differ at any moment;
+    /// without a bound every round would resend a large part of the registry.
+    pub repair_max_services: usize,
     /// How long a snapshot request may go unanswered before it is asked again
     /// (possibly of another peer).
     pub snapshot_timeout_ms: u64,
@@ -73,6 +78,7 @@ impl Default for Config {
             vnodes: shoal_ring::DEFAULT_VNODES,
             chunk_max_services: 256,
             chunk_max_ops: 4_096,
+            repair_max_services: 256,
             snapshot_timeout_ms: 3_000,
             settle_ms: 10_000,
             forward_ttl_ms: 2_000,

@@ -650,6 +650,16 @@ impl Replica {
                         ask.push(key.clone());
                     }
                 }
+                // Bounded, quietest first: what changed here last is likely still in a
+                // batch on its way, and the next round compares again.
+                let cap = self.config.repair_max_services.max(1);
+                if send.len() > cap || ask.len() > cap {
+                    let r = &self.registry;
+                    send.sort_by_cached_key(|k| r.changed_ms(k));
+                    ask.sort_by_cached_key(|k| r.changed_ms(k));
+                    send.truncate(cap);
+                    ask.truncate(cap);
+                }
                 let records = self.registry.records_of(&send);
                 actions.extend(self.repair_msgs(from, records));
                 if !ask.is_empty() {

@@ -63,6 +63,8 @@ pub(crate) struct ServiceEntry {
     pub(crate) meta_stamp: Stamp,
     /// Wrapping sum of the digest hashes of the live instances and of the settings.
     pub(crate) sum: u64,
+    /// When it last changed here (the registry's latest `now_ms` then).
+    pub(crate) changed_ms: u64,
 }
 
 impl ServiceEntry {
@@ -683,6 +685,7 @@ impl Registry {
     pub(crate) fn set_revision(&mut self, service: &ServiceKey, revision: u64) {
         if let Some(e) = self.services.get_mut(service) {
             e.revision = revision;
+            e.changed_ms = self.last_now_ms;
         }
     }
 

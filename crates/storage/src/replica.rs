@@ -540,6 +540,21 @@ impl Registry {
             .collect()
     }
 
+    /// When a service last changed here: its latest visible change or deletion (ms of
+    /// the registry's clock; 0 if it holds nothing of it).
+    pub fn changed_ms(&self, service: &ServiceKey) -> u64 {
+        let live = self.services.get(service).map_or(0, |e| e.changed_ms);
+        let dead = self.tombs.get(service).map_or(0, |t| {
+            t.instances
+                .values()
+                .chain(t.meta.iter())
+                .map(|t| t.deleted_at_ms)
+                .max()
+                .unwrap_or(0)
+        });
+        live.max(dead)
+    }
+
     /// How many services with live data (instances or settings) are placed in the arc
     /// `start..=end`: no allocation, for gauges.
     pub fn live_services_in(&self, start: u64, end: u64) -> usize {

@@ -689,16 +689,27 @@ fn a_deregister_through_an_owner_that_just_resumed_deletes_everywhere() {
     }
 }
 
-/// A settled owner still answers NotFound for an instance nobody registered.
+/// An owner answers NotFound for an instance it does not hold; only while it is
+/// settling does it also write a tombstone (a settled owner's copy is complete).
 #[test]
-fn a_settled_owner_answers_not_found() {
+fn only_a_settling_owner_writes_a_tombstone_for_what_it_does_not_hold() {
     let mut sim = cluster(seed(24), &["a", "b", "c"]);
-    sim.run_for(12_000);
     let s = owned_by(&sim, "a", 60)[0].clone();
+    // Just formed: a's ring changed moments ago.
+    assert!(sim.replica(&id("a")).is_settling(sim.now_ms()));
+    match deregister(&mut sim, "a", &s, "10.9.9.8") {
+        WriteResult::Rejected(e) => assert_eq!(e.code(), "not_found"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sim.replica(&id("a")).registry().tombstone_count(), 1);
+    sim.run_for(12_000);
+    assert!(!sim.replica(&id("a")).is_settling(sim.now_ms()));
+    let before = sim.replica(&id("a")).registry().tombstone_count();
     match deregister(&mut sim, "a", &s, "10.9.9.9") {
         WriteResult::Rejected(e) => assert_eq!(e.code(), "not_found"),
         other => panic!("{other:?}"),
     }
+    assert_eq!(sim.replica(&id("a")).registry().tombstone_count(), before);
 }
 
 /// Bug 5 of docs/reliability.md: when the first of several dead members came back,

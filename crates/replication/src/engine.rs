@@ -346,8 +346,8 @@ impl Replica {
         // An owner whose copy may be incomplete (or a node that got a forward for a
         // service it does not own) deletes what it does not hold too: the instance may
         // be registered elsewhere, and would stay there for good.
-        let unsure =
-            now_ms < self.unsettled_until_ms || !owns(&self.ring, &self.me, write.service());
+        let unsure = matches!(write, Write::Deregister { .. })
+            && (now_ms < self.unsettled_until_ms || !owns(&self.ring, &self.me, write.service()));
         let r = &mut self.registry;
         let change = match write {
             Write::Register {

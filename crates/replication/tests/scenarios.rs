@@ -58,6 +58,20 @@ fn instances(sim: &Sim, node: &str, service: &ServiceKey) -> Vec<String> {
         .collect()
 }
 
+/// Five nodes a..e; service `i` (of `n`) holds one instance of session `i`, homed on
+/// node `i mod 5`; converged.
+fn five_homes(seed: u64, n: usize) -> Sim {
+    let mut sim = cluster(seed, &["a", "b", "c", "d", "e"]);
+    let names = ["a", "b", "c", "d", "e"];
+    for i in 0..n {
+        let home = names[i % 5];
+        sim.open_session(&id(home), SessionId(i as u128));
+        register(&mut sim, home, &svc(i), "10.0.0.1", i as u128);
+    }
+    assert_converged(&mut sim, 2_000);
+    sim
+}
+
 fn assert_converged(sim: &mut Sim, max_ms: u64) -> u64 {
     match sim.run_until_converged(max_ms) {
         Some(t) => t,
@@ -364,14 +378,7 @@ fn a_joiner_loads_a_snapshot_before_it_is_ready() {
 /// than that the others died, and keep every instance.
 #[test]
 fn self_preservation_stops_a_mass_deletion() {
-    let mut sim = cluster(seed(11), &["a", "b", "c", "d", "e"]);
-    let names = ["a", "b", "c", "d", "e"];
-    for i in 0..100 {
-        let home = names[i % 5];
-        sim.open_session(&id(home), SessionId(i as u128));
-        register(&mut sim, home, &svc(i), "10.0.0.1", i as u128);
-    }
-    assert_converged(&mut sim, 2_000);
+    let mut sim = five_homes(seed(11), 100);
     for n in ["c", "d", "e"] {
         sim.kill(&id(n));
     }
@@ -717,14 +724,7 @@ fn only_a_settling_owner_writes_a_tombstone_for_what_it_does_not_hold() {
 /// sessions whose homes were still down.
 #[test]
 fn leaving_self_preservation_gives_the_homes_still_down_a_grace_period() {
-    let mut sim = cluster(seed(25), &["a", "b", "c", "d", "e"]);
-    let names = ["a", "b", "c", "d", "e"];
-    for i in 0..50 {
-        let home = names[i % 5];
-        sim.open_session(&id(home), SessionId(i as u128));
-        register(&mut sim, home, &svc(i), "10.0.0.1", i as u128);
-    }
-    assert_converged(&mut sim, 2_000);
+    let mut sim = five_homes(seed(25), 50);
     for n in ["c", "d", "e"] {
         sim.kill(&id(n));
     }

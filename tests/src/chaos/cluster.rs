@@ -395,7 +395,7 @@ impl ChaosCluster {
                 Some(reference) if *reference != dump => {
                     return Err(format!(
                         "dumps of n0 and n{i} differ: {}",
-                        dump_difference(reference, &dump)
+                        crate::dump_difference(reference, &dump)
                     ))
                 }
                 Some(_) => {}
@@ -443,25 +443,4 @@ impl Drop for ChaosCluster {
         // Namespaces go after the processes in them.
         self.lab = None;
     }
-}
-
-/// A short description of how two `/v1/dump` documents differ.
-pub fn dump_difference(a: &Value, b: &Value) -> String {
-    fn by_key(d: &Value) -> std::collections::BTreeMap<String, Value> {
-        d.as_array()
-            .into_iter()
-            .flatten()
-            .map(|s| (s["key"]["service"].to_string(), s.clone()))
-            .collect()
-    }
-    let (a, b) = (by_key(a), by_key(b));
-    let only_a: Vec<&String> = a.keys().filter(|k| !b.contains_key(*k)).take(5).collect();
-    let only_b: Vec<&String> = b.keys().filter(|k| !a.contains_key(*k)).take(5).collect();
-    let differ: Vec<String> = a
-        .iter()
-        .filter(|(k, v)| b.get(*k).is_some_and(|w| w != *v))
-        .take(2)
-        .map(|(k, v)| format!("{k}: {v} vs {}", b[k]))
-        .collect();
-    format!("only in the first: {only_a:?}; only in the second: {only_b:?}; different: {differ:?}")
 }

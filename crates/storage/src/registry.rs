@@ -991,6 +991,13 @@ impl Registry {
         self.services.get(service).map(|e| &e.meta)
     }
 
+    /// A service's revision (the stamp of its last change), `None` if it does not
+    /// exist. Equal revisions mean equal query answers (for the same filters), so
+    /// readers may cache answers by it.
+    pub fn service_revision(&self, service: &ServiceKey) -> Option<u64> {
+        self.services.get(service).map(|e| e.revision)
+    }
+
     /// Number of services.
     pub fn service_count(&self) -> usize {
         self.services.len()

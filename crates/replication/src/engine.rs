@@ -571,6 +571,13 @@ impl Replica {
                         message: e.to_string(),
                     },
                 };
+                // The sender gets the write's operations before the answer, on the
+                // same ordered link: once its client has the acknowledgement, the
+                // sender (the client's home) holds the write too, and anti-entropy
+                // spreads it even if this node dies before its next batch leaves.
+                // (A NotFound while settling leaves a tombstone: that goes too.)
+                actions.extend(self.queue_local_ops(now_ms));
+                actions.extend(self.flush(from));
                 actions.push(Action::Send {
                     to: from.clone(),
                     msg: PeerMsg::ForwardReply { id, outcome },

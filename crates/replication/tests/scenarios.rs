@@ -696,6 +696,52 @@ fn a_deregister_through_an_owner_that_just_resumed_deletes_everywhere() {
     }
 }
 
+/// Bug 9 of docs/reliability.md: an owner acknowledged a forwarded Deregister and was
+/// killed before its next batch left. The deletion was lost with it, and the instance,
+/// whose session lives on, stayed registered on every other node for good.
+#[test]
+fn a_write_acknowledged_by_an_owner_that_dies_at_once_is_not_lost() {
+    // A long batch window: without the fix the batch would not leave before the kill.
+    let config = Config {
+        batch_window_ms: 1_000,
+        ..Config::default()
+    };
+    let mut sim = Sim::new(seed(24), config);
+    for n in ["a", "b", "c"] {
+        sim.add_node(n);
+    }
+    sim.run_for(4_000);
+    assert!(sim.all_ready(), "cluster did not start");
+    let s = owned_by(&sim, "c", 60)[0].clone();
+    sim.open_session(&id("a"), SessionId(1));
+    register(&mut sim, "a", &s, "10.0.0.7", 1);
+    sim.run_for(2_500);
+    for n in ["a", "b", "c"] {
+        assert_eq!(instances(&sim, n, &s).len(), 1, "{s} not on {n}");
+    }
+    let WriteResult::Forwarded { to, id: fwd } = deregister(&mut sim, "a", &s, "10.0.0.7") else {
+        panic!("a should forward to c");
+    };
+    assert_eq!(to, id("c"));
+    // The moment a (the client's home) has the answer, c dies.
+    for _ in 0..200 {
+        if sim.forward_outcome(&id("a"), fwd).is_some() {
+            break;
+        }
+        sim.run_for(1);
+    }
+    match sim.forward_outcome(&id("a"), fwd) {
+        Some(ForwardOutcome::Applied { .. }) => {}
+        other => panic!("the owner answered {other:?}"),
+    }
+    sim.kill(&id("c"));
+    sim.run_for(12_000);
+    assert_converged(&mut sim, 10_000);
+    for n in ["a", "b"] {
+        assert!(instances(&sim, n, &s).is_empty(), "{s} still on {n}");
+    }
+}
+
 /// An owner answers NotFound for an instance it does not hold; only while it is
 /// settling does it also write a tombstone (a settled owner's copy is complete).
 #[test]

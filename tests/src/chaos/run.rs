@@ -1213,6 +1213,14 @@ pub async fn run(scenario: Scenario) -> Report {
     report.violations = shared.violations.lock().unwrap().clone();
     report.wall = wall.elapsed();
     if !report.violations.is_empty() {
+        // Printed before the node logs (which the cluster prints as it is dropped), so
+        // that an excerpt of the output that keeps its beginning shows what failed.
+        println!(
+            "chaos {}: {} violation(s), first the list, then the node logs:\n{}",
+            report.name,
+            report.violations.len(),
+            report.violations.render(40)
+        );
         running.cluster.keep_logs();
     }
     drop(running);

@@ -1672,6 +1672,10 @@ struct FailoverDetail {
 
 /// One probe round: a write to every service through every survivor, one service per
 /// lane at a time; how many failed.
+/// Sets of probe clients in the failover scenario: rounds start every 100 ms and take
+/// up to their 1 s timeout, so at most about 11 run at once.
+const PROBE_SETS: usize = 12;
+
 async fn probe_round(probes: &mut [(usize, Vec<Lane>)], names: &Names) -> usize {
     let mut futures = Vec::new();
     for (node, lanes) in probes.iter_mut() {
@@ -1722,16 +1726,23 @@ async fn failover(
     let victim = *live.last().ok_or_else(|| anyhow!("no node runs"))?;
     let survivors: Vec<usize> = live.iter().copied().filter(|&i| i != victim).collect();
     let names = reg.names.clone();
-    let mut probes = Vec::new();
-    for &s in &survivors {
-        let lanes = h
-            .client(s, true, names.len().min(128), Duration::from_secs(1))
-            .await?;
-        probes.push((s, lanes));
+    // Rounds start every 100 ms whether or not the earlier ones ended (a round that
+    // waits on the dead owner takes up to its 1 s timeout), each on a set of probe
+    // clients of its own: PROBE_SETS sets in rotation.
+    let mut sets: Vec<Vec<(usize, Vec<Lane>)>> = Vec::new();
+    for _ in 0..PROBE_SETS {
+        let mut probes = Vec::new();
+        for &s in &survivors {
+            let lanes = h
+                .client(s, true, names.len().min(64), Duration::from_secs(1))
+                .await?;
+            probes.push((s, lanes));
+        }
+        sets.push(probes);
     }
     // Probes in place before the kill.
     let started = Instant::now();
-    while probe_round(&mut probes, &names).await > 0 {
+    while probe_round(&mut sets[0], &names).await > 0 {
         if started.elapsed() > Duration::from_secs(30) {
             bail!("the probe writes do not all succeed before the kill");
         }
@@ -1777,24 +1788,45 @@ async fn failover(
     });
     let mut rounds = Vec::new();
     let mut last_print = Instant::now();
-    while killed.elapsed() < window {
-        let from = killed.elapsed().as_secs_f64();
-        let failed = probe_round(&mut probes, &names).await;
-        let at = killed.elapsed().as_secs_f64();
-        if last_print.elapsed() >= Duration::from_secs(1) {
-            eprintln!("[{S}] {at:>5.1}s  probe writes failed: {failed}");
-            last_print = Instant::now();
+    let mut running = tokio::task::JoinSet::new();
+    let mut next_start = killed;
+    while killed.elapsed() < window || !running.is_empty() {
+        while let Some(done) = running.try_join_next() {
+            let (set, round): (Vec<(usize, Vec<Lane>)>, ProbeRound) = done?;
+            if last_print.elapsed() >= Duration::from_secs(1) {
+                eprintln!(
+                    "[{S}] {:>5.1}s  probe writes failed: {}",
+                    round.from, round.failed
+                );
+                last_print = Instant::now();
+            }
+            rounds.push(round);
+            sets.push(set);
         }
-        rounds.push(ProbeRound { from, at, failed });
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        if killed.elapsed() < window && Instant::now() >= next_start {
+            if let Some(mut set) = sets.pop() {
+                let names = names.clone();
+                running.spawn(async move {
+                    let from = killed.elapsed().as_secs_f64();
+                    let failed = probe_round(&mut set, &names).await;
+                    let at = killed.elapsed().as_secs_f64();
+                    (set, ProbeRound { from, at, failed })
+                });
+                next_start += Duration::from_millis(100);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    rounds.sort_by(|a, b| a.from.total_cmp(&b.from));
     let readings = reader.await?;
     let cpu = mark.since();
     h.check_alive()?;
+    // The start of the first round after which every round succeeded: every probe
+    // sent from then on found an owner (resolution: the 100 ms between starts).
     let owned = recovered_at(
         &rounds
             .iter()
-            .map(|r| (r.at, r.failed == 0))
+            .map(|r| (r.from, r.failed == 0))
             .collect::<Vec<_>>(),
     );
     let visible = recovered_at(

@@ -148,52 +148,10 @@ mod regressions {
     use shoal_client::{Client, ClientConfig};
     use shoal_storage::{InstanceSpec, ServiceKey};
     use shoal_tests::chaos::*;
-    use shoal_tests::{inst, svc, Node, NodeOptions, RawClient, Value};
+    use shoal_tests::{inst, svc, Node, NodeOptions, RawClient};
 
     fn node_args() -> Vec<String> {
         vec!["--idle-timeout-ms".into(), "5000".into()]
-    }
-
-    /// A service that node `owner` owns, as node `asked` sees the ring.
-    async fn service_owned_by(c: &ChaosCluster, asked: usize, owner: usize) -> ServiceKey {
-        for k in 0..1_000 {
-            let ring = c
-                .get_json(asked, &format!("/v1/ring?service=reg-{k}"))
-                .await
-                .unwrap();
-            if ring["owner"] == c.id(owner) {
-                return ServiceKey::named(format!("reg-{k}"));
-            }
-        }
-        panic!("no service owned by n{owner}");
-    }
-
-    fn lists(dump: &Value, service: &str, port: u16) -> bool {
-        dump.as_array().into_iter().flatten().any(|s| {
-            s["key"]["service"] == service
-                && s["instances"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|i| i["port"] == port)
-        })
-    }
-
-    /// Which nodes list `service` instance `port`.
-    async fn holders(c: &ChaosCluster, service: &ServiceKey, port: u16) -> Vec<usize> {
-        let mut out = Vec::new();
-        for i in 0..c.len() {
-            if c.is_running(i)
-                && lists(
-                    &c.get_json(i, "/v1/dump").await.unwrap(),
-                    &service.service,
-                    port,
-                )
-            {
-                out.push(i);
-            }
-        }
-        out
     }
 
     /// Found by `kill_restart_freeze_three_nodes` (seed 7): a node that resumes after
@@ -208,7 +166,7 @@ mod regressions {
         let mut c = ChaosCluster::start(3, Mode::Loopback, &node_args())
             .await
             .unwrap();
-        let service = service_owned_by(&c, 2, 0).await;
+        let service = c.service_owned_by(2, 0).await;
         let client = Client::connect(ClientConfig::new([c.quic(2).to_string()], c.ca_file()))
             .await
             .unwrap();
@@ -225,10 +183,10 @@ mod regressions {
             .deregister(&service, &InstanceSpec::new("10.5.0.1", 4000).key())
             .await;
         let started = Instant::now();
-        let mut left = holders(&c, &service, 4000).await;
+        let mut left = c.holders(&service, 4000).await;
         while !left.is_empty() && started.elapsed() < Duration::from_secs(15) {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            left = holders(&c, &service, 4000).await;
+            left = c.holders(&service, 4000).await;
         }
         // The owner may answer NotFound (its copy does not hold the instance yet), but
         // the instance must be gone everywhere.
@@ -297,7 +255,7 @@ mod regressions {
         tokio::time::sleep_until((last + Duration::from_millis(2_100)).into()).await;
         let mut absent = Vec::new();
         for (service, port) in &acked {
-            let on = holders(&c, service, *port).await;
+            let on = c.holders(service, *port).await;
             if on != vec![0, 1, 2] {
                 absent.push(format!("{} :{port} only on {on:?}", service.service));
             }
@@ -351,7 +309,7 @@ mod regressions {
         while started.elapsed() < Duration::from_secs(20) {
             left.clear();
             for (i, s) in services.iter().enumerate() {
-                let on = holders(&c, s, 6000 + i as u16).await;
+                let on = c.holders(s, 6000 + i as u16).await;
                 if !on.is_empty() {
                     left.push(format!("{} on {on:?}", s.service));
                 }

@@ -52,3 +52,80 @@ async fn split_brain_heals_to_the_union_of_live_registrations() {
     );
     report.assert_ok();
 }
+
+/// Bug 10 of docs/reliability.md: a Deregister acknowledged by the client's home, which
+/// also owned the service, was lost when the home died before its batch left (here: it
+/// was cut from the other nodes, then killed). The client failed over and resumed its
+/// session, which kept the instance registered on the survivors for good. Now the SDK
+/// sends its recent deregistrations again after a reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deregistration_lost_with_its_home_is_sent_again_after_failover() {
+    use shoal_client::{Client, ClientConfig};
+    use shoal_storage::InstanceSpec;
+    use std::time::{Duration, Instant};
+
+    let _one_at_a_time = exclusive().await;
+    if let Some(why) = NetLab::unavailable() {
+        assert!(
+            std::env::var_os("SHOAL_REQUIRE_NETNS").is_none(),
+            "the lost-deregistration test cannot run: {why}"
+        );
+        println!("lost-deregistration test skipped: {why}");
+        return;
+    }
+    let args = vec!["--idle-timeout-ms".to_string(), "5000".to_string()];
+    let mut c = ChaosCluster::start(3, Mode::Netns, &args).await.unwrap();
+    let formed = Instant::now();
+    while let Err(why) = c.check_converged().await {
+        assert!(
+            formed.elapsed() < Duration::from_secs(60),
+            "no cluster: {why}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let service = c.service_owned_by(0, 0).await;
+    // Homed on n0 (the owner), failing over to n1.
+    let servers = c.servers(&[0, 1]);
+    let client = loop {
+        let client = Client::connect(ClientConfig::new(servers.clone(), c.ca_file()))
+            .await
+            .unwrap();
+        if client.home().as_deref() == Some(servers[0].as_str()) {
+            break client;
+        }
+        client.close().await.unwrap();
+    };
+    let instance = InstanceSpec::new("10.6.0.1", 4100);
+    client.register(&service, instance.clone()).await.unwrap();
+    let registered = Instant::now();
+    while c.holders(&service, 4100).await != [0, 1, 2] {
+        assert!(
+            registered.elapsed() < Duration::from_secs(20),
+            "the registration did not reach every node"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // n0 answers the Deregister (the test process still reaches it), but nothing it
+    // sends reaches n1 or n2 before it dies.
+    c.partition(&[vec![0], vec![1, 2]]).unwrap();
+    client.deregister(&service, &instance.key()).await.unwrap();
+    c.kill9(0);
+    c.heal().unwrap();
+
+    let killed = Instant::now();
+    loop {
+        let on = c.holders(&service, 4100).await;
+        if on.is_empty() {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(40),
+            "the deregistered instance is still on {on:?} 40 s after its home died (client now on {:?})",
+            client.home()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(client.home().as_deref(), Some(servers[1].as_str()));
+    client.close().await.unwrap();
+}

@@ -3,9 +3,10 @@
 //! A [`Client`] is a cheap handle onto a shared state and a background *supervisor*
 //! task. The supervisor owns the connection's lifecycle: when the current link dies
 //! (and the client was not closed) it connects to the next address, resumes the same
-//! session, re-registers every session-bound instance this client holds, subscribes
-//! again to every subscribed service, and only then lets requests through the new
-//! link. Requests made meanwhile wait for it, up to the request timeout.
+//! session, re-registers every session-bound instance this client holds, repeats its
+//! deregistrations of the last 30 s (the node that acknowledged one may have died
+//! before replicating it), subscribes again to every subscribed service, and only
+//! then lets requests through the new link. Requests made meanwhile wait for it, up to the request timeout.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -138,8 +139,17 @@ struct Shared {
     /// Session-bound registrations to re-assert after a reconnect, by service and
     /// instance key.
     registrations: Mutex<BTreeMap<(ServiceKey, InstanceKey), InstanceSpec>>,
+    /// Deregistrations of the last [`RECENT_DEREGISTRATIONS`], sent again after a
+    /// reconnect: a node that acknowledged one and died before replicating it (its
+    /// batch leaves a few ms after the answer) would otherwise leave the instance
+    /// registered, under this live session, for good.
+    deregistered: Mutex<BTreeMap<(ServiceKey, InstanceKey), Instant>>,
     subscriptions: Arc<SubscriptionCache>,
 }
+
+/// How long a deregistration is repeated after reconnects (see `Shared::deregistered`):
+/// far longer than a client takes to notice a dead node and resume elsewhere.
+const RECENT_DEREGISTRATIONS: Duration = Duration::from_secs(30);
 
 /// One UDP endpoint per address family, made on first use.
 #[derive(Debug, Default)]
@@ -171,6 +181,7 @@ impl Client {
             generation: watch::channel(0).0,
             session: Mutex::new(SessionId(0)),
             registrations: Mutex::new(BTreeMap::new()),
+            deregistered: Mutex::new(BTreeMap::new()),
             subscriptions: Arc::new(SubscriptionCache::default()),
             config,
         });
@@ -296,6 +307,7 @@ impl Client {
         let slot = (service.clone(), instance.key());
         // Remember it before sending, so that a reconnect racing with this request
         // re-asserts it; undo on failure.
+        lock(&shared.deregistered).remove(&slot);
         let before = {
             let mut regs = lock(&shared.registrations);
             if instance.ttl.is_none() {
@@ -360,8 +372,10 @@ impl Client {
     pub async fn deregister(&self, service: &ServiceKey, instance: &InstanceKey) -> Result<u64> {
         let shared = self.shared();
         let slot = (service.clone(), instance.clone());
-        // Forget it first, so that a reconnect meanwhile does not register it again.
+        // Forget it first, so that a reconnect meanwhile does not register it again
+        // (and deregisters it again instead).
         let before = lock(&shared.registrations).remove(&slot);
+        lock(&shared.deregistered).insert(slot.clone(), Instant::now());
         let (result, retried) = shared
             .request_tracked(Request::Deregister {
                 service: service.clone(),
@@ -372,6 +386,7 @@ impl Client {
             Err(ClientError::Server(body)) if retried && body.code == ErrorCode::NotFound => Ok(0),
             Err(ClientError::Server(body)) => {
                 if body.code != ErrorCode::NotFound {
+                    lock(&shared.deregistered).remove(&slot);
                     if let Some(spec) = before {
                         lock(&shared.registrations).insert(slot, spec);
                     }
@@ -778,6 +793,20 @@ impl Shared {
                 )
             })
             .collect();
+        {
+            // After the registrations: a slot is in one map or the other, never both.
+            let mut recent = lock(&self.deregistered);
+            recent.retain(|_, at| at.elapsed() < RECENT_DEREGISTRATIONS);
+            for (service, key) in recent.keys() {
+                todo.push((
+                    format!("deregistration of {service} {key}"),
+                    Request::Deregister {
+                        service: service.clone(),
+                        instance: key.clone(),
+                    },
+                ));
+            }
+        }
         for service in self.subscriptions.keys() {
             todo.push((
                 format!("subscription to {service}"),
@@ -797,6 +826,13 @@ impl Shared {
             for (what, body, rx) in waiting {
                 match tokio::time::timeout_at(deadline, rx).await {
                     Ok(Ok(Ok(_))) => debug!("restored {what}"),
+                    // A repeated deregistration finds the instance gone: as it should.
+                    Ok(Ok(Err(b)))
+                        if b.code == ErrorCode::NotFound
+                            && matches!(body, Request::Deregister { .. }) =>
+                    {
+                        debug!("{what}: already gone")
+                    }
                     Ok(Ok(Err(b)))
                         if matches!(b.code, ErrorCode::Unavailable | ErrorCode::NotReady) =>
                     {
@@ -836,6 +872,7 @@ impl Shared {
             link.close(code, reason);
         }
         lock(&self.registrations).clear();
+        lock(&self.deregistered).clear();
         self.subscriptions.clear();
         let endpoints: Vec<quinn::Endpoint> = {
             let eps = lock(&self.endpoints);

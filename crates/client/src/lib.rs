@@ -8,7 +8,8 @@
 //! live as long as it does, and QUIC keep-alives are their only heartbeat. When the home
 //! node fails or the network blips, the client reconnects (to the next address in
 //! [`ClientConfig::servers`]), *resumes* the same session, registers its instances
-//! again and subscribes again to its services; requests made meanwhile wait for the
+//! again, repeats its deregistrations of the last 30 s and subscribes again to its
+//! services; requests made meanwhile wait for the
 //! new connection. [`Client::close`] ends the session cleanly (Goodbye): its instances
 //! are removed at once. A client that vanishes without Goodbye has its instances removed
 //! after the session grace period.

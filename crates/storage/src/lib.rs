@@ -16,6 +16,7 @@
 //! differs without shipping the data.
 #![deny(missing_docs)]
 
+mod compact;
 mod error;
 mod model;
 mod registry;

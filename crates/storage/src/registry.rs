@@ -1,7 +1,9 @@
 //! The registry: every service of every namespace, and the index of sessions.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 
+use crate::compact::{Key, Names, Sessions, Slot, NO_SESSION};
 use crate::error::StorageError;
 use crate::model::*;
 use crate::replica::{
@@ -46,18 +48,19 @@ pub struct Change {
 }
 
 /// One service: its settings, revision and instances.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct ServiceEntry {
+    /// The service's id in [`Registry::service_keys`], for the indexes.
+    pub(crate) id: u32,
     pub(crate) meta: ServiceMeta,
     /// The stamp of the last change to this service.
     pub(crate) revision: u64,
-    pub(crate) instances: BTreeMap<InstanceKey, Instance>,
-    /// Ttl instances that expiry marked unhealthy ("lapsed"), each with the health its
-    /// client last declared. While lapsed an instance reads `healthy == false`; a beat
-    /// ends the lapse and restores the declared health.
-    pub(crate) lapsed: HashMap<InstanceKey, bool>,
-    /// The replication version of each instance (same keys as `instances`).
-    pub(crate) versions: HashMap<InstanceKey, Stamp>,
+    /// The live instances, each with its version and lapse (see [`Slot`]).
+    ///
+    /// Ttl instances that expiry marked unhealthy are "lapsed", each with the health
+    /// its client last declared. While lapsed an instance reads `healthy == false`; a
+    /// beat ends the lapse and restores the declared health.
+    pub(crate) instances: HashMap<Key, Slot>,
     /// The version of `meta`: [`Stamp::ZERO`] while `meta` is the default (the version
     /// of explicitly set default settings is kept as a tombstone).
     pub(crate) meta_stamp: Stamp,
@@ -68,6 +71,18 @@ pub(crate) struct ServiceEntry {
 }
 
 impl ServiceEntry {
+    fn new(id: u32) -> Self {
+        ServiceEntry {
+            id,
+            meta: ServiceMeta::default(),
+            revision: 0,
+            instances: HashMap::new(),
+            meta_stamp: Stamp::ZERO,
+            sum: 0,
+            changed_ms: 0,
+        }
+    }
+
     /// An entry with no instances and default settings is not kept.
     fn is_disposable(&self) -> bool {
         self.instances.is_empty() && self.meta == ServiceMeta::default()
@@ -75,68 +90,58 @@ impl ServiceEntry {
 }
 
 /// The secondary indexes: which instances each session owns, and when each Ttl
-/// instance is next due for expiry.
+/// instance is next due for expiry. Both name services by id and instances by
+/// compact key.
 #[derive(Debug, Default)]
 pub(crate) struct Index {
-    pub(crate) sessions: HashMap<SessionId, HashMap<ServiceKey, HashSet<InstanceKey>>>,
-    /// `(due_ms, service, instance)` for every Ttl instance: when it becomes unhealthy
-    /// (not lapsed) or is removed (lapsed). See [`due_ms`].
-    pub(crate) deadlines: BTreeSet<(u64, ServiceKey, InstanceKey)>,
-}
-
-/// When expiry next has something to do with a Ttl instance; `None` for a session one.
-fn due_ms(inst: &Instance, lapsed: bool) -> Option<u64> {
-    match &inst.lease {
-        Lease::Ttl(t) => Some(inst.last_beat_ms.saturating_add(if lapsed {
-            t.remove_after_ms
-        } else {
-            t.unhealthy_after_ms
-        })),
-        Lease::Session(_) => None,
-    }
+    pub(crate) sessions: Sessions,
+    /// `(due_ms, service id, instance)` for every Ttl instance: when it becomes
+    /// unhealthy (not lapsed) or is removed (lapsed). See [`Slot::due_ms`].
+    pub(crate) deadlines: BTreeSet<(u64, u32, Key)>,
 }
 
 impl Index {
-    fn add(&mut self, service: &ServiceKey, inst: &Instance, lapsed: bool) {
-        match &inst.lease {
-            Lease::Session(s) => {
-                let by_service = self.sessions.entry(*s).or_default();
-                if let Some(keys) = by_service.get_mut(service) {
-                    keys.insert(inst.key());
-                } else {
-                    by_service.insert(service.clone(), HashSet::from([inst.key()]));
-                }
-            }
-            Lease::Ttl(_) => {
-                if let Some(due) = due_ms(inst, lapsed) {
-                    self.deadlines.insert((due, service.clone(), inst.key()));
-                }
-            }
+    /// Indexes a live instance; sets its session id.
+    fn add(&mut self, service: u32, key: Key, slot: &mut Slot, session: Option<SessionId>) {
+        match session {
+            Some(s) => slot.session = self.sessions.attach(s, service, key),
+            None => self.add_deadline(service, key, slot),
         }
     }
 
-    fn remove(&mut self, service: &ServiceKey, inst: &Instance, lapsed: bool) {
-        match &inst.lease {
-            Lease::Session(s) => {
-                let Some(by_service) = self.sessions.get_mut(s) else {
-                    return;
-                };
-                if let Some(keys) = by_service.get_mut(service) {
-                    keys.remove(&inst.key());
-                    if keys.is_empty() {
-                        by_service.remove(service);
-                    }
-                }
-                if by_service.is_empty() {
-                    self.sessions.remove(s);
-                }
-            }
-            Lease::Ttl(_) => {
-                if let Some(due) = due_ms(inst, lapsed) {
-                    self.deadlines.remove(&(due, service.clone(), inst.key()));
-                }
-            }
+    fn remove(&mut self, service: u32, key: Key, slot: &Slot) {
+        if slot.session != NO_SESSION {
+            self.sessions.detach(slot.session, service, key);
+        } else {
+            self.remove_deadline(service, key, slot);
         }
+    }
+
+    fn add_deadline(&mut self, service: u32, key: Key, slot: &Slot) {
+        if let Some(due) = slot.due_ms() {
+            self.deadlines.insert((due, service, key));
+        }
+    }
+
+    fn remove_deadline(&mut self, service: u32, key: Key, slot: &Slot) {
+        if let Some(due) = slot.due_ms() {
+            self.deadlines.remove(&(due, service, key));
+        }
+    }
+}
+
+/// The order of instances in answers and dumps: by key (cluster, ip, port), the ip
+/// compared as text.
+fn by_key(a: &Instance, b: &Instance) -> std::cmp::Ordering {
+    (a.cluster.as_str(), a.ip.as_str(), a.port).cmp(&(b.cluster.as_str(), b.ip.as_str(), b.port))
+}
+
+/// Gives back most of a map's spare room once it holds under a quarter of what it
+/// could (maps do not shrink on their own; a service that once held many instances
+/// would keep their room).
+pub(crate) fn shrink<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 64 && map.len() * 4 < map.capacity() {
+        map.shrink_to(map.len() * 2);
     }
 }
 
@@ -189,6 +194,14 @@ pub struct Registry {
     /// Ordered, so that listing a namespace or group is a range scan and dumps are
     /// sorted.
     pub(crate) services: BTreeMap<ServiceKey, ServiceEntry>,
+    /// The key of each service entry, by the entry's id; `None` for a free id.
+    pub(crate) service_keys: Vec<Option<ServiceKey>>,
+    /// Ids of `service_keys` free for reuse.
+    free_service_ids: Vec<u32>,
+    /// The cluster names of the live instances' keys.
+    pub(crate) clusters: Names,
+    /// Number of live instances, over all services.
+    instance_total: usize,
     pub(crate) index: Index,
     /// The stamp the next change takes.
     next_stamp: u64,
@@ -215,6 +228,10 @@ impl Registry {
             limits,
             namespaces: BTreeSet::from([DEFAULT_NAMESPACE.to_string()]),
             services: BTreeMap::new(),
+            service_keys: Vec::new(),
+            free_service_ids: Vec::new(),
+            clusters: Names::default(),
+            instance_total: 0,
             index: Index::default(),
             next_stamp: 1,
             repl: ReplicationSettings::default(),
@@ -276,6 +293,99 @@ impl Registry {
         })
     }
 
+    // ---- between the public forms and the compact ones (see the `compact` module) ----
+
+    /// The compact key of a canonical instance key; `None` when no live instance can
+    /// have it (its cluster is not in use).
+    pub(crate) fn find_key(&self, key: &InstanceKey) -> Option<Key> {
+        Some(Key {
+            cluster: self.clusters.find(&key.cluster)?,
+            ip: key.ip.parse().ok()?,
+            port: key.port,
+        })
+    }
+
+    /// The public form of a compact key.
+    pub(crate) fn public_key(&self, key: &Key) -> InstanceKey {
+        InstanceKey {
+            cluster: self.clusters.name(key.cluster).to_string(),
+            ip: key.ip.to_string(),
+            port: key.port,
+        }
+    }
+
+    /// The public form of a live instance.
+    pub(crate) fn materialize(&self, key: &Key, slot: &Slot) -> Instance {
+        Instance {
+            ip: key.ip.to_string(),
+            port: key.port,
+            cluster: self.clusters.name(key.cluster).to_string(),
+            weight: slot.weight,
+            healthy: slot.healthy(),
+            enabled: slot.enabled(),
+            metadata: slot.metadata.as_deref().cloned().unwrap_or_default(),
+            lease: match &slot.ttl {
+                Some(ttl) => Lease::Ttl((**ttl).clone()),
+                None => Lease::Session(self.index.sessions.session(slot.session)),
+            },
+            last_beat_ms: slot.last_beat_ms,
+            stamp: slot.stamp,
+        }
+    }
+
+    /// A live instance by its canonical key: the service's id, the compact key, the
+    /// slot.
+    pub(crate) fn find_slot(
+        &self,
+        service: &ServiceKey,
+        key: &InstanceKey,
+    ) -> Option<(u32, Key, &Slot)> {
+        let entry = self.services.get(service)?;
+        let k = self.find_key(key)?;
+        entry.instances.get(&k).map(|slot| (entry.id, k, slot))
+    }
+
+    /// The live instances of a service entry, sorted by key (cluster, ip, port as
+    /// text), each with its slot.
+    pub(crate) fn sorted_instances<'a>(
+        &'a self,
+        entry: &'a ServiceEntry,
+    ) -> Vec<(&'a Slot, Instance)> {
+        let mut out: Vec<(&Slot, Instance)> = entry
+            .instances
+            .iter()
+            .map(|(k, slot)| (slot, self.materialize(k, slot)))
+            .collect();
+        out.sort_unstable_by(|(_, a), (_, b)| by_key(a, b));
+        out
+    }
+
+    /// The key of the service entry with id `id`.
+    pub(crate) fn service_key(&self, id: u32) -> &ServiceKey {
+        self.service_keys[id as usize]
+            .as_ref()
+            .expect("the id of a live service entry")
+    }
+
+    /// The id of the service's entry, created (and placed) if needed.
+    fn ensure_entry(&mut self, service: &ServiceKey) -> u32 {
+        if let Some(e) = self.services.get(service) {
+            return e.id;
+        }
+        let id = match self.free_service_ids.pop() {
+            Some(id) => {
+                self.service_keys[id as usize] = Some(service.clone());
+                id
+            }
+            None => {
+                self.service_keys.push(Some(service.clone()));
+                u32::try_from(self.service_keys.len() - 1).expect("fewer than 2^32 services")
+            }
+        };
+        self.services.insert(service.clone(), ServiceEntry::new(id));
+        id
+    }
+
     /// Registers or replaces the instance `spec.key()` of `service`. Without a Ttl in
     /// the spec, the instance's lease is `Session(session)`; with one, `Ttl` and its
     /// last beat is `now_ms`. Creates the service if it does not exist.
@@ -335,14 +445,11 @@ impl Registry {
         self.check_service(service)?;
         validate_instance(&spec, &self.limits)?;
         let key = self.canonical_key(&spec.key())?;
-        let entry = self
-            .services
-            .get(service)
-            .filter(|e| e.instances.contains_key(&key))
+        let (_, k, slot) = self
+            .find_slot(service, &key)
             .ok_or_else(|| not_found(service, &key))?;
-
-        let mut inst = entry.instances.get(&key).expect("checked above").clone();
-        let lapsed = entry.lapsed.get(&key).map(|_| spec.healthy);
+        let mut inst = self.materialize(&k, slot);
+        let lapsed = slot.lapsed().map(|_| spec.healthy);
         let version = self.next_version(now_ms);
         let stamp = bump(&mut self.next_stamp);
         inst.weight = spec.weight;
@@ -404,7 +511,7 @@ impl Registry {
     ) -> Result<Change, StorageError> {
         self.check_service(service)?;
         let key = self.canonical_key(instance)?;
-        if !blind && self.instance(service, &key).is_none() {
+        if !blind && self.find_slot(service, &key).is_none() {
             return Err(not_found(service, &key));
         }
         let version = self.next_version(now_ms);
@@ -436,21 +543,16 @@ impl Registry {
         self.check_service(service)?;
         let key = self.canonical_key(instance)?;
         self.note_now(now_ms);
-        let entry = self
-            .services
-            .get_mut(service)
+        let (id, k, slot) = self
+            .find_slot(service, &key)
             .ok_or_else(|| not_found(service, &key))?;
-        let inst = entry
-            .instances
-            .get(&key)
-            .ok_or_else(|| not_found(service, &key))?;
-        if !matches!(inst.lease, Lease::Ttl(_)) {
+        if slot.ttl.is_none() {
             return Ok(None);
         }
 
-        if entry.lapsed.get(&key) == Some(&true) {
+        if slot.lapsed() == Some(true) {
             // The lapse ends and the declared health comes back: a replicated change.
-            let mut inst = inst.clone();
+            let mut inst = self.materialize(&k, slot);
             let version = self.next_version(now_ms);
             let stamp = bump(&mut self.next_stamp);
             inst.healthy = true;
@@ -464,11 +566,15 @@ impl Registry {
                 revision: stamp,
             }));
         }
-        let declared = entry.lapsed.remove(&key);
-        let inst = entry.instances.get_mut(&key).expect("checked above");
-        self.index.remove(service, inst, declared.is_some());
-        inst.last_beat_ms = inst.last_beat_ms.max(now_ms);
-        self.index.add(service, inst, false);
+        let slot = self
+            .services
+            .get_mut(service)
+            .and_then(|e| e.instances.get_mut(&k))
+            .expect("found above");
+        self.index.remove_deadline(id, k, slot);
+        slot.set_lapsed(None);
+        slot.last_beat_ms = slot.last_beat_ms.max(now_ms);
+        self.index.add_deadline(id, k, slot);
         Ok(None)
     }
 
@@ -519,13 +625,20 @@ impl Registry {
         session: SessionId,
         filter: &dyn Fn(&ServiceKey) -> bool,
     ) -> Vec<Change> {
-        let Some(by_service) = self.index.sessions.get(&session) else {
+        let Some(members) = self.index.sessions.get(session) else {
             return Vec::new();
         };
-        let by_service: BTreeMap<ServiceKey, Vec<InstanceKey>> = by_service
-            .iter()
-            .filter(|(s, _)| filter(s))
-            .map(|(s, keys)| (s.clone(), keys.iter().cloned().collect()))
+        let mut by_id: HashMap<u32, Vec<Key>> = HashMap::new();
+        for (id, k) in &members.members {
+            by_id.entry(*id).or_default().push(*k);
+        }
+        let by_service: BTreeMap<ServiceKey, Vec<InstanceKey>> = by_id
+            .into_iter()
+            .filter(|(id, _)| filter(self.service_key(*id)))
+            .map(|(id, keys)| {
+                let keys = keys.iter().map(|k| self.public_key(k)).collect();
+                (self.service_key(id).clone(), keys)
+            })
             .collect();
         let now_ms = self.last_now_ms;
         let mut changes = Vec::with_capacity(by_service.len());
@@ -533,9 +646,10 @@ impl Registry {
             keys.sort();
             let mut removed = false;
             for key in keys {
-                let owned = self
-                    .instance(&service, &key)
-                    .is_some_and(|i| i.session() == Some(session));
+                let owned = self.find_slot(&service, &key).is_some_and(|(_, _, slot)| {
+                    slot.session != NO_SESSION
+                        && self.index.sessions.session(slot.session) == session
+                });
                 debug_assert!(owned, "session index names {key} wrongly");
                 if owned {
                     let version = self.next_version(now_ms);
@@ -562,8 +676,8 @@ impl Registry {
     pub fn session_instance_count(&self, session: SessionId) -> usize {
         self.index
             .sessions
-            .get(&session)
-            .map_or(0, |by_service| by_service.values().map(HashSet::len).sum())
+            .get(session)
+            .map_or(0, |s| s.members.len())
     }
 
     /// Ttl expiry at `now_ms`: instances without a beat for `unhealthy_after_ms` become
@@ -583,55 +697,61 @@ impl Registry {
     /// (as if it had beaten now), so it does not come due again at every call.
     pub fn expire_in(&mut self, now_ms: u64, filter: &dyn Fn(&ServiceKey) -> bool) -> Vec<Change> {
         self.note_now(now_ms);
-        let mut due: BTreeMap<ServiceKey, Vec<InstanceKey>> = BTreeMap::new();
+        let mut due: BTreeMap<ServiceKey, Vec<Key>> = BTreeMap::new();
         while self
             .index
             .deadlines
             .first()
             .is_some_and(|(at, _, _)| *at <= now_ms)
         {
-            let (_, service, key) = self.index.deadlines.pop_first().expect("checked");
-            due.entry(service).or_default().push(key);
+            let (_, id, key) = self.index.deadlines.pop_first().expect("checked");
+            due.entry(self.service_key(id).clone())
+                .or_default()
+                .push(key);
         }
 
         let mut changes = Vec::new();
         for (service, keys) in due {
             if !filter(&service) {
-                for key in keys {
-                    self.touch_ttl_unindexed(&service, &key, now_ms);
+                for k in keys {
+                    self.touch_ttl_unindexed(&service, k, now_ms);
                 }
                 continue;
             }
             let mut stamp: Option<u64> = None;
-            for key in keys {
-                let Some(entry) = self.services.get_mut(&service) else {
+            for k in keys {
+                let Some(entry) = self.services.get(&service) else {
                     debug_assert!(false, "deadline index names missing service {service}");
                     continue;
                 };
-                let Some(inst) = entry.instances.get(&key) else {
-                    debug_assert!(false, "deadline index names missing {key}");
+                let id = entry.id;
+                let Some(slot) = entry.instances.get(&k) else {
+                    debug_assert!(false, "deadline index names a missing instance");
                     continue;
                 };
-                let Lease::Ttl(ttl) = &inst.lease else {
-                    debug_assert!(false, "deadline index names session instance {key}");
+                let Some(ttl) = slot.ttl.as_deref() else {
+                    debug_assert!(false, "deadline index names a session instance");
                     continue;
                 };
-                let idle = now_ms.saturating_sub(inst.last_beat_ms);
-                let lapsed = entry.lapsed.contains_key(&key);
+                let idle = now_ms.saturating_sub(slot.last_beat_ms);
+                let lapsed = slot.lapsed().is_some();
                 if idle >= ttl.remove_after_ms {
                     // The index entry is already popped: put it back so kill removes it.
-                    self.index.add(&service, &inst.clone(), lapsed);
+                    self.index.add_deadline(id, k, slot);
+                    let key = self.public_key(&k);
                     let version = self.next_version(now_ms);
                     self.kill(&service, &key, version, now_ms, true);
                     self.record_instance(&service, &key, version, None, None, true);
                     stamp.get_or_insert_with(|| bump(&mut self.next_stamp));
                 } else if idle >= ttl.unhealthy_after_ms && !lapsed {
-                    let declared = inst.healthy;
-                    if declared {
-                        let mut inst = inst.clone();
+                    if slot.healthy() {
+                        // Re-index first (put_live removes the current entry).
+                        self.index.add_deadline(id, k, slot);
+                        let mut inst = self.materialize(&k, slot);
                         let version = self.next_version(now_ms);
                         inst.healthy = false;
                         inst.stamp = *stamp.get_or_insert_with(|| bump(&mut self.next_stamp));
+                        let key = inst.key();
                         self.record_instance(
                             &service,
                             &key,
@@ -640,20 +760,20 @@ impl Registry {
                             Some(true),
                             false,
                         );
-                        // Re-index first (put_live removes the current entry).
-                        let old = inst.clone();
-                        self.index.add(&service, &old, false);
                         self.put_live(&service, inst, version, Some(true));
                     } else {
-                        entry.lapsed.insert(key.clone(), false);
-                        let inst = inst.clone();
-                        self.index.add(&service, &inst, true);
+                        let slot = self
+                            .services
+                            .get_mut(&service)
+                            .and_then(|e| e.instances.get_mut(&k))
+                            .expect("found above");
+                        slot.set_lapsed(Some(false));
+                        self.index.add_deadline(id, k, slot);
                     }
                 } else {
                     // Not due after all (the index is exact, so this does not happen):
                     // keep it indexed.
-                    let inst = inst.clone();
-                    self.index.add(&service, &inst, lapsed);
+                    self.index.add_deadline(id, k, slot);
                 }
             }
             if let Some(stamp) = stamp {
@@ -722,27 +842,58 @@ impl Registry {
         version: Stamp,
         lapsed: Option<bool>,
     ) {
-        let key = inst.key();
-        self.drop_tomb(service, Some(&key));
-        if !self.services.contains_key(service) {
-            self.services
-                .insert(service.clone(), ServiceEntry::default());
+        if self.tombs.contains_key(service) {
+            self.drop_tomb(service, Some(&inst.key()));
+        }
+        let created = !self.services.contains_key(service);
+        let id = self.ensure_entry(service);
+        if created {
             self.place(service);
         }
+        let Instance {
+            ip,
+            port,
+            cluster,
+            weight,
+            healthy,
+            enabled,
+            metadata,
+            lease,
+            last_beat_ms,
+            stamp,
+        } = inst;
+        let hash = instance_hash(&cluster, &ip, port, version);
+        let k = Key {
+            cluster: self.clusters.acquire(&cluster),
+            ip: ip.parse::<IpAddr>().expect("a canonical address"),
+            port,
+        };
+        let (ttl, session) = match lease {
+            Lease::Ttl(t) => (Some(Box::new(t)), None),
+            Lease::Session(s) => (None, Some(s)),
+        };
+        let mut slot = Slot {
+            version,
+            stamp,
+            last_beat_ms,
+            weight,
+            metadata: (!metadata.is_empty()).then(|| Box::new(metadata)),
+            ttl,
+            session: NO_SESSION,
+            flags: Slot::flags_of(healthy, enabled, lapsed),
+        };
         let entry = self.services.get_mut(service).expect("just ensured");
-        if let Some(old) = entry.instances.remove(&key) {
-            let was_lapsed = entry.lapsed.remove(&key).is_some();
-            self.index.remove(service, &old, was_lapsed);
-            let old_version = entry.versions.remove(&key).unwrap_or_default();
-            entry.sum = entry.sum.wrapping_sub(instance_hash(&key, old_version));
+        if let Some(old) = entry.instances.remove(&k) {
+            self.clusters.release(k.cluster);
+            self.index.remove(id, k, &old);
+            let old_hash = instance_hash(&cluster, &ip, port, old.version);
+            entry.sum = entry.sum.wrapping_sub(old_hash);
+        } else {
+            self.instance_total += 1;
         }
-        self.index.add(service, &inst, lapsed.is_some());
-        if let Some(declared) = lapsed {
-            entry.lapsed.insert(key.clone(), declared);
-        }
-        entry.sum = entry.sum.wrapping_add(instance_hash(&key, version));
-        entry.versions.insert(key.clone(), version);
-        entry.instances.insert(key, inst);
+        self.index.add(id, k, &mut slot, session);
+        entry.sum = entry.sum.wrapping_add(hash);
+        entry.instances.insert(k, slot);
     }
 
     /// Deletes an instance at `version`: removes it if live and leaves a tombstone.
@@ -756,13 +907,17 @@ impl Registry {
         reaped: bool,
     ) -> bool {
         let mut removed = false;
-        if let Some(entry) = self.services.get_mut(service) {
-            if let Some(old) = entry.instances.remove(key) {
-                let was_lapsed = entry.lapsed.remove(key).is_some();
-                self.index.remove(service, &old, was_lapsed);
-                let old_version = entry.versions.remove(key).unwrap_or_default();
-                entry.sum = entry.sum.wrapping_sub(instance_hash(key, old_version));
-                removed = true;
+        if let Some(k) = self.find_key(key) {
+            if let Some(entry) = self.services.get_mut(service) {
+                if let Some(old) = entry.instances.remove(&k) {
+                    self.index.remove(entry.id, k, &old);
+                    self.clusters.release(k.cluster);
+                    let old_hash = instance_hash(&key.cluster, &key.ip, key.port, old.version);
+                    entry.sum = entry.sum.wrapping_sub(old_hash);
+                    self.instance_total -= 1;
+                    removed = true;
+                    shrink(&mut entry.instances);
+                }
             }
         }
         self.drop_tomb(service, Some(key));
@@ -807,10 +962,7 @@ impl Registry {
             });
             self.tomb_gc.insert((now_ms, service.clone(), None));
         } else {
-            if !self.services.contains_key(service) {
-                self.services
-                    .insert(service.clone(), ServiceEntry::default());
-            }
+            self.ensure_entry(service);
             let e = self.services.get_mut(service).expect("just ensured");
             e.meta = meta;
             e.meta_stamp = version;
@@ -845,7 +997,10 @@ impl Registry {
             .get(service)
             .is_some_and(ServiceEntry::is_disposable)
         {
-            self.services.remove(service);
+            if let Some(e) = self.services.remove(service) {
+                self.service_keys[e.id as usize] = None;
+                self.free_service_ids.push(e.id);
+            }
         }
         self.place(service);
     }
@@ -878,30 +1033,28 @@ impl Registry {
     }
 
     /// Restarts a Ttl instance's lease at `now_ms` (indexed).
-    pub(crate) fn touch_ttl(&mut self, service: &ServiceKey, key: &InstanceKey, now_ms: u64) {
+    pub(crate) fn touch_ttl(&mut self, service: &ServiceKey, k: Key, now_ms: u64) {
         let Some(entry) = self.services.get_mut(service) else {
             return;
         };
-        let Some(inst) = entry.instances.get_mut(key) else {
+        let Some(slot) = entry.instances.get_mut(&k) else {
             return;
         };
-        let lapsed = entry.lapsed.contains_key(key);
-        self.index.remove(service, inst, lapsed);
-        inst.last_beat_ms = inst.last_beat_ms.max(now_ms);
-        self.index.add(service, inst, lapsed);
+        self.index.remove_deadline(entry.id, k, slot);
+        slot.last_beat_ms = slot.last_beat_ms.max(now_ms);
+        self.index.add_deadline(entry.id, k, slot);
     }
 
     /// Restarts a Ttl instance's lease whose deadline was already popped.
-    fn touch_ttl_unindexed(&mut self, service: &ServiceKey, key: &InstanceKey, now_ms: u64) {
+    fn touch_ttl_unindexed(&mut self, service: &ServiceKey, k: Key, now_ms: u64) {
         let Some(entry) = self.services.get_mut(service) else {
             return;
         };
-        let Some(inst) = entry.instances.get_mut(key) else {
+        let Some(slot) = entry.instances.get_mut(&k) else {
             return;
         };
-        let lapsed = entry.lapsed.contains_key(key);
-        inst.last_beat_ms = inst.last_beat_ms.max(now_ms);
-        self.index.add(service, inst, lapsed);
+        slot.last_beat_ms = slot.last_beat_ms.max(now_ms);
+        self.index.add_deadline(entry.id, k, slot);
     }
 
     /// The instances of a service. `clusters` empty means all clusters.
@@ -933,26 +1086,35 @@ impl Registry {
                 protected: false,
             });
         };
+        // Only clusters in use can match.
+        let wanted: Vec<u32> = clusters
+            .iter()
+            .filter_map(|c| self.clusters.find(c))
+            .collect();
         let selected = entry
             .instances
-            .values()
-            .filter(|i| clusters.is_empty() || clusters.contains(&i.cluster));
-        let (instances, protected) = if healthy_only {
-            let enabled: Vec<&Instance> = selected.filter(|i| i.enabled).collect();
-            let healthy = enabled.iter().filter(|i| i.healthy).count();
+            .iter()
+            .filter(|(k, _)| clusters.is_empty() || wanted.contains(&k.cluster));
+        let (mut instances, protected): (Vec<Instance>, bool) = if healthy_only {
+            let enabled: Vec<(&Key, &Slot)> = selected.filter(|(_, s)| s.enabled()).collect();
+            let healthy = enabled.iter().filter(|(_, s)| s.healthy()).count();
             let threshold = entry.meta.protect_threshold;
             let protected = threshold > 0.0
                 && !enabled.is_empty()
                 && (healthy as f64 / enabled.len() as f64) <= threshold;
             let instances = enabled
                 .into_iter()
-                .filter(|i| protected || i.healthy)
-                .cloned()
+                .filter(|(_, s)| protected || s.healthy())
+                .map(|(k, s)| self.materialize(k, s))
                 .collect();
             (instances, protected)
         } else {
-            (selected.cloned().collect(), false)
+            (
+                selected.map(|(k, s)| self.materialize(k, s)).collect(),
+                false,
+            )
         };
+        instances.sort_unstable_by(by_key);
         Ok(ServiceView {
             key: service.clone(),
             revision: entry.revision,
@@ -980,7 +1142,7 @@ impl Registry {
             .map(|(key, entry)| ServiceSummary {
                 key: key.clone(),
                 instances: entry.instances.len(),
-                healthy: entry.instances.values().filter(|i| i.healthy).count(),
+                healthy: entry.instances.values().filter(|s| s.healthy()).count(),
                 revision: entry.revision,
             })
             .collect())
@@ -1005,7 +1167,7 @@ impl Registry {
 
     /// Number of instances, over all services.
     pub fn instance_count(&self) -> usize {
-        self.services.values().map(|e| e.instances.len()).sum()
+        self.instance_total
     }
 
     /// Every service with its settings and instances, sorted by key and instance key:
@@ -1017,7 +1179,10 @@ impl Registry {
                 (
                     key.clone(),
                     entry.meta.clone(),
-                    entry.instances.values().cloned().collect(),
+                    self.sorted_instances(entry)
+                        .into_iter()
+                        .map(|(_, inst)| inst)
+                        .collect(),
                 )
             })
             .collect()
@@ -1028,51 +1193,46 @@ impl Registry {
 impl Registry {
     /// Checks that the indexes agree with the services; panics if not.
     pub(crate) fn check_invariants(&self) {
-        let mut sessions: HashMap<SessionId, HashMap<ServiceKey, HashSet<InstanceKey>>> =
+        let mut sessions: HashMap<SessionId, std::collections::HashSet<(u32, Key)>> =
             HashMap::new();
         let mut deadlines = BTreeSet::new();
+        let mut clusters: BTreeMap<String, usize> = BTreeMap::new();
+        let mut total = 0;
+        let mut ids = BTreeSet::new();
         for (service, entry) in &self.services {
             assert!(!entry.is_disposable(), "kept empty service {service}");
             assert!(entry.revision >= 1 && entry.revision < self.next_stamp);
-            for (key, inst) in &entry.instances {
-                assert_eq!(key, &inst.key());
+            assert_eq!(self.service_key(entry.id), service);
+            assert!(ids.insert(entry.id), "service id {} twice", entry.id);
+            let mut sum = 0u64;
+            for (k, slot) in &entry.instances {
+                let inst = self.materialize(k, slot);
+                let key = inst.key();
+                assert_eq!(self.find_key(&key), Some(*k));
+                assert_eq!(canonical_ip(&key.ip).unwrap(), key.ip);
+                *clusters.entry(key.cluster.clone()).or_default() += 1;
+                total += 1;
                 assert!(inst.stamp <= entry.revision);
-                let lapsed = entry.lapsed.contains_key(key);
+                assert!(slot.version.time <= self.hlc);
+                assert!(slot.metadata.as_ref().is_none_or(|m| !m.is_empty()));
+                sum =
+                    sum.wrapping_add(instance_hash(&key.cluster, &key.ip, key.port, slot.version));
+                let lapsed = slot.lapsed().is_some();
                 match &inst.lease {
                     Lease::Session(s) => {
                         assert!(!lapsed);
-                        sessions
-                            .entry(*s)
-                            .or_default()
-                            .entry(service.clone())
-                            .or_default()
-                            .insert(key.clone());
+                        sessions.entry(*s).or_default().insert((entry.id, *k));
                     }
                     Lease::Ttl(_) => {
+                        assert_eq!(slot.session, NO_SESSION);
                         if lapsed {
                             assert!(!inst.healthy, "lapsed {key} reads healthy");
                         }
-                        deadlines.insert((
-                            due_ms(inst, lapsed).unwrap(),
-                            service.clone(),
-                            key.clone(),
-                        ));
+                        deadlines.insert((slot.due_ms().unwrap(), entry.id, *k));
                     }
                 }
             }
-            for key in entry.lapsed.keys() {
-                assert!(entry.instances.contains_key(key));
-            }
-            // Versions and digest sum agree with the content.
-            assert_eq!(
-                entry.versions.keys().collect::<BTreeSet<_>>(),
-                entry.instances.keys().collect::<BTreeSet<_>>()
-            );
-            let mut sum = 0u64;
-            for (key, v) in &entry.versions {
-                assert!(v.time <= self.hlc);
-                sum = sum.wrapping_add(instance_hash(key, *v));
-            }
+            // The digest sum agrees with the content.
             assert_eq!(
                 entry.meta_stamp == Stamp::ZERO,
                 entry.meta == ServiceMeta::default()
@@ -1082,14 +1242,23 @@ impl Registry {
             }
             assert_eq!(sum, entry.sum, "digest sum of {service}");
         }
-        assert_eq!(sessions, self.index.sessions);
+        assert_eq!(total, self.instance_total);
+        assert_eq!(clusters, self.clusters.uses());
+        assert_eq!(
+            self.service_keys.iter().flatten().count(),
+            self.services.len()
+        );
+        assert_eq!(sessions, self.index.sessions.all());
         assert_eq!(deadlines, self.index.deadlines);
         // Tombstones: never beside a live record; each indexed for collection.
         let mut gc = BTreeSet::new();
         for (service, t) in &self.tombs {
             assert!(!t.is_empty());
             for (key, tomb) in &t.instances {
-                assert!(self.instance(service, key).is_none(), "{key} live and dead");
+                assert!(
+                    self.find_slot(service, key).is_none(),
+                    "{key} live and dead"
+                );
                 gc.insert((tomb.deleted_at_ms, service.clone(), Some(key.clone())));
             }
             if let Some(tomb) = t.meta {

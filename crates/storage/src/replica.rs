@@ -16,6 +16,7 @@ use std::ops::Bound;
 
 use serde::{Deserialize, Serialize};
 
+use crate::compact::Key;
 use crate::error::StorageError;
 use crate::model::*;
 use crate::registry::{Change, Registry};
@@ -242,12 +243,12 @@ pub fn stable_hash(bytes: &[u8]) -> u64 {
 }
 
 /// The digest contribution of one live instance record.
-pub(crate) fn instance_hash(key: &InstanceKey, stamp: Stamp) -> u64 {
+pub(crate) fn instance_hash(cluster: &str, ip: &str, port: u16, stamp: Stamp) -> u64 {
     let mut h = Fnv::new();
     h.bytes(&[1]);
-    h.str(&key.cluster);
-    h.str(&key.ip);
-    h.bytes(&key.port.to_le_bytes());
+    h.str(cluster);
+    h.str(ip);
+    h.bytes(&port.to_le_bytes());
     h.u64(stamp.time);
     h.u64(stamp.origin);
     h.finish()
@@ -332,8 +333,8 @@ impl Registry {
 
     /// The version of an instance here: live, deleted, or [`Stamp::ZERO`] if unknown.
     pub fn instance_version(&self, service: &ServiceKey, key: &InstanceKey) -> Stamp {
-        if let Some(v) = self.services.get(service).and_then(|e| e.versions.get(key)) {
-            return *v;
+        if let Some((_, _, slot)) = self.find_slot(service, key) {
+            return slot.version;
         }
         self.tombs
             .get(service)
@@ -355,9 +356,10 @@ impl Registry {
         live.max(dead)
     }
 
-    /// One live instance.
-    pub fn instance(&self, service: &ServiceKey, key: &InstanceKey) -> Option<&Instance> {
-        self.services.get(service)?.instances.get(key)
+    /// One live instance (`key` with its ip in canonical form).
+    pub fn instance(&self, service: &ServiceKey, key: &InstanceKey) -> Option<Instance> {
+        self.find_slot(service, key)
+            .map(|(_, k, slot)| self.materialize(&k, slot))
     }
 
     /// Number of tombstones held (instances and settings).
@@ -603,13 +605,13 @@ impl Registry {
             }));
         }
         if let Some(e) = entry {
-            for (key, inst) in &e.instances {
+            for (slot, inst) in self.sorted_instances(e) {
                 ops.push(Op::Instance(InstanceOp {
                     service: service.clone(),
-                    key: key.clone(),
-                    stamp: e.versions.get(key).copied().unwrap_or_default(),
-                    state: Some(inst.clone()),
-                    lapsed: e.lapsed.get(key).copied(),
+                    key: inst.key(),
+                    stamp: slot.version,
+                    lapsed: slot.lapsed(),
+                    state: Some(inst),
                     reaped: false,
                 }));
             }
@@ -687,14 +689,13 @@ impl Registry {
                 key: key.clone(),
                 meta_stamp: e.meta_stamp,
                 meta: e.meta.clone(),
-                instances: e
-                    .instances
-                    .iter()
-                    .map(|(k, inst)| {
-                        let mut inst = inst.clone();
+                instances: self
+                    .sorted_instances(e)
+                    .into_iter()
+                    .map(|(slot, mut inst)| {
                         inst.stamp = 0;
                         inst.last_beat_ms = 0;
-                        (e.versions.get(k).copied().unwrap_or_default(), inst)
+                        (slot.version, inst)
                     })
                     .collect(),
             })
@@ -729,17 +730,19 @@ impl Registry {
 
     /// The sessions that have instances here.
     pub fn sessions(&self) -> Vec<SessionId> {
-        self.index.sessions.keys().copied().collect()
+        self.index.sessions.ids().collect()
     }
 
     /// The services where `session` has instances, sorted.
     pub fn session_services(&self, session: SessionId) -> Vec<ServiceKey> {
-        let mut out: Vec<ServiceKey> = self
-            .index
-            .sessions
-            .get(&session)
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default();
+        let Some(s) = self.index.sessions.get(session) else {
+            return Vec::new();
+        };
+        let ids: std::collections::BTreeSet<u32> = s.members.iter().map(|(id, _)| *id).collect();
+        let mut out: Vec<ServiceKey> = ids
+            .into_iter()
+            .map(|id| self.service_key(id).clone())
+            .collect();
         out.sort();
         out
     }
@@ -748,15 +751,16 @@ impl Registry {
     /// each had just beaten (no change, no stamp). For a node that just became the owner
     /// of those services: it did not see the beats that went to the previous owner.
     pub fn refresh_ttl_leases(&mut self, filter: &dyn Fn(&ServiceKey) -> bool, now_ms: u64) {
-        let due: Vec<(u64, ServiceKey, InstanceKey)> = self
+        let due: Vec<(ServiceKey, Key)> = self
             .index
             .deadlines
             .iter()
-            .filter(|(_, s, _)| filter(s))
-            .cloned()
+            .map(|(_, id, k)| (self.service_key(*id), *k))
+            .filter(|(s, _)| filter(s))
+            .map(|(s, k)| (s.clone(), k))
             .collect();
-        for (_, service, key) in due {
-            self.touch_ttl(&service, &key, now_ms);
+        for (service, k) in due {
+            self.touch_ttl(&service, k, now_ms);
         }
     }
 }
@@ -1008,7 +1012,7 @@ mod tests {
         let mut w = writer(1);
         w.register(&s, InstanceSpec::new("10.0.0.2", 80), SessionId(1), 0)
             .unwrap();
-        inst_op.state = w.instance(&s, &ikey("10.0.0.2")).cloned();
+        inst_op.state = w.instance(&s, &ikey("10.0.0.2"));
         assert!(r.apply_remote(Op::Instance(inst_op.clone()), 0).is_err());
         let bad_ns = Op::Meta(MetaOp {
             service: ServiceKey::new("bad ns", "g", "s"),

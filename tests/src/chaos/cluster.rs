@@ -364,6 +364,44 @@ impl ChaosCluster {
         serde_json::from_str(&r.body).map_err(|e| format!("n{i} GET {path}: not JSON: {e}"))
     }
 
+    /// A service (`reg-<k>`, default namespace and group) that node `owner` owns, as
+    /// node `asked` sees the ring.
+    pub async fn service_owned_by(&self, asked: usize, owner: usize) -> shoal_storage::ServiceKey {
+        for k in 0..1_000 {
+            let ring = self
+                .get_json(asked, &format!("/v1/ring?service=reg-{k}"))
+                .await
+                .unwrap();
+            if ring["owner"] == self.id(owner) {
+                return shoal_storage::ServiceKey::named(format!("reg-{k}"));
+            }
+        }
+        panic!("no service owned by n{owner}");
+    }
+
+    /// Which running nodes list an instance of `service` on `port` in their dump.
+    pub async fn holders(&self, service: &shoal_storage::ServiceKey, port: u16) -> Vec<usize> {
+        let mut out = Vec::new();
+        for i in 0..self.len() {
+            if !self.is_running(i) {
+                continue;
+            }
+            let dump = self.get_json(i, "/v1/dump").await.unwrap();
+            let listed = dump.as_array().into_iter().flatten().any(|s| {
+                s["key"]["service"] == service.service.as_str()
+                    && s["instances"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|inst| inst["port"] == port)
+            });
+            if listed {
+                out.push(i);
+            }
+        }
+        out
+    }
+
     /// One look: `Ok` when every node runs, sees every node up and ready, and every
     /// `/v1/dump` is identical; else what differs.
     pub async fn check_converged(&self) -> Result<(), String> {

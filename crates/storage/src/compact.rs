@@ -1,0 +1,298 @@
+//! The compact form in which the registry holds instances.
+//!
+//! A registry may hold millions of instances, so each costs as little as possible: the
+//! key is a [`Key`] (the address as an [`IpAddr`], the port, and the cluster name as a
+//! small id into a per-registry table of names, [`Names`]); the record is a [`Slot`]
+//! with the version, the lapse and the session (an id into [`Sessions`]) inline; and
+//! the session index holds `(service id, Key)` pairs. Nothing of an instance without
+//! metadata and with a session lease is a separate heap allocation.
+//!
+//! The public types ([`InstanceKey`], [`Instance`]) are built from these at the
+//! boundary: answers to queries, replication operations, errors.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::model::*;
+use crate::replica::Stamp;
+
+/// An instance's key within its service: the compact form of an [`InstanceKey`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct Key {
+    /// The cluster name's id in the registry's [`Names`].
+    pub(crate) cluster: u32,
+    pub(crate) ip: IpAddr,
+    pub(crate) port: u16,
+}
+
+/// The healthy flag of a [`Slot`].
+const HEALTHY: u8 = 1;
+/// The enabled flag.
+const ENABLED: u8 = 2;
+/// Expiry marked the (Ttl) instance unhealthy: it is lapsed.
+const LAPSED: u8 = 4;
+/// While lapsed: the health its client last declared.
+const DECLARED: u8 = 8;
+
+/// No session: the instance has a Ttl lease.
+pub(crate) const NO_SESSION: u32 = u32::MAX;
+
+/// One live instance, without its key.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Slot {
+    /// The replication version.
+    pub(crate) version: Stamp,
+    /// The local revision that last wrote it ([`Instance::stamp`]).
+    pub(crate) stamp: u64,
+    pub(crate) last_beat_ms: u64,
+    pub(crate) weight: f64,
+    /// `None` when empty (most instances have none). Boxed: 8 bytes in the slot
+    /// instead of the 24 of an empty map.
+    #[allow(clippy::box_collection)]
+    pub(crate) metadata: Option<Box<BTreeMap<String, String>>>,
+    /// `Some` for a Ttl lease (then `session` is [`NO_SESSION`]).
+    pub(crate) ttl: Option<Box<TtlLease>>,
+    /// The session's id in the registry's [`Sessions`], for a session lease.
+    pub(crate) session: u32,
+    /// Healthy, enabled, lapsed and declared health: see [`Slot::flags_of`].
+    pub(crate) flags: u8,
+}
+
+impl Slot {
+    /// The flags of an instance with these healths and lapse.
+    pub(crate) fn flags_of(healthy: bool, enabled: bool, lapsed: Option<bool>) -> u8 {
+        let mut flags = 0;
+        if healthy {
+            flags |= HEALTHY;
+        }
+        if enabled {
+            flags |= ENABLED;
+        }
+        match lapsed {
+            Some(true) => flags | LAPSED | DECLARED,
+            Some(false) => flags | LAPSED,
+            None => flags,
+        }
+    }
+
+    pub(crate) fn healthy(&self) -> bool {
+        self.flags & HEALTHY != 0
+    }
+
+    pub(crate) fn enabled(&self) -> bool {
+        self.flags & ENABLED != 0
+    }
+
+    /// `Some(declared health)` while expiry has the instance marked unhealthy.
+    pub(crate) fn lapsed(&self) -> Option<bool> {
+        (self.flags & LAPSED != 0).then_some(self.flags & DECLARED != 0)
+    }
+
+    pub(crate) fn set_lapsed(&mut self, lapsed: Option<bool>) {
+        self.flags = Self::flags_of(self.healthy(), self.enabled(), lapsed);
+    }
+
+    /// When expiry next has something to do with it (Ttl), `None` for a session lease.
+    pub(crate) fn due_ms(&self) -> Option<u64> {
+        let ttl = self.ttl.as_ref()?;
+        Some(
+            self.last_beat_ms
+                .saturating_add(if self.lapsed().is_some() {
+                    ttl.remove_after_ms
+                } else {
+                    ttl.unhealthy_after_ms
+                }),
+        )
+    }
+}
+
+/// Interned names (clusters): each distinct name is held once, with a count of the
+/// keys that use it, and dropped when the last one goes.
+#[derive(Debug, Default)]
+pub(crate) struct Names {
+    ids: HashMap<Arc<str>, u32>,
+    /// By id: the name and its use count; `None` for a free id.
+    names: Vec<Option<(Arc<str>, usize)>>,
+    free: Vec<u32>,
+}
+
+impl Names {
+    /// The id of `name`, if any key uses it.
+    pub(crate) fn find(&self, name: &str) -> Option<u32> {
+        self.ids.get(name).copied()
+    }
+
+    /// The id of `name`, counting one more use.
+    pub(crate) fn acquire(&mut self, name: &str) -> u32 {
+        if let Some(&id) = self.ids.get(name) {
+            if let Some((_, uses)) = &mut self.names[id as usize] {
+                *uses += 1;
+            }
+            return id;
+        }
+        let name: Arc<str> = Arc::from(name);
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.names[id as usize] = Some((name.clone(), 1));
+                id
+            }
+            None => {
+                self.names.push(Some((name.clone(), 1)));
+                u32::try_from(self.names.len() - 1).expect("fewer than 2^32 names")
+            }
+        };
+        self.ids.insert(name, id);
+        id
+    }
+
+    /// One use of `id` fewer; the name goes with its last use.
+    pub(crate) fn release(&mut self, id: u32) {
+        let slot = &mut self.names[id as usize];
+        let Some((name, uses)) = slot else {
+            debug_assert!(false, "released a free name id {id}");
+            return;
+        };
+        *uses -= 1;
+        if *uses == 0 {
+            self.ids.remove(&**name);
+            *slot = None;
+            self.free.push(id);
+        }
+    }
+
+    /// The name of a used id.
+    pub(crate) fn name(&self, id: u32) -> &str {
+        self.names[id as usize]
+            .as_ref()
+            .map_or("", |(name, _)| name)
+    }
+
+    /// How many names are held.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// The use count of every name held.
+    #[cfg(test)]
+    pub(crate) fn uses(&self) -> BTreeMap<String, usize> {
+        self.names
+            .iter()
+            .flatten()
+            .map(|(n, u)| (n.to_string(), *u))
+            .collect()
+    }
+}
+
+/// The sessions that hold instances here, each with the instances it holds as
+/// `(service id, key)`.
+#[derive(Debug, Default)]
+pub(crate) struct Sessions {
+    ids: HashMap<SessionId, u32>,
+    /// By id; a free id has no members.
+    slots: Vec<SessionSlot>,
+    free: Vec<u32>,
+}
+
+/// One session and its instances.
+#[derive(Debug)]
+pub(crate) struct SessionSlot {
+    pub(crate) id: SessionId,
+    pub(crate) members: HashSet<(u32, Key)>,
+}
+
+impl Sessions {
+    /// Adds an instance to `session`; returns the session's id.
+    pub(crate) fn attach(&mut self, session: SessionId, service: u32, key: Key) -> u32 {
+        let id = match self.ids.get(&session) {
+            Some(&id) => id,
+            None => {
+                let slot = SessionSlot {
+                    id: session,
+                    members: HashSet::new(),
+                };
+                let id = match self.free.pop() {
+                    Some(id) => {
+                        self.slots[id as usize] = slot;
+                        id
+                    }
+                    None => {
+                        self.slots.push(slot);
+                        u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 sessions")
+                    }
+                };
+                self.ids.insert(session, id);
+                id
+            }
+        };
+        self.slots[id as usize].members.insert((service, key));
+        id
+    }
+
+    /// Removes an instance from the session `id`; the session goes with its last one.
+    pub(crate) fn detach(&mut self, id: u32, service: u32, key: Key) {
+        let slot = &mut self.slots[id as usize];
+        slot.members.remove(&(service, key));
+        if slot.members.capacity() > 64 && slot.members.len() * 4 < slot.members.capacity() {
+            slot.members.shrink_to(slot.members.len() * 2);
+        }
+        if slot.members.is_empty() {
+            self.ids.remove(&slot.id);
+            slot.members = HashSet::new();
+            self.free.push(id);
+        }
+    }
+
+    /// The session with id `id`.
+    pub(crate) fn session(&self, id: u32) -> SessionId {
+        self.slots[id as usize].id
+    }
+
+    /// A session's slot, if it holds instances here.
+    pub(crate) fn get(&self, session: SessionId) -> Option<&SessionSlot> {
+        self.ids.get(&session).map(|&id| &self.slots[id as usize])
+    }
+
+    /// The sessions that hold instances.
+    pub(crate) fn ids(&self) -> impl Iterator<Item = SessionId> + '_ {
+        self.ids.keys().copied()
+    }
+
+    /// Every session that holds instances, with its members.
+    #[cfg(test)]
+    pub(crate) fn all(&self) -> HashMap<SessionId, HashSet<(u32, Key)>> {
+        self.ids
+            .iter()
+            .map(|(s, &id)| (*s, self.slots[id as usize].members.clone()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        // What one instance costs in the service's table (key and slot).
+        assert_eq!(std::mem::size_of::<Key>(), 24);
+        assert_eq!(std::mem::size_of::<Slot>(), 64);
+    }
+
+    #[test]
+    fn names_are_counted_and_reused() {
+        let mut n = Names::default();
+        let a = n.acquire("a");
+        assert_eq!(n.acquire("a"), a);
+        let b = n.acquire("b");
+        assert_ne!(a, b);
+        assert_eq!(n.name(b), "b");
+        n.release(a);
+        assert_eq!(n.find("a"), Some(a));
+        n.release(a);
+        assert_eq!(n.find("a"), None);
+        assert_eq!(n.acquire("c"), a);
+        assert_eq!(n.len(), 2);
+    }
+}

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::compact::{Key, Names, Sessions, Slot, NO_SESSION};
 use crate::error::StorageError;
@@ -211,10 +212,11 @@ pub struct Registry {
     pub(crate) hlc: u64,
     /// The latest `now_ms` any operation was given (for operations that take none).
     pub(crate) last_now_ms: u64,
-    /// Tombstones, by service.
-    pub(crate) tombs: BTreeMap<ServiceKey, Tombs>,
+    /// Tombstones, by service (the key shared with `tomb_gc`). Instance tombstones
+    /// are keyed by compact key; their cluster names count as uses in `clusters`.
+    pub(crate) tombs: BTreeMap<Arc<ServiceKey>, Tombs>,
     /// `(deleted_at_ms, service, instance or None for settings)` of every tombstone.
-    pub(crate) tomb_gc: BTreeSet<(u64, ServiceKey, Option<InstanceKey>)>,
+    pub(crate) tomb_gc: BTreeSet<(u64, Arc<ServiceKey>, Option<Key>)>,
     /// `(ring position, service)` of every service with live data or tombstones.
     pub(crate) placed: BTreeSet<(u64, ServiceKey)>,
     /// Operations recorded by local writes, for [`Registry::take_ops`].
@@ -907,7 +909,14 @@ impl Registry {
         reaped: bool,
     ) -> bool {
         let mut removed = false;
-        if let Some(k) = self.find_key(key) {
+        // The tombstone's use of the cluster name, taken first so that a name whose
+        // last live use goes here is kept.
+        let k = Key {
+            cluster: self.clusters.acquire(&key.cluster),
+            ip: key.ip.parse::<IpAddr>().expect("a canonical address"),
+            port: key.port,
+        };
+        {
             if let Some(entry) = self.services.get_mut(service) {
                 if let Some(old) = entry.instances.remove(&k) {
                     self.index.remove(entry.id, k, &old);
@@ -926,13 +935,13 @@ impl Registry {
             deleted_at_ms: now_ms,
             reaped,
         };
+        let shared = self.tombs_of(service);
         self.tombs
-            .entry(service.clone())
-            .or_default()
+            .get_mut(service)
+            .expect("just ensured")
             .instances
-            .insert(key.clone(), tomb);
-        self.tomb_gc
-            .insert((now_ms, service.clone(), Some(key.clone())));
+            .insert(k, tomb);
+        self.tomb_gc.insert((now_ms, shared, Some(k)));
         self.place(service);
         removed
     }
@@ -955,12 +964,13 @@ impl Registry {
             e.meta = ServiceMeta::default();
         }
         if meta == ServiceMeta::default() {
-            self.tombs.entry(service.clone()).or_default().meta = Some(Tomb {
+            let shared = self.tombs_of(service);
+            self.tombs.get_mut(service).expect("just ensured").meta = Some(Tomb {
                 stamp: version,
                 deleted_at_ms: now_ms,
                 reaped: false,
             });
-            self.tomb_gc.insert((now_ms, service.clone(), None));
+            self.tomb_gc.insert((now_ms, shared, None));
         } else {
             self.ensure_entry(service);
             let e = self.services.get_mut(service).expect("just ensured");
@@ -971,20 +981,47 @@ impl Registry {
         self.place(service);
     }
 
+    /// The service's key as the tombstone indexes share it; creates its (empty)
+    /// tombstones if needed.
+    fn tombs_of(&mut self, service: &ServiceKey) -> Arc<ServiceKey> {
+        if let Some((shared, _)) = self.tombs.get_key_value(service) {
+            return shared.clone();
+        }
+        let shared = Arc::new(service.clone());
+        self.tombs.insert(shared.clone(), Tombs::default());
+        shared
+    }
+
     /// Drops the tombstone of an instance (`Some`) or of the settings (`None`).
     fn drop_tomb(&mut self, service: &ServiceKey, key: Option<&InstanceKey>) {
-        let Some(t) = self.tombs.get_mut(service) else {
+        let Some(shared) = self.tombs.get_key_value(service).map(|(k, _)| k.clone()) else {
             return;
         };
-        let tomb = match key {
-            Some(k) => t.instances.remove(k),
+        let k = match key {
+            // No tombstone can use a cluster name that is not held.
+            Some(key) => match self.find_key(key) {
+                Some(k) => Some(k),
+                None => return,
+            },
+            None => None,
+        };
+        let t = self.tombs.get_mut(service).expect("found above");
+        let tomb = match k {
+            Some(k) => {
+                let tomb = t.instances.remove(&k);
+                shrink(&mut t.instances);
+                tomb
+            }
             None => t.meta.take(),
         };
+        let empty = t.is_empty();
         if let Some(tomb) = tomb {
-            self.tomb_gc
-                .remove(&(tomb.deleted_at_ms, service.clone(), key.cloned()));
+            if let Some(k) = k {
+                self.clusters.release(k.cluster);
+            }
+            self.tomb_gc.remove(&(tomb.deleted_at_ms, shared, k));
         }
-        if t.is_empty() {
+        if empty {
             self.tombs.remove(service);
         }
     }
@@ -1023,7 +1060,7 @@ impl Registry {
         let keys: BTreeSet<ServiceKey> = self
             .services
             .keys()
-            .chain(self.tombs.keys())
+            .chain(self.tombs.keys().map(|k| &**k))
             .cloned()
             .collect();
         self.placed = keys
@@ -1243,7 +1280,6 @@ impl Registry {
             assert_eq!(sum, entry.sum, "digest sum of {service}");
         }
         assert_eq!(total, self.instance_total);
-        assert_eq!(clusters, self.clusters.uses());
         assert_eq!(
             self.service_keys.iter().flatten().count(),
             self.services.len()
@@ -1254,12 +1290,15 @@ impl Registry {
         let mut gc = BTreeSet::new();
         for (service, t) in &self.tombs {
             assert!(!t.is_empty());
-            for (key, tomb) in &t.instances {
+            for (k, tomb) in &t.instances {
+                let key = self.public_key(k);
+                assert_eq!(self.find_key(&key), Some(*k));
+                *clusters.entry(key.cluster.clone()).or_default() += 1;
                 assert!(
-                    self.find_slot(service, key).is_none(),
+                    self.find_slot(service, &key).is_none(),
                     "{key} live and dead"
                 );
-                gc.insert((tomb.deleted_at_ms, service.clone(), Some(key.clone())));
+                gc.insert((tomb.deleted_at_ms, service.clone(), Some(*k)));
             }
             if let Some(tomb) = t.meta {
                 assert_eq!(
@@ -1272,10 +1311,11 @@ impl Registry {
             }
         }
         assert_eq!(gc, self.tomb_gc);
+        assert_eq!(clusters, self.clusters.uses());
         let placed: BTreeSet<(u64, ServiceKey)> = self
             .services
             .keys()
-            .chain(self.tombs.keys())
+            .chain(self.tombs.keys().map(|k| &**k))
             .map(|k| (self.placement_of(k), k.clone()))
             .collect();
         assert_eq!(placed, self.placed);

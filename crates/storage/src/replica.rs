@@ -11,7 +11,7 @@
 //! Merging is idempotent and commutative: applying the same set of operations in any
 //! order, with any duplicates, gives the same [`Registry::dump_replicated`].
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::ops::Bound;
 
 use serde::{Deserialize, Serialize};
@@ -188,7 +188,7 @@ pub(crate) struct Tomb {
 /// The tombstones of one service.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Tombs {
-    pub(crate) instances: BTreeMap<InstanceKey, Tomb>,
+    pub(crate) instances: HashMap<Key, Tomb>,
     /// The version of default settings, when they were set explicitly.
     pub(crate) meta: Option<Tomb>,
 }
@@ -333,12 +333,16 @@ impl Registry {
 
     /// The version of an instance here: live, deleted, or [`Stamp::ZERO`] if unknown.
     pub fn instance_version(&self, service: &ServiceKey, key: &InstanceKey) -> Stamp {
-        if let Some((_, _, slot)) = self.find_slot(service, key) {
+        // A key whose cluster name is not held is neither live nor deleted.
+        let Some(k) = self.find_key(key) else {
+            return Stamp::ZERO;
+        };
+        if let Some(slot) = self.services.get(service).and_then(|e| e.instances.get(&k)) {
             return slot.version;
         }
         self.tombs
             .get(service)
-            .and_then(|t| t.instances.get(key))
+            .and_then(|t| t.instances.get(&k))
             .map_or(Stamp::ZERO, |t| t.stamp)
     }
 
@@ -617,10 +621,16 @@ impl Registry {
             }
         }
         if let Some(t) = tombs {
-            for (key, tomb) in &t.instances {
+            let mut dead: Vec<(InstanceKey, &Tomb)> = t
+                .instances
+                .iter()
+                .map(|(k, tomb)| (self.public_key(k), tomb))
+                .collect();
+            dead.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            for (key, tomb) in dead {
                 ops.push(Op::Instance(InstanceOp {
                     service: service.clone(),
-                    key: key.clone(),
+                    key,
                     stamp: tomb.stamp,
                     state: None,
                     lapsed: None,
@@ -711,15 +721,18 @@ impl Registry {
                 break;
             }
             let (_, service, key) = self.tomb_gc.pop_first().expect("checked above");
-            if let Some(t) = self.tombs.get_mut(&service) {
+            if let Some(t) = self.tombs.get_mut(&*service) {
                 match key {
                     Some(k) => {
-                        t.instances.remove(&k);
+                        if t.instances.remove(&k).is_some() {
+                            self.clusters.release(k.cluster);
+                        }
+                        crate::registry::shrink(&mut t.instances);
                     }
                     None => t.meta = None,
                 }
                 if t.is_empty() {
-                    self.tombs.remove(&service);
+                    self.tombs.remove(&*service);
                 }
             }
             self.settle(&service);
@@ -769,6 +782,7 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::registry::Limits;
+    use std::collections::BTreeMap;
 
     /// A small deterministic generator (splitmix64) for the randomized tests.
     struct Rng(u64);
@@ -965,6 +979,8 @@ mod tests {
         assert_eq!(w.gc_tombstones(1_100), 1);
         assert_eq!(w.tombstone_count(), 0);
         assert!(w.record(&s).is_none());
+        // The cluster name went with its last use, the tombstone.
+        assert_eq!(w.clusters.len(), 0);
         w.check_invariants();
     }
 

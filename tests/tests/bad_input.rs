@@ -101,6 +101,15 @@ async fn invalid_requests_are_refused_one_by_one(node: &Node, orders: &ServiceKe
 
     let cases: Vec<(&str, Request, ErrorCode)> = vec![
         (
+            "RegisterMany of more than MAX_BATCH_ITEMS items",
+            Request::RegisterMany {
+                items: (0..=shoal_proto::MAX_BATCH_ITEMS as u16)
+                    .map(|p| (orders.clone(), inst("10.0.0.3", 10_000 + p)))
+                    .collect(),
+            },
+            ErrorCode::BadRequest,
+        ),
+        (
             "empty service name",
             register(svc(""), ok.clone()),
             ErrorCode::InvalidName,

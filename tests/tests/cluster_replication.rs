@@ -326,3 +326,54 @@ async fn a_write_waiting_for_a_frozen_owner_does_not_hold_up_the_session() {
         other => panic!("expected the Register's answer, got {other:?}"),
     }
 }
+
+/// RegisterMany: one request registers instances of many services, whichever node
+/// owns each (the home applies its own and forwards the rest, one message per owner);
+/// a bad item is refused alone; every node then lists them all, under the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_many_spreads_over_owners_and_refuses_bad_items_alone() {
+    let cluster = Cluster::start(3).await;
+    cluster.wait_until_converged().await;
+    let client = cluster.node(0).client().await;
+    let services: Vec<ServiceKey> = (0..30).map(|k| svc(&format!("batch-{k}"))).collect();
+    let mut items = Vec::new();
+    for (k, s) in services.iter().enumerate() {
+        for j in 0..10u16 {
+            items.push((s.clone(), inst(&format!("10.9.{k}.1"), 9000 + j)));
+        }
+    }
+    items.insert(17, (services[3].clone(), inst("10.9.3.1", 0)));
+    items.insert(40, (svc("bad name!"), inst("10.9.99.1", 9000)));
+    let outcomes = client.register_many(items).await.expect("an answer");
+    assert_eq!(outcomes.len(), 302);
+    for (k, o) in outcomes.iter().enumerate() {
+        match k {
+            17 => assert_eq!(
+                o.as_ref().err().and_then(|e| e.code()),
+                Some(ErrorCode::InvalidPort)
+            ),
+            40 => assert_eq!(
+                o.as_ref().err().and_then(|e| e.code()),
+                Some(ErrorCode::InvalidName)
+            ),
+            _ => assert!(o.is_ok(), "item {k}: {o:?}"),
+        }
+    }
+    // The refused items are not held for re-registration; the others are.
+    assert_eq!(client.registrations().len(), 300);
+    for i in 0..3 {
+        for (k, s) in services.iter().enumerate() {
+            let expected: Vec<(String, u16)> = (0..10u16)
+                .map(|j| (format!("10.9.{k}.1"), 9000 + j))
+                .collect();
+            wait_for_listing(&cluster, i, s, &expected).await;
+        }
+    }
+    // A clean close removes them all, everywhere.
+    client.close().await.unwrap();
+    for i in 0..3 {
+        for s in &services {
+            wait_for_listing(&cluster, i, s, &[]).await;
+        }
+    }
+}

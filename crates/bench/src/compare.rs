@@ -51,6 +51,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
+use shoal_storage::{InstanceSpec, ServiceKey};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -71,6 +72,7 @@ use crate::{compare_report, visibility, ClusterArgs, Phase};
 #[serde(rename_all = "kebab-case")]
 pub enum Scenario {
     Register,
+    RegisterBatch,
     Query,
     Keepalive,
     Visibility,
@@ -89,7 +91,7 @@ pub struct CompareArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "register,query,keepalive,visibility,push,churn,failover"
+        default_value = "register,register-batch,query,keepalive,visibility,push,churn,failover"
     )]
     pub scenarios: Vec<Scenario>,
     /// Nodes per cluster.
@@ -108,6 +110,9 @@ pub struct CompareArgs {
     /// keep-alive connections).
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
+    /// Register-batch (Shoal): instances per RegisterMany request (at most 1024).
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
     /// rnacos: interval of the beats of each instance, in ms (the Nacos default).
     #[arg(long, default_value_t = 5000)]
     pub beat_interval_ms: u64,
@@ -387,6 +392,9 @@ async fn scenarios(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> 
     let has = |s: Scenario| args.scenarios.contains(&s);
     let reg = register(args, h, run).await?;
     let beater = Beater::start(args, h, &reg).await?;
+    if has(Scenario::RegisterBatch) {
+        register_batch(args, h, run).await?;
+    }
     if has(Scenario::Query) {
         query(args, h, run, &reg).await?;
     }
@@ -415,6 +423,200 @@ async fn scenarios(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> 
         }
     }
     while closing.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Shoal only: the register scenario's population once more, in a group of its own,
+/// registered with RegisterMany (`--batch` instances per request, `--concurrency`
+/// requests in flight per session); then closed again, so that the later scenarios
+/// see the cluster as the register scenario left it.
+async fn register_batch(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> Result<()> {
+    const S: &str = "register-batch";
+    if matches!(h.nodes, Nodes::Rnacos(_)) {
+        let why = "not expressible: the Nacos v1 HTTP API registers one instance per request";
+        for metric in [
+            "registrations/s, acknowledged",
+            "registrations/s, visible on every node",
+        ] {
+            run.na(S, metric, why);
+        }
+        return Ok(());
+    }
+    let names = Names::new("cmpbatch", args.services);
+    let q = quiet(args, h, S).await;
+    let sessions = h
+        .clients(args.sessions, false, 1, REQUEST_TIMEOUT)
+        .await
+        .context("connecting the sessions")?;
+    let mut counters = h.counters().await?;
+    let per = args.instances_per_session;
+    let total = (args.sessions * per) as u64;
+    let batch = args.batch.clamp(1, shoal_proto::MAX_BATCH_ITEMS);
+    eprintln!(
+        "[{S}] {} sessions x {per} instances over {} services, {batch} per request, {} requests in flight per session",
+        args.sessions, args.services, args.concurrency
+    );
+    let done = Arc::new(AtomicU64::new(0));
+    let progress = Progress::start(S, done.clone(), Some(total));
+    let mark = CpuMark::now(&h.pids());
+    let started = mark.at();
+    let group = names.group.clone();
+    let poller = tokio::spawn(async move {
+        let reached = time_until_count(
+            &mut counters,
+            &group,
+            total,
+            started,
+            started + Duration::from_secs(120),
+        )
+        .await;
+        (reached, counters)
+    });
+    let mut clients = Vec::new();
+    let mut tasks = JoinSet::new();
+    for (s, lanes) in sessions.into_iter().enumerate() {
+        let Some(Lane::Shoal(client)) = lanes.into_iter().next() else {
+            bail!("register-batch needs Shoal sessions");
+        };
+        let items: Vec<(ServiceKey, InstanceSpec)> = (0..per)
+            .map(|i| {
+                let g = s * per + i;
+                (names.keys[g % names.len()].clone(), Inst::numbered(g).spec())
+            })
+            .collect();
+        let chunks: Vec<Vec<(ServiceKey, InstanceSpec)>> =
+            items.chunks(batch).map(<[_]>::to_vec).collect();
+        let queue = Arc::new(Mutex::new(chunks.into_iter()));
+        for _ in 0..args.concurrency.max(1) {
+            let (client, queue, done) = (client.clone(), queue.clone(), done.clone());
+            tasks.spawn(async move {
+                let mut samples = Samples::default();
+                let mut errors = 0u64;
+                let mut first_error = None;
+                loop {
+                    let Some(chunk) = queue.lock().unwrap().next() else {
+                        return (samples, errors, first_error);
+                    };
+                    let n = chunk.len() as u64;
+                    let t = Instant::now();
+                    match client.register_many(chunk).await {
+                        Ok(outcomes) => {
+                            samples.record(t.elapsed());
+                            let bad: Vec<String> = outcomes
+                                .iter()
+                                .filter_map(|o| o.as_ref().err().map(|e| e.to_string()))
+                                .collect();
+                            errors += bad.len() as u64;
+                            if let Some(e) = bad.into_iter().next() {
+                                first_error.get_or_insert(e);
+                            }
+                            done.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            errors += n;
+                            first_error.get_or_insert(format!("{e:#}"));
+                        }
+                    }
+                }
+            });
+        }
+        clients.push(client);
+    }
+    let mut samples = Samples::with_capacity(total as usize / batch + 1);
+    let mut errors = 0;
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        let (part, e, first) = joined?;
+        samples.merge(part);
+        errors += e;
+        if first_error.is_none() {
+            first_error = first;
+        }
+    }
+    let ack_seconds = started.elapsed().as_secs_f64();
+    drop(progress);
+    if let Some(e) = first_error {
+        poller.abort();
+        bail!("{errors} batched registrations failed; the first: {e}");
+    }
+    eprintln!(
+        "[{S}] all acknowledged after {ack_seconds:.2} s; waiting until every node counts them"
+    );
+    let (visible, mut counters) = poller.await?;
+    let cpu = mark.since();
+    h.check_alive()?;
+    let all_visible = visible
+        .iter()
+        .copied()
+        .collect::<Option<Vec<f64>>>()
+        .map(|v| v.into_iter().fold(0.0, f64::max));
+    let latency = samples.summarize();
+    run.fig(
+        S,
+        "registrations/s, acknowledged",
+        "/s",
+        Better::Higher,
+        Some(total as f64 / ack_seconds),
+    );
+    run.fig(
+        S,
+        "registrations/s, visible on every node",
+        "/s",
+        Better::Higher,
+        all_visible.map(|s| total as f64 / s),
+    );
+    run.fig(
+        S,
+        "request latency p50 (one batch)",
+        "ms",
+        Better::Lower,
+        Some(latency.p50_ms),
+    );
+    run.fig(
+        S,
+        "request latency p99 (one batch)",
+        "ms",
+        Better::Lower,
+        Some(latency.p99_ms),
+    );
+    run.fig(
+        S,
+        "CPU of all nodes per 1000 registrations",
+        "ms",
+        Better::Lower,
+        Some(cpu.nodes_seconds * 1e6 / total as f64),
+    );
+    run.cpu_figures(S, &cpu);
+    run.detail(
+        S,
+        RegisterDetail {
+            quiet: q,
+            instances: total,
+            errors,
+            ack_seconds,
+            visible_seconds: visible,
+            rss_before: Vec::new(),
+            rss_after: Vec::new(),
+            cpu,
+        },
+    );
+    // Goodbye from every batch session at once; wait until the nodes hold none.
+    let mut closing = JoinSet::new();
+    for client in clients {
+        closing.spawn(async move {
+            let _ = client.close().await;
+        });
+    }
+    while closing.join_next().await.is_some() {}
+    let now = Instant::now();
+    time_until_count(
+        &mut counters,
+        &names.group,
+        0,
+        now,
+        now + Duration::from_secs(60),
+    )
+    .await;
     Ok(())
 }
 

@@ -82,7 +82,7 @@ impl Inst {
         }
     }
 
-    fn spec(&self) -> InstanceSpec {
+    pub fn spec(&self) -> InstanceSpec {
         let mut spec = InstanceSpec::new(self.ip.clone(), self.port);
         for (k, v) in &self.meta {
             spec.metadata.insert((*k).to_string(), v.clone());

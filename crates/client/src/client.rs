@@ -333,6 +333,71 @@ impl Client {
         result
     }
 
+    /// Registers several instances in one request, each as [`Client::register`] would
+    /// (at most [`shoal_proto::MAX_BATCH_ITEMS`]; the node applies those of each
+    /// service owner together). Returns one outcome per item, in order: the service's
+    /// revision, or why that item was refused (the others apply all the same). The
+    /// whole call fails only if the request got no answer.
+    pub async fn register_many(
+        &self,
+        items: Vec<(ServiceKey, InstanceSpec)>,
+    ) -> Result<Vec<Result<u64>>> {
+        let shared = self.shared();
+        if items.len() > shoal_proto::MAX_BATCH_ITEMS {
+            return Err(ClientError::Config(format!(
+                "register_many takes at most {} items, not {}",
+                shoal_proto::MAX_BATCH_ITEMS,
+                items.len()
+            )));
+        }
+        let slots: Vec<(ServiceKey, InstanceKey)> =
+            items.iter().map(|(s, i)| (s.clone(), i.key())).collect();
+        // Remember them before sending, as `register` does; undo those that fail.
+        let before: Vec<Option<InstanceSpec>> = {
+            let mut regs = lock(&shared.registrations);
+            let mut recent = lock(&shared.deregistered);
+            items
+                .iter()
+                .zip(&slots)
+                .map(|((_, spec), slot)| {
+                    recent.remove(slot);
+                    if spec.ttl.is_none() {
+                        regs.insert(slot.clone(), spec.clone())
+                    } else {
+                        regs.remove(slot)
+                    }
+                })
+                .collect()
+        };
+        let undo = |which: &[usize]| {
+            let mut regs = lock(&shared.registrations);
+            for &k in which {
+                match &before[k] {
+                    Some(spec) => regs.insert(slots[k].clone(), spec.clone()),
+                    None => regs.remove(&slots[k]),
+                };
+            }
+        };
+        let n = items.len();
+        let outcomes = match shared.request(Request::RegisterMany { items }).await {
+            Ok(Response::AppliedMany(outcomes)) if outcomes.len() == n => outcomes,
+            Ok(other) => {
+                undo(&(0..n).collect::<Vec<_>>());
+                return Err(unexpected("RegisterMany", &other));
+            }
+            Err(e) => {
+                undo(&(0..n).collect::<Vec<_>>());
+                return Err(e);
+            }
+        };
+        let failed: Vec<usize> = (0..n).filter(|&k| outcomes[k].is_err()).collect();
+        undo(&failed);
+        Ok(outcomes
+            .into_iter()
+            .map(|r| r.map_err(ClientError::Server))
+            .collect())
+    }
+
     /// Changes a registered instance (weight, health, enabled, metadata); it keeps its
     /// lease. `(cluster, ip, port)` of `instance` says which. Returns the new revision.
     pub async fn update(&self, service: &ServiceKey, instance: InstanceSpec) -> Result<u64> {

@@ -94,6 +94,124 @@ pub async fn finish_write(shared: &Arc<Shared>, p: Pending) -> Result<Response, 
     ))
 }
 
+/// A batch of writes under way (a client's RegisterMany): those this node owns are
+/// answered already, the others were forwarded, one message per owner.
+pub struct PendingMany {
+    results: Vec<Option<Result<u64, ErrorBody>>>,
+    groups: Vec<ForwardedGroup>,
+}
+
+/// The writes of a batch that went to one owner in one message.
+struct ForwardedGroup {
+    id: u64,
+    /// Their places in the batch.
+    places: Vec<usize>,
+    writes: Vec<Write>,
+    rx: tokio::sync::oneshot::Receiver<Vec<ForwardOutcome>>,
+}
+
+/// Like [`start_write`] for several writes at once, in their order: applied here under
+/// one lock where this node owns the service, else sent to each owner in one message.
+pub fn start_many(shared: &Arc<Shared>, writes: Vec<Write>) -> PendingMany {
+    let now = shared.now_ms();
+    let mut results: Vec<Option<Result<u64, ErrorBody>>> = Vec::with_capacity(writes.len());
+    let mut by_owner: Vec<(shoal_storage::NodeId, Vec<usize>, Vec<Write>)> = Vec::new();
+    let mut groups = Vec::new();
+    let mut replica = write_lock(&shared.replica);
+    let mut actions = Vec::new();
+    for (place, w) in writes.into_iter().enumerate() {
+        match replica.route(w.service()) {
+            Route::Local => {
+                let service = w.service().clone();
+                let r = match replica.apply_write(w, now) {
+                    Ok((change, more)) => {
+                        actions.extend(more);
+                        Ok(match change {
+                            Some(c) => c.revision,
+                            None => replica.registry().service_revision(&service).unwrap_or(0),
+                        })
+                    }
+                    Err(e) => Err(ErrorBody::from(e)),
+                };
+                results.push(Some(r));
+            }
+            Route::Unavailable => results.push(Some(Err(ErrorBody::new(
+                ErrorCode::NotReady,
+                "no ready node owns services yet",
+            )))),
+            Route::Forward(owner) => {
+                results.push(None);
+                match by_owner.iter_mut().find(|(o, _, _)| *o == owner) {
+                    Some((_, places, ws)) => {
+                        places.push(place);
+                        ws.push(w);
+                    }
+                    None => by_owner.push((owner, vec![place], vec![w])),
+                }
+            }
+        }
+    }
+    for (owner, places, ws) in by_owner {
+        metrics::counter!("shoal_forwarded_writes_total").increment(ws.len() as u64);
+        let (id, more) = replica.forward_many(&owner, ws.clone(), now);
+        let rx = shared.expect_forward_many(id);
+        actions.extend(more);
+        groups.push(ForwardedGroup {
+            id,
+            places,
+            writes: ws,
+            rx,
+        });
+    }
+    shared.execute(&replica, actions);
+    PendingMany { results, groups }
+}
+
+/// Awaits the owners' answers of a batch. A group whose owner does not answer in
+/// `forward_timeout_ms` is routed again write by write, as [`finish_write`] does.
+pub async fn finish_many(shared: &Arc<Shared>, p: PendingMany) -> Result<Response, ErrorBody> {
+    let timeout = Duration::from_millis(shared.config.forward_timeout_ms);
+    let mut results = p.results;
+    for group in p.groups {
+        match tokio::time::timeout(timeout, group.rx).await {
+            Ok(Ok(outcomes)) if outcomes.len() == group.places.len() => {
+                for (place, outcome) in group.places.into_iter().zip(outcomes) {
+                    results[place] = Some(match outcome {
+                        ForwardOutcome::Applied { revision } => Ok(revision),
+                        ForwardOutcome::Rejected { code, message } => {
+                            Err(ErrorBody::new(code_of(&code), message))
+                        }
+                    });
+                }
+            }
+            _ => {
+                shared.forget_forward_many(group.id);
+                metrics::counter!("shoal_forward_failures_total").increment(1);
+                tracing::debug!("forwarded batch got no answer; routing its writes again");
+                for (place, w) in group.places.into_iter().zip(group.writes) {
+                    let r = match start_write(shared, w) {
+                        Started::Done(r) => r,
+                        Started::Forwarded(next) => finish_write(shared, next).await,
+                    };
+                    results[place] = Some(r.and_then(|resp| match resp {
+                        Response::Applied { revision } => Ok(revision),
+                        other => Err(ErrorBody::new(
+                            ErrorCode::Internal,
+                            format!("unexpected answer to a write: {other:?}"),
+                        )),
+                    }));
+                }
+            }
+        }
+    }
+    Ok(Response::AppliedMany(
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(ErrorBody::new(ErrorCode::Internal, "no outcome"))))
+            .collect(),
+    ))
+}
+
 fn apply_here(shared: &Arc<Shared>, w: Write) -> Result<Response, ErrorBody> {
     let now = shared.now_ms();
     let service = w.service().clone();

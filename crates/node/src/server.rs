@@ -324,6 +324,8 @@ fn count_peer_message(msg: &PeerMsg) {
         PeerMsg::Batch(_) => "batch",
         PeerMsg::Forward { .. } => "forward",
         PeerMsg::ForwardReply { .. } => "forward_reply",
+        PeerMsg::ForwardMany { .. } => "forward_many",
+        PeerMsg::ForwardManyReply { .. } => "forward_many_reply",
         PeerMsg::SnapshotRequest { .. } => "snapshot_request",
         PeerMsg::SnapshotChunk(_) => "snapshot_chunk",
         PeerMsg::Digest { .. } => "digest",

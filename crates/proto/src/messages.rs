@@ -11,6 +11,9 @@ use crate::error::ErrorBody;
 /// A request id, chosen by the client; the response carries it back.
 pub type RequestId = u64;
 
+/// Most items in one [`Request::RegisterMany`].
+pub const MAX_BATCH_ITEMS: usize = 1_024;
+
 /// Frames a client sends on its session stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ClientFrame {
@@ -42,6 +45,13 @@ pub struct Hello {
 /// What a client asks of its home node.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Request {
+    /// Register (or replace) several instances, each as [`Request::Register`], in one
+    /// request: at most [`MAX_BATCH_ITEMS`]. Answered [`Response::AppliedMany`] with
+    /// one outcome per item, in order; a bad item is refused alone.
+    RegisterMany {
+        /// `(service, instance)` pairs, in the order they are applied.
+        items: Vec<(ServiceKey, InstanceSpec)>,
+    },
     /// Register (or replace) an instance. Without a Ttl in the spec the instance is
     /// bound to this session.
     Register {
@@ -164,6 +174,9 @@ pub enum Response {
         /// The service's revision after the write.
         revision: u64,
     },
+    /// The outcomes of a [`Request::RegisterMany`], one per item in its order: the
+    /// service's revision after that item, or why it was refused.
+    AppliedMany(Vec<Result<u64, ErrorBody>>),
     /// The instances of a service (Query and Subscribe).
     View(ServiceView),
     /// The services of a namespace.

@@ -79,6 +79,13 @@ pub enum Action {
         /// What the owner did.
         outcome: ForwardOutcome,
     },
+    /// The owner answered writes this node forwarded with [`Replica::forward_many`].
+    ForwardManyDone {
+        /// The id [`Replica::forward_many`] returned.
+        id: u64,
+        /// What the owner did with each write, in their order.
+        outcomes: Vec<ForwardOutcome>,
+    },
     /// A batch from a peer was applied: for the replication lag metric.
     BatchApplied {
         /// The writer.
@@ -397,6 +404,62 @@ impl Replica {
         )
     }
 
+    /// Sends several client writes to `owner` in one message (they all route to it).
+    /// The answers come back together as [`Action::ForwardManyDone`].
+    pub fn forward_many(
+        &mut self,
+        owner: &NodeId,
+        writes: Vec<Write>,
+        now_ms: u64,
+    ) -> (u64, Vec<Action>) {
+        let id = self.next_forward_id;
+        self.next_forward_id += 1;
+        let msg = PeerMsg::ForwardMany {
+            id,
+            writes,
+            sent_ms: now_ms,
+        };
+        (
+            id,
+            vec![Action::Send {
+                to: owner.clone(),
+                msg,
+            }],
+        )
+    }
+
+    /// A forwarded write's outcome: applied here (its actions go to `actions`), or
+    /// refused unapplied when it arrived after `forward_ttl_ms`.
+    fn apply_forwarded(
+        &mut self,
+        write: Write,
+        sent_ms: u64,
+        now_ms: u64,
+        actions: &mut Vec<Action>,
+    ) -> ForwardOutcome {
+        if sent_ms > 0 && now_ms > sent_ms.saturating_add(self.config.forward_ttl_ms) {
+            return ForwardOutcome::Rejected {
+                code: "unavailable".into(),
+                message: format!(
+                    "the forwarded write arrived {} ms after it was sent; not applied",
+                    now_ms - sent_ms
+                ),
+            };
+        }
+        match self.apply_write(write, now_ms) {
+            Ok((change, more)) => {
+                actions.extend(more);
+                ForwardOutcome::Applied {
+                    revision: change.map_or(0, |c| c.revision),
+                }
+            }
+            Err(e) => ForwardOutcome::Rejected {
+                code: e.code().to_string(),
+                message: e.to_string(),
+            },
+        }
+    }
+
     /// A client session opened (or resumed) on this node, its home.
     pub fn session_opened(&mut self, session: SessionId, now_ms: u64) -> Vec<Action> {
         self.announce(session, SessionState::Live, now_ms)
@@ -541,36 +604,8 @@ impl Replica {
             }
             PeerMsg::Ack(a) => actions.extend(self.set_ready(from, a.ready, now_ms)),
             PeerMsg::Batch(b) => actions.extend(self.on_batch(from, b, now_ms)),
-            PeerMsg::Forward { id, sent_ms, .. }
-                if sent_ms > 0 && now_ms > sent_ms.saturating_add(self.config.forward_ttl_ms) =>
-            {
-                actions.push(Action::Send {
-                    to: from.clone(),
-                    msg: PeerMsg::ForwardReply {
-                        id,
-                        outcome: ForwardOutcome::Rejected {
-                            code: "unavailable".into(),
-                            message: format!(
-                                "the forwarded write arrived {} ms after it was sent; not applied",
-                                now_ms - sent_ms
-                            ),
-                        },
-                    },
-                });
-            }
-            PeerMsg::Forward { id, write, .. } => {
-                let outcome = match self.apply_write(write, now_ms) {
-                    Ok((change, more)) => {
-                        actions.extend(more);
-                        ForwardOutcome::Applied {
-                            revision: change.map_or(0, |c| c.revision),
-                        }
-                    }
-                    Err(e) => ForwardOutcome::Rejected {
-                        code: e.code().to_string(),
-                        message: e.to_string(),
-                    },
-                };
+            PeerMsg::Forward { id, write, sent_ms } => {
+                let outcome = self.apply_forwarded(write, sent_ms, now_ms, &mut actions);
                 // The sender gets the write's operations before the answer, on the
                 // same ordered link: once its client has the acknowledgement, the
                 // sender (the client's home) holds the write too, and anti-entropy
@@ -583,8 +618,28 @@ impl Replica {
                     msg: PeerMsg::ForwardReply { id, outcome },
                 });
             }
+            PeerMsg::ForwardMany {
+                id,
+                writes,
+                sent_ms,
+            } => {
+                let outcomes = writes
+                    .into_iter()
+                    .map(|w| self.apply_forwarded(w, sent_ms, now_ms, &mut actions))
+                    .collect();
+                // As for a single forward: the operations first, then the answer.
+                actions.extend(self.queue_local_ops(now_ms));
+                actions.extend(self.flush(from));
+                actions.push(Action::Send {
+                    to: from.clone(),
+                    msg: PeerMsg::ForwardManyReply { id, outcomes },
+                });
+            }
             PeerMsg::ForwardReply { id, outcome } => {
                 actions.push(Action::ForwardDone { id, outcome })
+            }
+            PeerMsg::ForwardManyReply { id, outcomes } => {
+                actions.push(Action::ForwardManyDone { id, outcomes })
             }
             PeerMsg::SnapshotRequest { after } => {
                 if self.ready {

@@ -37,6 +37,24 @@ pub enum PeerMsg {
         #[serde(default)]
         sent_ms: u64,
     },
+    /// Several client writes (one batch request of a client) that the sender routed to
+    /// the receiver: applied in order, as [`PeerMsg::Forward`] each, and answered with
+    /// one [`PeerMsg::ForwardManyReply`].
+    ForwardMany {
+        /// Chosen by the sender, echoed in the reply.
+        id: u64,
+        /// The writes, in the client's order.
+        writes: Vec<Write>,
+        /// When the sender sent them (as in [`PeerMsg::Forward`]).
+        sent_ms: u64,
+    },
+    /// The outcomes of a [`PeerMsg::ForwardMany`], one per write, in its order.
+    ForwardManyReply {
+        /// The id of the [`PeerMsg::ForwardMany`].
+        id: u64,
+        /// What happened to each write.
+        outcomes: Vec<ForwardOutcome>,
+    },
     /// The outcome of a forwarded write.
     ForwardReply {
         /// The id of the [`PeerMsg::Forward`].

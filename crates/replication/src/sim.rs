@@ -95,6 +95,7 @@ pub struct Sim {
     held: Vec<Envelope>,
     published: BTreeMap<NodeId, Vec<Change>>,
     forwards: HashMap<(NodeId, u64), ForwardOutcome>,
+    forward_batches: HashMap<(NodeId, u64), Vec<ForwardOutcome>>,
     delivered: u64,
     dropped: u64,
 }
@@ -126,6 +127,7 @@ impl Sim {
             held: Vec::new(),
             published: BTreeMap::new(),
             forwards: HashMap::new(),
+            forward_batches: HashMap::new(),
             delivered: 0,
             dropped: 0,
         }
@@ -306,6 +308,22 @@ impl Sim {
         self.forwards.get(&(via.clone(), id))
     }
 
+    /// The outcomes of writes sent with [`Sim::forward_many`], once they came back.
+    pub fn forward_many_outcomes(&self, via: &NodeId, id: u64) -> Option<&[ForwardOutcome]> {
+        self.forward_batches
+            .get(&(via.clone(), id))
+            .map(Vec::as_slice)
+    }
+
+    /// Writes that node `via` sends to `owner` in one message; returns the id whose
+    /// outcomes land in [`Sim::forward_many_outcomes`].
+    pub fn forward_many(&mut self, via: &NodeId, owner: &NodeId, writes: Vec<Write>) -> u64 {
+        let now = self.now_ms;
+        let (id, actions) = self.replica_mut(via).forward_many(owner, writes, now);
+        self.execute(via, actions);
+        id
+    }
+
     /// A client write sent to node `via`: applied there if it owns the service, else
     /// forwarded to the owner.
     pub fn write(&mut self, via: &NodeId, write: Write) -> WriteResult {
@@ -437,6 +455,9 @@ impl Sim {
                     .extend(changes),
                 Action::ForwardDone { id, outcome } => {
                     self.forwards.insert((from.clone(), id), outcome);
+                }
+                Action::ForwardManyDone { id, outcomes } => {
+                    self.forward_batches.insert((from.clone(), id), outcomes);
                 }
                 Action::BatchApplied { .. } | Action::Ready | Action::RingChanged(_) => {}
             }

@@ -742,6 +742,63 @@ fn a_write_acknowledged_by_an_owner_that_dies_at_once_is_not_lost() {
     }
 }
 
+/// A client's batch registration: the writes forwarded together are applied in order
+/// and answered together, one outcome each (a bad one refused alone), and the sender
+/// holds their operations by the time the answer arrives.
+#[test]
+fn writes_forwarded_together_are_answered_together() {
+    let config = Config {
+        batch_window_ms: 1_000,
+        ..Config::default()
+    };
+    let mut sim = Sim::new(seed(25), config);
+    for n in ["a", "b", "c"] {
+        sim.add_node(n);
+    }
+    sim.run_for(4_000);
+    assert!(sim.all_ready(), "cluster did not start");
+    let services: Vec<ServiceKey> = owned_by(&sim, "c", 60).into_iter().take(3).collect();
+    assert_eq!(services.len(), 3, "c owns too few of 60 services");
+    sim.open_session(&id("a"), SessionId(1));
+    let register = |s: &ServiceKey, port: u16| Write::Register {
+        service: s.clone(),
+        instance: InstanceSpec::new("10.0.0.9", port),
+        session: SessionId(1),
+    };
+    let mut writes: Vec<Write> = services.iter().map(|s| register(s, 8080)).collect();
+    writes.push(register(&services[0], 0));
+    let fwd = sim.forward_many(&id("a"), &id("c"), writes);
+    for _ in 0..200 {
+        if sim.forward_many_outcomes(&id("a"), fwd).is_some() {
+            break;
+        }
+        sim.run_for(1);
+    }
+    let outcomes = sim
+        .forward_many_outcomes(&id("a"), fwd)
+        .expect("no answer")
+        .to_vec();
+    assert_eq!(outcomes.len(), 4);
+    for o in &outcomes[..3] {
+        assert!(matches!(o, ForwardOutcome::Applied { .. }), "{o:?}");
+    }
+    match &outcomes[3] {
+        ForwardOutcome::Rejected { code, .. } if code == "invalid_port" => {}
+        other => panic!("port 0 was answered {other:?}"),
+    }
+    for s in &services {
+        assert_eq!(
+            instances(&sim, "a", s).len(),
+            1,
+            "a lacks {s} at the answer"
+        );
+    }
+    assert_converged(&mut sim, 3_000);
+    for s in &services {
+        assert_eq!(instances(&sim, "b", s).len(), 1, "{s} not on b");
+    }
+}
+
 /// An owner answers NotFound for an instance it does not hold; only while it is
 /// settling does it also write a tombstone (a settled owner's copy is complete).
 #[test]

@@ -211,6 +211,7 @@ fn apply_register(
 fn kind(req: &Request) -> &'static str {
     match req {
         Request::Register { .. } => "Register",
+        Request::RegisterMany { .. } => "RegisterMany",
         Request::Update { .. } => "Update",
         Request::Deregister { .. } => "Deregister",
         Request::Beat { .. } => "Beat",
@@ -252,6 +253,21 @@ fn handle(
             let revision = apply_register(&mut st, &service, instance, session);
             Ok(Response::Applied { revision })
         }
+        Request::RegisterMany { items } => Ok(Response::AppliedMany(
+            items
+                .into_iter()
+                .map(|(service, instance)| {
+                    if instance.port == 0 {
+                        Err(ErrorBody::new(
+                            ErrorCode::InvalidPort,
+                            "invalid port 0: must be 1..=65535",
+                        ))
+                    } else {
+                        Ok(apply_register(&mut st, &service, instance, session))
+                    }
+                })
+                .collect(),
+        )),
         Request::Deregister { service, instance } => {
             let removed = st
                 .services

@@ -113,6 +113,11 @@ pub struct CompareArgs {
     /// Register-batch (Shoal): instances per RegisterMany request (at most 1024).
     #[arg(long, default_value_t = 100)]
     pub batch: usize,
+    /// Register (Shoal): use RegisterMany (`--batch` per request) for the register
+    /// scenario too, e.g. to load a million instances for keepalive quickly. The table
+    /// says so.
+    #[arg(long)]
+    pub batch_register: bool,
     /// rnacos: interval of the beats of each instance, in ms (the Nacos default).
     #[arg(long, default_value_t = 5000)]
     pub beat_interval_ms: u64,
@@ -426,6 +431,80 @@ async fn scenarios(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> 
     Ok(())
 }
 
+/// Registers `per` instances for each of `clients` (instance `g = s * per + i` in
+/// service `g mod K`, as the register scenario does) with RegisterMany, `batch` per
+/// request and `in_flight` requests at once per client. Returns the request latencies,
+/// the failed registrations and the first error.
+async fn register_many_over(
+    clients: &[shoal_client::Client],
+    names: &Arc<Names>,
+    per: usize,
+    batch: usize,
+    in_flight: usize,
+    done: &Arc<AtomicU64>,
+) -> Result<(Samples, u64, Option<String>)> {
+    let mut tasks = JoinSet::new();
+    for (s, client) in clients.iter().enumerate() {
+        let items: Vec<(ServiceKey, InstanceSpec)> = (0..per)
+            .map(|i| {
+                let g = s * per + i;
+                (
+                    names.keys[g % names.len()].clone(),
+                    Inst::numbered(g).spec(),
+                )
+            })
+            .collect();
+        let chunks: Vec<Vec<(ServiceKey, InstanceSpec)>> =
+            items.chunks(batch).map(<[_]>::to_vec).collect();
+        let queue = Arc::new(Mutex::new(chunks.into_iter()));
+        for _ in 0..in_flight.max(1) {
+            let (client, queue, done) = (client.clone(), queue.clone(), done.clone());
+            tasks.spawn(async move {
+                let mut samples = Samples::default();
+                let mut errors = 0u64;
+                let mut first_error = None;
+                loop {
+                    let Some(chunk) = queue.lock().unwrap().next() else {
+                        return (samples, errors, first_error);
+                    };
+                    let n = chunk.len() as u64;
+                    let t = Instant::now();
+                    match client.register_many(chunk).await {
+                        Ok(outcomes) => {
+                            samples.record(t.elapsed());
+                            let bad: Vec<String> = outcomes
+                                .iter()
+                                .filter_map(|o| o.as_ref().err().map(|e| e.to_string()))
+                                .collect();
+                            errors += bad.len() as u64;
+                            if let Some(e) = bad.into_iter().next() {
+                                first_error.get_or_insert(e);
+                            }
+                            done.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            errors += n;
+                            first_error.get_or_insert(format!("{e:#}"));
+                        }
+                    }
+                }
+            });
+        }
+    }
+    let mut samples = Samples::default();
+    let mut errors = 0;
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        let (part, e, first) = joined?;
+        samples.merge(part);
+        errors += e;
+        if first_error.is_none() {
+            first_error = first;
+        }
+    }
+    Ok((samples, errors, first_error))
+}
+
 /// Shoal only: the register scenario's population once more, in a group of its own,
 /// registered with RegisterMany (`--batch` instances per request, `--concurrency`
 /// requests in flight per session); then closed again, so that the later scenarios
@@ -473,66 +552,14 @@ async fn register_batch(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun
         (reached, counters)
     });
     let mut clients = Vec::new();
-    let mut tasks = JoinSet::new();
-    for (s, lanes) in sessions.into_iter().enumerate() {
+    for lanes in sessions {
         let Some(Lane::Shoal(client)) = lanes.into_iter().next() else {
             bail!("register-batch needs Shoal sessions");
         };
-        let items: Vec<(ServiceKey, InstanceSpec)> = (0..per)
-            .map(|i| {
-                let g = s * per + i;
-                (names.keys[g % names.len()].clone(), Inst::numbered(g).spec())
-            })
-            .collect();
-        let chunks: Vec<Vec<(ServiceKey, InstanceSpec)>> =
-            items.chunks(batch).map(<[_]>::to_vec).collect();
-        let queue = Arc::new(Mutex::new(chunks.into_iter()));
-        for _ in 0..args.concurrency.max(1) {
-            let (client, queue, done) = (client.clone(), queue.clone(), done.clone());
-            tasks.spawn(async move {
-                let mut samples = Samples::default();
-                let mut errors = 0u64;
-                let mut first_error = None;
-                loop {
-                    let Some(chunk) = queue.lock().unwrap().next() else {
-                        return (samples, errors, first_error);
-                    };
-                    let n = chunk.len() as u64;
-                    let t = Instant::now();
-                    match client.register_many(chunk).await {
-                        Ok(outcomes) => {
-                            samples.record(t.elapsed());
-                            let bad: Vec<String> = outcomes
-                                .iter()
-                                .filter_map(|o| o.as_ref().err().map(|e| e.to_string()))
-                                .collect();
-                            errors += bad.len() as u64;
-                            if let Some(e) = bad.into_iter().next() {
-                                first_error.get_or_insert(e);
-                            }
-                            done.fetch_add(n, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            errors += n;
-                            first_error.get_or_insert(format!("{e:#}"));
-                        }
-                    }
-                }
-            });
-        }
         clients.push(client);
     }
-    let mut samples = Samples::with_capacity(total as usize / batch + 1);
-    let mut errors = 0;
-    let mut first_error = None;
-    while let Some(joined) = tasks.join_next().await {
-        let (part, e, first) = joined?;
-        samples.merge(part);
-        errors += e;
-        if first_error.is_none() {
-            first_error = first;
-        }
-    }
+    let (samples, errors, first_error) =
+        register_many_over(&clients, &names, per, batch, args.concurrency, &done).await?;
     let ack_seconds = started.elapsed().as_secs_f64();
     drop(progress);
     if let Some(e) = first_error {
@@ -692,6 +719,38 @@ async fn register(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> R
         .await;
         (reached, counters)
     });
+    let batched = args.batch_register && matches!(h.nodes, Nodes::Shoal(_));
+    if batched {
+        let clients: Vec<shoal_client::Client> = sessions
+            .iter()
+            .filter_map(|lanes| match lanes.first() {
+                Some(Lane::Shoal(c)) => Some(c.clone()),
+                _ => None,
+            })
+            .collect();
+        let batch = args.batch.clamp(1, shoal_proto::MAX_BATCH_ITEMS);
+        let (samples, errors, first_error) =
+            register_many_over(&clients, &names, per, batch, args.concurrency, &done).await?;
+        return finish_register(
+            args,
+            h,
+            run,
+            Finish {
+                q,
+                names,
+                sessions,
+                samples,
+                errors,
+                first_error,
+                progress,
+                poller,
+                mark,
+                rss_before,
+                total,
+            },
+        )
+        .await;
+    }
     let mut tasks = JoinSet::new();
     for (s, lanes) in sessions.into_iter().enumerate() {
         let next = Arc::new(AtomicUsize::new(0));
@@ -737,6 +796,78 @@ async fn register(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> R
         if first_error.is_none() {
             first_error = first;
         }
+    }
+    finish_register(
+        args,
+        h,
+        run,
+        Finish {
+            q,
+            names,
+            sessions: by_session,
+            samples,
+            errors,
+            first_error,
+            progress,
+            poller,
+            mark,
+            rss_before,
+            total,
+        },
+    )
+    .await
+}
+
+/// When each node counted every instance, and the counters.
+type CountedUntil = (Vec<Option<f64>>, Vec<(usize, Counter)>);
+
+/// What the register scenario measured, for [`finish_register`].
+struct Finish {
+    q: QuietWait,
+    names: Arc<Names>,
+    sessions: Vec<Vec<Lane>>,
+    samples: Samples,
+    errors: u64,
+    first_error: Option<String>,
+    progress: Progress,
+    poller: tokio::task::JoinHandle<CountedUntil>,
+    mark: CpuMark,
+    rss_before: Vec<Option<u64>>,
+    total: u64,
+}
+
+/// The register scenario once every registration was answered: waits until every node
+/// counts them and records the figures.
+async fn finish_register(
+    args: &CompareArgs,
+    h: &mut Harness,
+    run: &mut TargetRun,
+    f: Finish,
+) -> Result<Registered> {
+    const S: &str = "register";
+    let Finish {
+        q,
+        names,
+        sessions: by_session,
+        samples,
+        errors,
+        first_error,
+        progress,
+        poller,
+        mark,
+        rss_before,
+        total,
+    } = f;
+    let started = mark.at();
+    if args.batch_register && matches!(h.nodes, Nodes::Shoal(_)) {
+        run.na(
+            S,
+            "registered with",
+            &format!(
+                "RegisterMany, {} per request (--batch-register)",
+                args.batch
+            ),
+        );
     }
     let ack_seconds = started.elapsed().as_secs_f64();
     drop(progress);

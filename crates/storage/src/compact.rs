@@ -38,6 +38,14 @@ const DECLARED: u8 = 8;
 /// No session: the instance has a Ttl lease.
 pub(crate) const NO_SESSION: u32 = u32::MAX;
 
+/// What few instances have: metadata, a Ttl lease.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Extra {
+    pub(crate) metadata: BTreeMap<String, String>,
+    /// `Some` for a Ttl lease (then the slot's `session` is [`NO_SESSION`]).
+    pub(crate) ttl: Option<TtlLease>,
+}
+
 /// One live instance, without its key.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Slot {
@@ -47,12 +55,9 @@ pub(crate) struct Slot {
     pub(crate) stamp: u64,
     pub(crate) last_beat_ms: u64,
     pub(crate) weight: f64,
-    /// `None` when empty (most instances have none). Boxed: 8 bytes in the slot
-    /// instead of the 24 of an empty map.
-    #[allow(clippy::box_collection)]
-    pub(crate) metadata: Option<Box<BTreeMap<String, String>>>,
-    /// `Some` for a Ttl lease (then `session` is [`NO_SESSION`]).
-    pub(crate) ttl: Option<Box<TtlLease>>,
+    /// The metadata and the Ttl lease, boxed together and only when there is either
+    /// (most instances have no metadata and a session lease): 8 bytes in the slot.
+    pub(crate) extra: Option<Box<Extra>>,
     /// The session's id in the registry's [`Sessions`], for a session lease.
     pub(crate) session: u32,
     /// Healthy, enabled, lapsed and declared health: see [`Slot::flags_of`].
@@ -60,6 +65,28 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
+    /// The boxed extras of an instance with this metadata and lease; `None` when
+    /// there is neither.
+    pub(crate) fn extra_of(
+        metadata: BTreeMap<String, String>,
+        ttl: Option<TtlLease>,
+    ) -> Option<Box<Extra>> {
+        (!metadata.is_empty() || ttl.is_some()).then(|| Box::new(Extra { metadata, ttl }))
+    }
+
+    /// The Ttl lease, for a Ttl instance.
+    pub(crate) fn ttl(&self) -> Option<&TtlLease> {
+        self.extra.as_ref()?.ttl.as_ref()
+    }
+
+    /// The metadata (empty for most instances).
+    pub(crate) fn metadata(&self) -> BTreeMap<String, String> {
+        self.extra
+            .as_ref()
+            .map(|e| e.metadata.clone())
+            .unwrap_or_default()
+    }
+
     /// The flags of an instance with these healths and lapse.
     pub(crate) fn flags_of(healthy: bool, enabled: bool, lapsed: Option<bool>) -> u8 {
         let mut flags = 0;
@@ -95,7 +122,7 @@ impl Slot {
 
     /// When expiry next has something to do with it (Ttl), `None` for a session lease.
     pub(crate) fn due_ms(&self) -> Option<u64> {
-        let ttl = self.ttl.as_ref()?;
+        let ttl = self.ttl()?;
         Some(
             self.last_beat_ms
                 .saturating_add(if self.lapsed().is_some() {
@@ -277,7 +304,7 @@ mod tests {
     fn sizes() {
         // What one instance costs in the service's table (key and slot).
         assert_eq!(std::mem::size_of::<Key>(), 24);
-        assert_eq!(std::mem::size_of::<Slot>(), 64);
+        assert_eq!(std::mem::size_of::<Slot>(), 56);
     }
 
     #[test]

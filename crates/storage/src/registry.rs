@@ -325,9 +325,9 @@ impl Registry {
             weight: slot.weight,
             healthy: slot.healthy(),
             enabled: slot.enabled(),
-            metadata: slot.metadata.as_deref().cloned().unwrap_or_default(),
-            lease: match &slot.ttl {
-                Some(ttl) => Lease::Ttl((**ttl).clone()),
+            metadata: slot.metadata(),
+            lease: match slot.ttl() {
+                Some(ttl) => Lease::Ttl(ttl.clone()),
                 None => Lease::Session(self.index.sessions.session(slot.session)),
             },
             last_beat_ms: slot.last_beat_ms,
@@ -548,7 +548,7 @@ impl Registry {
         let (id, k, slot) = self
             .find_slot(service, &key)
             .ok_or_else(|| not_found(service, &key))?;
-        if slot.ttl.is_none() {
+        if slot.ttl().is_none() {
             return Ok(None);
         }
 
@@ -731,7 +731,7 @@ impl Registry {
                     debug_assert!(false, "deadline index names a missing instance");
                     continue;
                 };
-                let Some(ttl) = slot.ttl.as_deref() else {
+                let Some(ttl) = slot.ttl() else {
                     debug_assert!(false, "deadline index names a session instance");
                     continue;
                 };
@@ -871,7 +871,7 @@ impl Registry {
             port,
         };
         let (ttl, session) = match lease {
-            Lease::Ttl(t) => (Some(Box::new(t)), None),
+            Lease::Ttl(t) => (Some(t), None),
             Lease::Session(s) => (None, Some(s)),
         };
         let mut slot = Slot {
@@ -879,8 +879,7 @@ impl Registry {
             stamp,
             last_beat_ms,
             weight,
-            metadata: (!metadata.is_empty()).then(|| Box::new(metadata)),
-            ttl,
+            extra: Slot::extra_of(metadata, ttl),
             session: NO_SESSION,
             flags: Slot::flags_of(healthy, enabled, lapsed),
         };
@@ -1251,7 +1250,10 @@ impl Registry {
                 total += 1;
                 assert!(inst.stamp <= entry.revision);
                 assert!(slot.version.time <= self.hlc);
-                assert!(slot.metadata.as_ref().is_none_or(|m| !m.is_empty()));
+                assert!(slot
+                    .extra
+                    .as_ref()
+                    .is_none_or(|e| !e.metadata.is_empty() || e.ttl.is_some()));
                 sum =
                     sum.wrapping_add(instance_hash(&key.cluster, &key.ip, key.port, slot.version));
                 let lapsed = slot.lapsed().is_some();

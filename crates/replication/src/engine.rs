@@ -388,20 +388,11 @@ impl Replica {
     /// Sends a client write to `owner` (what [`Replica::route`] said). The answer comes
     /// back as [`Action::ForwardDone`] with the returned id; the node times it out.
     pub fn forward(&mut self, owner: &NodeId, write: Write, now_ms: u64) -> (u64, Vec<Action>) {
-        let id = self.next_forward_id;
-        self.next_forward_id += 1;
-        let msg = PeerMsg::Forward {
+        self.send_forward(owner, |id| PeerMsg::Forward {
             id,
             write,
             sent_ms: now_ms,
-        };
-        (
-            id,
-            vec![Action::Send {
-                to: owner.clone(),
-                msg,
-            }],
-        )
+        })
     }
 
     /// Sends several client writes to `owner` in one message (they all route to it).
@@ -412,18 +403,26 @@ impl Replica {
         writes: Vec<Write>,
         now_ms: u64,
     ) -> (u64, Vec<Action>) {
-        let id = self.next_forward_id;
-        self.next_forward_id += 1;
-        let msg = PeerMsg::ForwardMany {
+        self.send_forward(owner, |id| PeerMsg::ForwardMany {
             id,
             writes,
             sent_ms: now_ms,
-        };
+        })
+    }
+
+    /// Takes the next forward id and sends `owner` the message made with it.
+    fn send_forward(
+        &mut self,
+        owner: &NodeId,
+        msg: impl FnOnce(u64) -> PeerMsg,
+    ) -> (u64, Vec<Action>) {
+        let id = self.next_forward_id;
+        self.next_forward_id += 1;
         (
             id,
             vec![Action::Send {
                 to: owner.clone(),
-                msg,
+                msg: msg(id),
             }],
         )
     }

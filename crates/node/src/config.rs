@@ -40,6 +40,9 @@ pub struct Config {
     /// Frames queued towards one client before the node gives up on it as too slow
     /// and closes its connection (the client then resumes and re-subscribes).
     pub outbound_queue_frames: usize,
+    /// Bytes of encoded query answers each node keeps, by service revision, to answer
+    /// repeated queries without reading and encoding the instances again (0: none).
+    pub query_cache_bytes: usize,
     /// How long a SIGTERM shutdown waits for connections to close (ms).
     pub shutdown_timeout_ms: u64,
     /// Namespaces that exist besides `public`. Requests naming any other namespace
@@ -152,6 +155,7 @@ impl Default for Config {
             keep_alive_interval_ms: 2_000,
             max_frame_bytes: shoal_proto::DEFAULT_MAX_FRAME_BYTES,
             outbound_queue_frames: 4_096,
+            query_cache_bytes: 64 << 20,
             shutdown_timeout_ms: 3_000,
             namespaces: Vec::new(),
             limits: LimitsConfig::default(),

@@ -13,8 +13,9 @@ use shoal_storage::{ServiceKey, SessionId};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::query_cache::{cacheable, QueryKey};
 use crate::server::{CLOSE_NORMAL, CLOSE_PROTOCOL, CLOSE_STALLED};
-use crate::state::{read, ConnId, Outbox, Shared};
+use crate::state::{read, ConnId, Outbox, Outgoing, Shared};
 
 /// How long a new connection may take to open its session stream and say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -202,6 +203,18 @@ async fn request_loop(
             body,
         ) {
             Handled::Now(result) => result,
+            Handled::Encoded(result) => {
+                observe_ok(kind, started);
+                if outbox
+                    .tx
+                    .send(Outgoing::Answer { id, result })
+                    .await
+                    .is_err()
+                {
+                    break SessionEnd::Lost;
+                }
+                continue;
+            }
             Handled::Forwarded(pending) => {
                 // The owner answers later; meanwhile this session's next requests are
                 // served. At most MAX_FORWARDS_IN_FLIGHT wait at once, then reading
@@ -214,7 +227,22 @@ async fn request_loop(
                 tokio::spawn(async move {
                     let result = crate::cluster::finish_write(&shared, pending).await;
                     observe(kind, started, &result);
-                    let _ = tx.send(ServerFrame::Response { id, result }).await;
+                    let _ = tx.send(ServerFrame::Response { id, result }.into()).await;
+                    drop(permit);
+                });
+                continue;
+            }
+            Handled::ForwardedMany(pending) => {
+                // As a forwarded write (one permit for the whole batch).
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break SessionEnd::Lost;
+                };
+                let shared = shared.clone();
+                let tx = outbox.tx.clone();
+                tokio::spawn(async move {
+                    let result = crate::cluster::finish_many(&shared, pending).await;
+                    observe(kind, started, &result);
+                    let _ = tx.send(ServerFrame::Response { id, result }.into()).await;
                     drop(permit);
                 });
                 continue;
@@ -224,7 +252,7 @@ async fn request_loop(
             observe(kind, started, &result);
             if outbox
                 .tx
-                .send(ServerFrame::Response { id, result })
+                .send(ServerFrame::Response { id, result }.into())
                 .await
                 .is_err()
             {
@@ -251,11 +279,23 @@ enum Handled {
     Now(Option<Result<Response, ErrorBody>>),
     /// A write forwarded to its owner: the answer comes later.
     Forwarded(crate::cluster::Pending),
+    /// A batch of writes, some forwarded to their owners: the answer comes later.
+    ForwardedMany(crate::cluster::PendingMany),
+    /// A successful answer, already encoded (a query answered from the cache).
+    Encoded(crate::query_cache::EncodedAnswer),
 }
 
 fn observe(kind: &'static str, started: std::time::Instant, result: &Result<Response, ErrorBody>) {
-    let outcome = if result.is_ok() { "ok" } else { "error" };
-    metrics::counter!("shoal_requests_total", "kind" => kind, "outcome" => outcome).increment(1);
+    if result.is_ok() {
+        return observe_ok(kind, started);
+    }
+    metrics::counter!("shoal_requests_total", "kind" => kind, "outcome" => "error").increment(1);
+    metrics::histogram!("shoal_request_duration_seconds", "kind" => kind)
+        .record(started.elapsed().as_secs_f64());
+}
+
+fn observe_ok(kind: &'static str, started: std::time::Instant) {
+    metrics::counter!("shoal_requests_total", "kind" => kind, "outcome" => "ok").increment(1);
     metrics::histogram!("shoal_request_duration_seconds", "kind" => kind)
         .record(started.elapsed().as_secs_f64());
 }
@@ -278,6 +318,27 @@ fn handle(
         Started::Forwarded(p) => Handled::Forwarded(p),
     };
     Handled::Now(Some(match body {
+        Request::RegisterMany { items } => {
+            if items.len() > shoal_proto::MAX_BATCH_ITEMS {
+                return Handled::Now(Some(Err(ErrorBody::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "RegisterMany takes at most {} items, not {}",
+                        shoal_proto::MAX_BATCH_ITEMS,
+                        items.len()
+                    ),
+                ))));
+            }
+            let writes = items
+                .into_iter()
+                .map(|(service, instance)| Write::Register {
+                    service,
+                    instance,
+                    session,
+                })
+                .collect();
+            return Handled::ForwardedMany(crate::cluster::start_many(shared, writes));
+        }
         Request::Register { service, instance } => {
             return write(Write::Register {
                 service,
@@ -297,11 +358,16 @@ fn handle(
             service,
             clusters,
             healthy_only,
-        } => read(&shared.replica)
-            .registry()
-            .query(&service, &clusters, healthy_only)
-            .map(Response::View)
-            .map_err(storage_err),
+        } => {
+            return query(
+                shared,
+                QueryKey {
+                    service,
+                    clusters,
+                    healthy_only,
+                },
+            )
+        }
         Request::ListServices { namespace, group } => read(&shared.replica)
             .registry()
             .list_services(&namespace, group.as_deref())
@@ -333,9 +399,47 @@ fn handle(
     }))
 }
 
+/// Answers a query from the cache when it holds the answer at the service's current
+/// revision; otherwise reads the registry, and caches the encoded answer.
+fn query(shared: &Shared, key: QueryKey) -> Handled {
+    let cache = &shared.query_cache;
+    let view = {
+        let replica = read(&shared.replica);
+        let registry = replica.registry();
+        if cache.enabled() {
+            // A hit implies the same query was valid at this revision: a service key,
+            // clusters and namespace that passed validation then pass it now.
+            if let Some(revision) = registry.service_revision(&key.service) {
+                if let Some(answer) = cache.get(&key, revision) {
+                    return Handled::Encoded(answer);
+                }
+            }
+        }
+        match registry.query(&key.service, &key.clusters, key.healthy_only) {
+            Ok(view) => view,
+            Err(e) => return Handled::Now(Some(Err(e.into()))),
+        }
+    };
+    if !cache.enabled() || !cacheable(&view) {
+        return Handled::Now(Some(Ok(Response::View(view))));
+    }
+    let revision = view.revision;
+    let result = Ok(Response::View(view));
+    match shoal_proto::encode_result(&result) {
+        Ok(bytes) => {
+            let answer: crate::query_cache::EncodedAnswer = bytes.into();
+            cache.put(key, revision, answer.clone());
+            Handled::Encoded(answer)
+        }
+        // Cannot happen for a view; the writer reports it if it does.
+        Err(_) => Handled::Now(Some(result)),
+    }
+}
+
 fn request_kind(body: &Request) -> &'static str {
     match body {
         Request::Register { .. } => "register",
+        Request::RegisterMany { .. } => "register_many",
         Request::Update { .. } => "update",
         Request::Deregister { .. } => "deregister",
         Request::Beat { .. } => "beat",
@@ -352,25 +456,40 @@ fn request_kind(body: &Request) -> &'static str {
 }
 
 /// Writes queued frames, coalescing whatever is queued into one write.
-async fn write_loop(mut send: quinn::SendStream, mut rx: mpsc::Receiver<ServerFrame>, max: usize) {
+async fn write_loop(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Outgoing>, max: usize) {
     let mut buf = Vec::with_capacity(64 * 1024);
     while let Some(frame) = rx.recv().await {
         buf.clear();
         let mut next = Some(frame);
         while let Some(frame) = next.take() {
-            match shoal_proto::encode_frame(&frame, max) {
-                Ok(bytes) => buf.extend_from_slice(&bytes),
-                Err(e) => {
-                    // A view too large for one frame: tell the client instead.
-                    tracing::warn!("cannot send frame: {e}");
-                    if let ServerFrame::Response { id, .. } = frame {
-                        let err = ServerFrame::Response {
-                            id,
-                            result: Err(ErrorBody::new(ErrorCode::Internal, e.to_string())),
-                        };
-                        if let Ok(bytes) = shoal_proto::encode_frame(&err, max) {
-                            buf.extend_from_slice(&bytes);
-                        }
+            let (failed, id) = match frame {
+                Outgoing::Frame(frame) => match shoal_proto::encode_frame(&frame, max) {
+                    Ok(bytes) => {
+                        buf.extend_from_slice(&bytes);
+                        (None, None)
+                    }
+                    Err(e) => match frame {
+                        ServerFrame::Response { id, .. } => (Some(e), Some(id)),
+                        _ => (Some(e), None),
+                    },
+                },
+                Outgoing::Answer { id, result } => {
+                    match shoal_proto::append_response_frame(&mut buf, id, &result, max) {
+                        Ok(()) => (None, None),
+                        Err(e) => (Some(e), Some(id)),
+                    }
+                }
+            };
+            if let Some(e) = failed {
+                // A view too large for one frame: tell the client instead.
+                tracing::warn!("cannot send frame: {e}");
+                if let Some(id) = id {
+                    let err = ServerFrame::Response {
+                        id,
+                        result: Err(ErrorBody::new(ErrorCode::Internal, e.to_string())),
+                    };
+                    if let Ok(bytes) = shoal_proto::encode_frame(&err, max) {
+                        buf.extend_from_slice(&bytes);
                     }
                 }
             }

@@ -12,6 +12,7 @@ mod conn;
 mod http;
 pub mod metrics;
 pub mod peer;
+mod query_cache;
 pub mod server;
 mod state;
 pub mod tls;

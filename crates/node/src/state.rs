@@ -17,12 +17,32 @@ use crate::peer::Links;
 /// Identifies one client connection on this node (sessions outlive connections).
 pub type ConnId = u64;
 
+/// One frame queued towards a client.
+pub enum Outgoing {
+    /// A frame the writer encodes.
+    Frame(ServerFrame),
+    /// The answer to request `id` whose result is already encoded (a cached query
+    /// answer): the writer only frames it with the id.
+    Answer {
+        /// The request's id.
+        id: u64,
+        /// The encoded result (see [`shoal_proto::encode_result`]).
+        result: crate::query_cache::EncodedAnswer,
+    },
+}
+
+impl From<ServerFrame> for Outgoing {
+    fn from(frame: ServerFrame) -> Self {
+        Outgoing::Frame(frame)
+    }
+}
+
 /// The way to reach one connected client: its queue of outgoing frames, and its
 /// connection, to close it when it cannot keep up.
 #[derive(Clone)]
 pub struct Outbox {
     /// Frames to write on the session stream.
-    pub tx: mpsc::Sender<ServerFrame>,
+    pub tx: mpsc::Sender<Outgoing>,
     /// The QUIC connection, closed when the queue overflows.
     pub conn: quinn::Connection,
 }
@@ -49,6 +69,8 @@ pub struct Shared {
     sessions: Mutex<HashMap<SessionId, SessionEntry>>,
     subscribers: Mutex<HashMap<ServiceKey, HashMap<ConnId, Outbox>>>,
     pending_forwards: Mutex<HashMap<u64, oneshot::Sender<ForwardOutcome>>>,
+    /// Forwarded batches of writes (a client's RegisterMany) waiting for their owner.
+    pending_batches: Mutex<HashMap<u64, oneshot::Sender<Vec<ForwardOutcome>>>>,
     /// Whether the node answers clients (false while loading its snapshot, and while
     /// stopping).
     pub ready: AtomicBool,
@@ -59,6 +81,8 @@ pub struct Shared {
     last_tick_ms: AtomicU64,
     /// How many stalls this process came out of (see [`Shared::stall_epoch`]).
     stalls: AtomicU64,
+    /// Encoded query answers by service revision.
+    pub query_cache: crate::query_cache::QueryCache,
 }
 
 /// The outcome of attaching a connection to a session.
@@ -90,17 +114,19 @@ impl Shared {
         Arc::new(Shared {
             node_id,
             my_addr,
-            config,
             replica: RwLock::new(replica),
             links,
             sessions: Mutex::new(HashMap::new()),
             subscribers: Mutex::new(HashMap::new()),
             pending_forwards: Mutex::new(HashMap::new()),
+            pending_batches: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
             started_ms: wall_ms(),
             last_tick_ms: AtomicU64::new(0),
             stalls: AtomicU64::new(0),
+            query_cache: crate::query_cache::QueryCache::new(config.query_cache_bytes),
+            config,
         })
     }
 
@@ -232,7 +258,7 @@ impl Shared {
             match action {
                 Action::Send { to, msg } => {
                     let forward_id = match &msg {
-                        PeerMsg::Forward { id, .. } => Some(*id),
+                        PeerMsg::Forward { id, .. } | PeerMsg::ForwardMany { id, .. } => Some(*id),
                         _ => None,
                     };
                     if !self.links.send(&to, msg) {
@@ -240,6 +266,7 @@ impl Shared {
                         if let Some(id) = forward_id {
                             // The owner is unreachable: fail the forward now.
                             lock(&self.pending_forwards).remove(&id);
+                            lock(&self.pending_batches).remove(&id);
                         }
                     }
                 }
@@ -248,6 +275,11 @@ impl Shared {
                 Action::ForwardDone { id, outcome } => {
                     if let Some(tx) = lock(&self.pending_forwards).remove(&id) {
                         let _ = tx.send(outcome);
+                    }
+                }
+                Action::ForwardManyDone { id, outcomes } => {
+                    if let Some(tx) = lock(&self.pending_batches).remove(&id) {
+                        let _ = tx.send(outcomes);
                     }
                 }
                 Action::BatchApplied {
@@ -270,6 +302,19 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Registers a pending batch forward; the answers arrive through
+    /// [`Action::ForwardManyDone`].
+    pub fn expect_forward_many(&self, id: u64) -> oneshot::Receiver<Vec<ForwardOutcome>> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending_batches).insert(id, tx);
+        rx
+    }
+
+    /// Gives up on a pending batch forward (timed out).
+    pub fn forget_forward_many(&self, id: u64) {
+        lock(&self.pending_batches).remove(&id);
     }
 
     /// Registers a pending forward; the answer arrives through [`Action::ForwardDone`].
@@ -356,7 +401,7 @@ impl Shared {
 /// Queues a frame without waiting; a client whose queue is full is too slow to keep
 /// and is disconnected (it will resume and re-subscribe, getting fresh state).
 pub fn push(outbox: &Outbox, frame: ServerFrame) {
-    if let Err(mpsc::error::TrySendError::Full(_)) = outbox.tx.try_send(frame) {
+    if let Err(mpsc::error::TrySendError::Full(_)) = outbox.tx.try_send(frame.into()) {
         metrics::counter!("shoal_slow_consumers_closed_total").increment(1);
         outbox
             .conn

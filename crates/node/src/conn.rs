@@ -217,30 +217,19 @@ async fn request_loop(
             }
             Handled::Forwarded(pending) => {
                 // The owner answers later; meanwhile this session's next requests are
-                // served. At most MAX_FORWARDS_IN_FLIGHT wait at once, then reading
-                // the stream waits too (back-pressure on the client).
+                // served. At most MAX_FORWARDS_IN_FLIGHT wait at once (a batch counts
+                // once), then reading the stream waits too (back-pressure on the
+                // client).
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
                     break SessionEnd::Lost;
                 };
                 let shared = shared.clone();
                 let tx = outbox.tx.clone();
                 tokio::spawn(async move {
-                    let result = crate::cluster::finish_write(&shared, pending).await;
-                    observe(kind, started, &result);
-                    let _ = tx.send(ServerFrame::Response { id, result }.into()).await;
-                    drop(permit);
-                });
-                continue;
-            }
-            Handled::ForwardedMany(pending) => {
-                // As a forwarded write (one permit for the whole batch).
-                let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                    break SessionEnd::Lost;
-                };
-                let shared = shared.clone();
-                let tx = outbox.tx.clone();
-                tokio::spawn(async move {
-                    let result = crate::cluster::finish_many(&shared, pending).await;
+                    let result = match pending {
+                        Forwarded::One(p) => crate::cluster::finish_write(&shared, p).await,
+                        Forwarded::Many(p) => crate::cluster::finish_many(&shared, p).await,
+                    };
                     observe(kind, started, &result);
                     let _ = tx.send(ServerFrame::Response { id, result }.into()).await;
                     drop(permit);
@@ -273,14 +262,18 @@ async fn request_loop(
 /// Forwarded writes of one session that may wait for their owners' answers at once.
 const MAX_FORWARDS_IN_FLIGHT: usize = 1024;
 
+/// Writes waiting for their owners' answers.
+enum Forwarded {
+    One(crate::cluster::Pending),
+    Many(crate::cluster::PendingMany),
+}
+
 /// What [`handle`] did with a request.
 enum Handled {
     /// The answer (`None` when it was already queued: Subscribe).
     Now(Option<Result<Response, ErrorBody>>),
-    /// A write forwarded to its owner: the answer comes later.
-    Forwarded(crate::cluster::Pending),
-    /// A batch of writes, some forwarded to their owners: the answer comes later.
-    ForwardedMany(crate::cluster::PendingMany),
+    /// A write, or a batch of writes, forwarded to its owners: the answer comes later.
+    Forwarded(Forwarded),
     /// A successful answer, already encoded (a query answered from the cache).
     Encoded(crate::query_cache::EncodedAnswer),
 }
@@ -315,7 +308,7 @@ fn handle(
     let storage_err = |e: shoal_storage::StorageError| ErrorBody::from(e);
     let write = |w: Write| match start_write(shared, w) {
         Started::Done(r) => Handled::Now(Some(r)),
-        Started::Forwarded(p) => Handled::Forwarded(p),
+        Started::Forwarded(p) => Handled::Forwarded(Forwarded::One(p)),
     };
     Handled::Now(Some(match body {
         Request::RegisterMany { items } => {
@@ -337,7 +330,7 @@ fn handle(
                     session,
                 })
                 .collect();
-            return Handled::ForwardedMany(crate::cluster::start_many(shared, writes));
+            return Handled::Forwarded(Forwarded::Many(crate::cluster::start_many(shared, writes)));
         }
         Request::Register { service, instance } => {
             return write(Write::Register {

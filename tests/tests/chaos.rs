@@ -171,7 +171,7 @@ mod regressions {
             .await
             .unwrap();
         c.freeze(0);
-        // n0 is down for the others after 3 s; its services move.
+        // n0 is down for the others after 2.5 s; its services move.
         tokio::time::sleep(Duration::from_secs(6)).await;
         client
             .register(&service, InstanceSpec::new("10.5.0.1", 4000))
@@ -294,7 +294,7 @@ mod regressions {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         c.freeze(2);
-        // n2 is down for the others after 3 s; its services move.
+        // n2 is down for the others after 2.5 s; its services move.
         tokio::time::sleep(Duration::from_secs(4)).await;
         for (i, s) in services.iter().enumerate() {
             client

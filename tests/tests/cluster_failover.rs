@@ -14,7 +14,7 @@ const CLIENTS: usize = 10;
 const INSTANCES_PER_CLIENT: usize = 5;
 const SESSION_GRACE_MS: u64 = 10_000;
 /// The nodes' `down_after_ms` (default).
-const DOWN_AFTER_MS: u64 = 3_000;
+const DOWN_AFTER_MS: u64 = 2_500;
 /// Generous bound for a client to notice its node died and resume elsewhere (its idle
 /// timeout is 6 s).
 const FAILOVER_BOUND: Duration = Duration::from_secs(30);

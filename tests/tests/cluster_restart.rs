@@ -278,7 +278,7 @@ async fn a_killed_client_process_leaves_every_node_within_idle_timeout_plus_grac
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_of_a_client_that_died_with_its_home_node_leave_after_down_plus_grace() {
     const GRACE_MS: u64 = 1_500;
-    const DOWN_AFTER_MS: u64 = 3_000;
+    const DOWN_AFTER_MS: u64 = 2_500;
     let mut cluster =
         Cluster::start_with(3, NodeOptions::default().session_grace_ms(GRACE_MS)).await;
     cluster.wait_until_converged().await;

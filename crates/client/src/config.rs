@@ -30,7 +30,7 @@ pub struct ClientConfig {
     /// QUIC keep-alive interval: the client's heartbeat.
     pub keep_alive_interval: Duration,
     /// QUIC idle timeout: a connection silent for this long is considered lost.
-    /// Default 6 s: well inside the nodes' `down_after_ms` (3 s) plus
+    /// Default 6 s: well inside the nodes' `down_after_ms` (2.5 s) plus
     /// `session_grace_ms` (10 s), so a client whose home node dies resumes on another
     /// node before the owners delete its instances.
     pub idle_timeout: Duration,

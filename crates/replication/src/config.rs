@@ -69,7 +69,7 @@ impl Default for Config {
             batch_max_ops: 512,
             probe_interval_ms: 500,
             suspect_after_ms: 1_500,
-            down_after_ms: 3_000,
+            down_after_ms: 2_500,
             anti_entropy_interval_ms: 5_000,
             session_grace_ms: 10_000,
             bootstrap_wait_ms: 2_000,

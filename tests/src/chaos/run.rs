@@ -19,7 +19,7 @@ use super::world::{NodeState, World};
 use crate::{http_get, Value};
 
 /// The bounds the checkers hold the cluster to. Defaults assume the node's default
-/// timings (`down_after_ms` 3 s, `session_grace_ms` 10 s, anti-entropy every 5 s) and
+/// timings (`down_after_ms` 2.5 s, `session_grace_ms` 10 s, anti-entropy every 5 s) and
 /// `--idle-timeout-ms 5000` on the nodes (see [`Scenario::node_args`]).
 #[derive(Clone, Debug)]
 pub struct Bounds {

@@ -395,7 +395,7 @@ impl ScheduleSpec {
                     }
                     Some(1) => {
                         let frozen = if rng.random_bool(0.4) {
-                            rng.random_range(500..=2_500)
+                            rng.random_range(500..=2_000)
                         } else {
                             rng.random_range(4_000..=12_000)
                         };

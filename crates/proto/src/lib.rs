@@ -15,6 +15,7 @@
 //! frames over any `AsyncRead`/`AsyncWrite` its caller hands it.
 #![deny(missing_docs)]
 
+mod compact;
 mod error;
 mod frame;
 mod messages;

@@ -145,7 +145,7 @@ pub enum ServerFrame {
         result: Result<Response, ErrorBody>,
     },
     /// A subscribed service changed: its whole current instance list.
-    Push(ServiceView),
+    Push(#[serde(with = "crate::compact")] ServiceView),
     /// An error not tied to a request (a malformed or oversized frame, a missing
     /// Hello). The node closes the stream after sending it.
     Error(ErrorBody),
@@ -178,7 +178,7 @@ pub enum Response {
     /// service's revision after that item, or why it was refused.
     AppliedMany(Vec<Result<u64, ErrorBody>>),
     /// The instances of a service (Query and Subscribe).
-    View(ServiceView),
+    View(#[serde(with = "crate::compact")] ServiceView),
     /// The services of a namespace.
     Services(Vec<ServiceSummary>),
     /// The members, as the asked node sees them.

@@ -369,6 +369,23 @@ async fn register_many_spreads_over_owners_and_refuses_bad_items_alone() {
             wait_for_listing(&cluster, i, s, &expected).await;
         }
     }
+    // Another client reads them, without the session's id: a session id resumes a
+    // session, so answers never carry one.
+    let reader = cluster.node(1).client().await;
+    let view = reader
+        .query(&services[0], QueryOptions::all())
+        .await
+        .unwrap();
+    assert_eq!(view.instances.len(), 10);
+    for i in &view.instances {
+        assert_eq!(
+            i.lease,
+            shoal_storage::Lease::Session(shoal_storage::SessionId(0)),
+            "{i:?}"
+        );
+    }
+    assert_ne!(client.session_id(), shoal_storage::SessionId(0));
+    reader.close().await.unwrap();
     // A clean close removes them all, everywhere.
     client.close().await.unwrap();
     for i in 0..3 {

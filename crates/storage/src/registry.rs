@@ -1103,7 +1103,9 @@ impl Registry {
     /// clusters; with no enabled instance there is no protection. Without
     /// `healthy_only` every instance of the selected clusters is returned, disabled
     /// and unhealthy ones included, and `protected` is false. Instances are sorted by
-    /// key (cluster, ip, port). Cluster names are validated.
+    /// key (cluster, ip, port). Cluster names are validated. A session-bound
+    /// instance's lease reads `Session(SessionId(0))`: answers go to any client, and a
+    /// session id is what resumes a session.
     pub fn query(
         &self,
         service: &ServiceKey,
@@ -1151,6 +1153,13 @@ impl Registry {
             )
         };
         instances.sort_unstable_by(by_key);
+        // A session id is what a client presents to resume its session: answers, which
+        // any client may read, never carry one (the lease says only "session-bound").
+        for inst in &mut instances {
+            if let Lease::Session(id) = &mut inst.lease {
+                *id = SessionId(0);
+            }
+        }
         Ok(ServiceView {
             key: service.clone(),
             revision: entry.revision,
@@ -1359,10 +1368,7 @@ mod tests {
     }
 
     fn one(r: &Registry, s: &ServiceKey, k: &InstanceKey) -> Instance {
-        all(r, s)
-            .into_iter()
-            .find(|i| &i.key() == k)
-            .expect("instance present")
+        r.instance(s, k).expect("instance present")
     }
 
     #[test]
@@ -1424,11 +1430,13 @@ mod tests {
                 healthy: true,
                 enabled: true,
                 metadata: BTreeMap::new(),
-                lease: Lease::Session(S1),
+                // Answers never carry a session id.
+                lease: Lease::Session(SessionId(0)),
                 last_beat_ms: 5,
                 stamp: 1,
             }]
         );
+        assert_eq!(one(&r, &s, &ikey("10.0.0.1", 80)).lease, Lease::Session(S1));
         assert_eq!(r.session_instance_count(S1), 1);
         assert_eq!(r.service_count(), 1);
         assert_eq!(r.instance_count(), 1);

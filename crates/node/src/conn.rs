@@ -227,7 +227,7 @@ async fn request_loop(
                 let tx = outbox.tx.clone();
                 tokio::spawn(async move {
                     let result = match pending {
-                        Forwarded::One(p) => crate::cluster::finish_write(&shared, p).await,
+                        Forwarded::One(p) => crate::cluster::finish_write(&shared, *p).await,
                         Forwarded::Many(p) => crate::cluster::finish_many(&shared, p).await,
                     };
                     observe(kind, started, &result);
@@ -264,7 +264,7 @@ const MAX_FORWARDS_IN_FLIGHT: usize = 1024;
 
 /// Writes waiting for their owners' answers.
 enum Forwarded {
-    One(crate::cluster::Pending),
+    One(Box<crate::cluster::Pending>),
     Many(crate::cluster::PendingMany),
 }
 
@@ -308,7 +308,7 @@ fn handle(
     let storage_err = |e: shoal_storage::StorageError| ErrorBody::from(e);
     let write = |w: Write| match start_write(shared, w) {
         Started::Done(r) => Handled::Now(Some(r)),
-        Started::Forwarded(p) => Handled::Forwarded(Forwarded::One(p)),
+        Started::Forwarded(p) => Handled::Forwarded(Forwarded::One(Box::new(p))),
     };
     Handled::Now(Some(match body {
         Request::RegisterMany { items } => {

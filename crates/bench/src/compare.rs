@@ -574,26 +574,9 @@ async fn register_batch(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun
     let (visible, mut counters) = poller.await?;
     let cpu = mark.since();
     h.check_alive()?;
-    let all_visible = visible
-        .iter()
-        .copied()
-        .collect::<Option<Vec<f64>>>()
-        .map(|v| v.into_iter().fold(0.0, f64::max));
+    let all_visible = latest(&visible);
     let latency = samples.summarize();
-    run.fig(
-        S,
-        "registrations/s, acknowledged",
-        "/s",
-        Better::Higher,
-        Some(total as f64 / ack_seconds),
-    );
-    run.fig(
-        S,
-        "registrations/s, visible on every node",
-        "/s",
-        Better::Higher,
-        all_visible.map(|s| total as f64 / s),
-    );
+    registration_rates(run, S, total, ack_seconds, all_visible);
     run.fig(
         S,
         "request latency p50 (one batch)",
@@ -647,6 +630,40 @@ async fn register_batch(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun
     )
     .await;
     Ok(())
+}
+
+/// The latest of the nodes' times, if every node has one.
+fn latest(per_node: &[Option<f64>]) -> Option<f64> {
+    per_node
+        .iter()
+        .copied()
+        .collect::<Option<Vec<f64>>>()
+        .map(|v| v.into_iter().fold(0.0, f64::max))
+}
+
+/// The two rates of a registration phase: until all were acknowledged, and until every
+/// node counted them.
+fn registration_rates(
+    run: &mut TargetRun,
+    scenario: &'static str,
+    total: u64,
+    ack_seconds: f64,
+    all_visible: Option<f64>,
+) {
+    run.fig(
+        scenario,
+        "registrations/s, acknowledged",
+        "/s",
+        Better::Higher,
+        Some(total as f64 / ack_seconds),
+    );
+    run.fig(
+        scenario,
+        "registrations/s, visible on every node",
+        "/s",
+        Better::Higher,
+        all_visible.map(|s| total as f64 / s),
+    );
 }
 
 /// Resident memory of the nodes now, by pid.
@@ -884,26 +901,9 @@ async fn finish_register(
     let cpu = mark.since();
     h.check_alive()?;
     let rss_after = rss(&h.pids());
-    let all_visible = visible
-        .iter()
-        .copied()
-        .collect::<Option<Vec<f64>>>()
-        .map(|v| v.into_iter().fold(0.0, f64::max));
+    let all_visible = latest(&visible);
     let latency = samples.summarize();
-    run.fig(
-        S,
-        "registrations/s, acknowledged",
-        "/s",
-        Better::Higher,
-        Some(total as f64 / ack_seconds),
-    );
-    run.fig(
-        S,
-        "registrations/s, visible on every node",
-        "/s",
-        Better::Higher,
-        all_visible.map(|s| total as f64 / s),
-    );
+    registration_rates(run, S, total, ack_seconds, all_visible);
     run.fig(
         S,
         "time until visible on every node",

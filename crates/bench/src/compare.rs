@@ -529,7 +529,7 @@ async fn register_batch(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun
         .clients(args.sessions, false, 1, REQUEST_TIMEOUT)
         .await
         .context("connecting the sessions")?;
-    let mut counters = h.counters().await?;
+    let counters = h.counters().await?;
     let per = args.instances_per_session;
     let total = (args.sessions * per) as u64;
     let batch = args.batch.clamp(1, shoal_proto::MAX_BATCH_ITEMS);
@@ -541,18 +541,7 @@ async fn register_batch(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun
     let progress = Progress::start(S, done.clone(), Some(total));
     let mark = CpuMark::now(&h.pids());
     let started = mark.at();
-    let group = names.group.clone();
-    let poller = tokio::spawn(async move {
-        let reached = time_until_count(
-            &mut counters,
-            &group,
-            total,
-            started,
-            started + Duration::from_secs(120),
-        )
-        .await;
-        (reached, counters)
-    });
+    let poller = count_until(counters, names.group.clone(), total, started);
     let mut clients = Vec::new();
     for lanes in sessions {
         let Some(Lane::Shoal(client)) = lanes.into_iter().next() else {
@@ -714,7 +703,7 @@ async fn register(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> R
         .clients(args.sessions, false, args.concurrency, REQUEST_TIMEOUT)
         .await
         .context("connecting the sessions")?;
-    let mut counters = h.counters().await?;
+    let counters = h.counters().await?;
     let per = args.instances_per_session;
     let total = (args.sessions * per) as u64;
     eprintln!(
@@ -726,18 +715,7 @@ async fn register(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> R
     let progress = Progress::start(S, done.clone(), Some(total));
     let mark = CpuMark::now(&h.pids());
     let started = mark.at();
-    let group = names.group.clone();
-    let poller = tokio::spawn(async move {
-        let reached = time_until_count(
-            &mut counters,
-            &group,
-            total,
-            started,
-            started + Duration::from_secs(120),
-        )
-        .await;
-        (reached, counters)
-    });
+    let poller = count_until(counters, names.group.clone(), total, started);
     let batched = args.batch_register && matches!(h.nodes, Nodes::Shoal(_));
     if batched {
         let clients: Vec<shoal_client::Client> = sessions
@@ -835,6 +813,27 @@ async fn register(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> R
         },
     )
     .await
+}
+
+/// Watches, in the background, until every node counts `total` instances in `group`
+/// (at most 120 s from `started`); gives the times and the counters back.
+fn count_until(
+    mut counters: Vec<(usize, Counter)>,
+    group: String,
+    total: u64,
+    started: Instant,
+) -> tokio::task::JoinHandle<CountedUntil> {
+    tokio::spawn(async move {
+        let reached = time_until_count(
+            &mut counters,
+            &group,
+            total,
+            started,
+            started + Duration::from_secs(120),
+        )
+        .await;
+        (reached, counters)
+    })
 }
 
 /// When each node counted every instance, and the counters.

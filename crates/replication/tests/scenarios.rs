@@ -58,6 +58,22 @@ fn instances(sim: &Sim, node: &str, service: &ServiceKey) -> Vec<String> {
         .collect()
 }
 
+/// Nodes a, b, c whose batches wait 1 s (so that only a write's own flush sends it
+/// sooner), run until all are ready.
+fn slow_batches(seed: u64) -> Sim {
+    let config = Config {
+        batch_window_ms: 1_000,
+        ..Config::default()
+    };
+    let mut sim = Sim::new(seed, config);
+    for n in ["a", "b", "c"] {
+        sim.add_node(n);
+    }
+    sim.run_for(4_000);
+    assert!(sim.all_ready(), "cluster did not start");
+    sim
+}
+
 /// Five nodes a..e; service `i` (of `n`) holds one instance of session `i`, homed on
 /// node `i mod 5`; converged.
 fn five_homes(seed: u64, n: usize) -> Sim {
@@ -702,16 +718,7 @@ fn a_deregister_through_an_owner_that_just_resumed_deletes_everywhere() {
 #[test]
 fn a_write_acknowledged_by_an_owner_that_dies_at_once_is_not_lost() {
     // A long batch window: without the fix the batch would not leave before the kill.
-    let config = Config {
-        batch_window_ms: 1_000,
-        ..Config::default()
-    };
-    let mut sim = Sim::new(seed(24), config);
-    for n in ["a", "b", "c"] {
-        sim.add_node(n);
-    }
-    sim.run_for(4_000);
-    assert!(sim.all_ready(), "cluster did not start");
+    let mut sim = slow_batches(seed(24));
     let s = owned_by(&sim, "c", 60)[0].clone();
     sim.open_session(&id("a"), SessionId(1));
     register(&mut sim, "a", &s, "10.0.0.7", 1);
@@ -747,16 +754,7 @@ fn a_write_acknowledged_by_an_owner_that_dies_at_once_is_not_lost() {
 /// holds their operations by the time the answer arrives.
 #[test]
 fn writes_forwarded_together_are_answered_together() {
-    let config = Config {
-        batch_window_ms: 1_000,
-        ..Config::default()
-    };
-    let mut sim = Sim::new(seed(25), config);
-    for n in ["a", "b", "c"] {
-        sim.add_node(n);
-    }
-    sim.run_for(4_000);
-    assert!(sim.all_ready(), "cluster did not start");
+    let mut sim = slow_batches(seed(25));
     let services: Vec<ServiceKey> = owned_by(&sim, "c", 60).into_iter().take(3).collect();
     assert_eq!(services.len(), 3, "c owns too few of 60 services");
     sim.open_session(&id("a"), SessionId(1));

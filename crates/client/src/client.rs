@@ -440,7 +440,12 @@ impl Client {
         // Forget it first, so that a reconnect meanwhile does not register it again
         // (and deregisters it again instead).
         let before = lock(&shared.registrations).remove(&slot);
-        lock(&shared.deregistered).insert(slot.clone(), Instant::now());
+        {
+            // Only the last RECENT_DEREGISTRATIONS are kept, also without reconnects.
+            let mut recent = lock(&shared.deregistered);
+            recent.retain(|_, at| at.elapsed() < RECENT_DEREGISTRATIONS);
+            recent.insert(slot.clone(), Instant::now());
+        }
         let (result, retried) = shared
             .request_tracked(Request::Deregister {
                 service: service.clone(),

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shoal_proto::{
-    encode_frame, read_frame, write_frame, ClientFrame, ErrorBody, Hello, Request, RequestId,
-    Response, ServerFrame, Welcome,
+    encode_frame, read_frame, write_frame, ClientFrame, ErrorBody, FrameReader, Hello, Request,
+    RequestId, Response, ServerFrame, Welcome,
 };
 use shoal_storage::ServiceKey;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -329,17 +329,19 @@ async fn write_loop(
 
 async fn read_loop(
     link: Arc<Link>,
-    mut recv: quinn::RecvStream,
+    recv: quinn::RecvStream,
     max_frame_bytes: usize,
     cache: Arc<SubscriptionCache>,
     writer: tokio::task::JoinHandle<()>,
 ) {
+    // One buffer for the stream's life: a read takes every frame that has arrived, and
+    // answers and pushes are decoded from it by the fast path.
+    let mut frames = FrameReader::new(recv, max_frame_bytes);
     loop {
-        match read_frame::<ServerFrame, _>(&mut recv, max_frame_bytes).await {
+        match frames.next_server_frame().await {
             Ok(Some(ServerFrame::Response { id, result })) => link.answer(id, result, &cache),
             Ok(Some(ServerFrame::Push(view))) => {
-                let key = view.key.clone();
-                cache.apply(&key, view);
+                cache.apply_push(view);
             }
             Ok(Some(ServerFrame::Error(body))) => {
                 warn!(node = %link.welcome.node_id, error = %body, "node ended the session stream");

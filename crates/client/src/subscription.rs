@@ -107,7 +107,17 @@ impl SubscriptionCache {
     /// ignored.
     pub(crate) fn apply(&self, key: &ServiceKey, view: ServiceView) -> bool {
         let mut slots = self.lock();
-        match slots.get_mut(key) {
+        Self::apply_to(slots.get_mut(key), view)
+    }
+
+    /// [`apply`](Self::apply) under the view's own key (a push).
+    pub(crate) fn apply_push(&self, view: ServiceView) -> bool {
+        let mut slots = self.lock();
+        Self::apply_to(slots.get_mut(&view.key), view)
+    }
+
+    fn apply_to(slot: Option<&mut Slot>, view: ServiceView) -> bool {
+        match slot {
             None => false,
             Some(slot @ Slot::Starting) => {
                 *slot = Slot::Live(watch::channel(view).0);

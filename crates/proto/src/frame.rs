@@ -163,6 +163,98 @@ where
     decode(&body).map(Some)
 }
 
+/// Reads frames from a stream through a buffer of its own: one read takes whatever
+/// the stream has (several frames, or part of one), and each frame is decoded in place,
+/// without a buffer of its own. The same checks as [`read_frame`]: the length is
+/// checked before the buffer grows for it, and the end of the stream inside a frame is
+/// [`FrameError::Truncated`].
+#[cfg(feature = "tokio")]
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    inner: R,
+    max: usize,
+    buf: Vec<u8>,
+    /// Bytes `start..end` of `buf` are read and not yet returned.
+    start: usize,
+    end: usize,
+}
+
+/// What a [`FrameReader`] asks of its stream at least, when it has room.
+#[cfg(feature = "tokio")]
+const READ_BYTES: usize = 64 << 10;
+
+#[cfg(feature = "tokio")]
+impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
+    /// Reads frames of at most `max` bytes from `inner`.
+    pub fn new(inner: R, max: usize) -> Self {
+        FrameReader {
+            inner,
+            max,
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// The next frame sent by a node, decoded by [`decode_server_frame`](crate::decode_server_frame).
+    /// `Ok(None)` when the stream ended cleanly between frames.
+    pub async fn next_server_frame(&mut self) -> Result<Option<crate::ServerFrame>, FrameError> {
+        match self.next_body().await? {
+            Some(body) => crate::decode_server_frame(&self.buf[body]).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The next frame, decoded by [`decode`]. `Ok(None)` when the stream ended cleanly
+    /// between frames.
+    pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+        match self.next_body().await? {
+            Some(body) => decode(&self.buf[body]).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Where the next frame's body is in `buf`.
+    async fn next_body(&mut self) -> Result<Option<std::ops::Range<usize>>, FrameError> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            let have = self.end - self.start;
+            let need = if have >= LEN_PREFIX_BYTES {
+                let prefix = self.buf[self.start..self.start + LEN_PREFIX_BYTES]
+                    .try_into()
+                    .expect("4 bytes");
+                let len = decode_len(prefix, self.max)?;
+                if have >= LEN_PREFIX_BYTES + len {
+                    let body = self.start + LEN_PREFIX_BYTES..self.start + LEN_PREFIX_BYTES + len;
+                    self.start = body.end;
+                    return Ok(Some(body));
+                }
+                LEN_PREFIX_BYTES + len
+            } else {
+                LEN_PREFIX_BYTES
+            };
+            // Room for the whole frame after `start`, and something to read into.
+            if self.buf.len() - self.start < need || self.end == self.buf.len() {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.start = 0;
+                self.end = have;
+            }
+            if self.buf.len() < need.max(READ_BYTES) {
+                self.buf.resize(need.max(READ_BYTES), 0);
+            }
+            let n = self.inner.read(&mut self.buf[self.end..]).await?;
+            if n == 0 {
+                return if have == 0 {
+                    Ok(None)
+                } else {
+                    Err(FrameError::Truncated)
+                };
+            }
+            self.end += n;
+        }
+    }
+}
+
 /// Writes one frame.
 #[cfg(feature = "tokio")]
 pub async fn write_frame<T, W>(writer: &mut W, msg: &T, max: usize) -> Result<(), FrameError>
@@ -314,5 +406,119 @@ mod tests {
         .unwrap();
         let back: ClientFrame = decode(&bytes).unwrap();
         assert!(matches!(back, ClientFrame::Hello(h) if h.version == 1));
+    }
+
+    /// A stream that hands out at most `step` bytes a read.
+    #[cfg(feature = "tokio")]
+    struct Trickle {
+        data: Vec<u8>,
+        pos: usize,
+        step: usize,
+    }
+
+    #[cfg(feature = "tokio")]
+    impl tokio::io::AsyncRead for Trickle {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let n = self
+                .step
+                .min(buf.remaining())
+                .min(self.data.len() - self.pos);
+            let pos = self.pos;
+            buf.put_slice(&self.data[pos..pos + n]);
+            self.pos += n;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[cfg(feature = "tokio")]
+    #[tokio::test]
+    async fn frame_reader_reads_frames_however_the_bytes_arrive() {
+        let view = |n: usize| shoal_storage::ServiceView {
+            key: ServiceKey::named("orders"),
+            revision: n as u64,
+            instances: (0..n)
+                .map(|i| shoal_storage::Instance {
+                    ip: format!("10.0.{}.{}", i / 256, i % 256),
+                    port: 8080,
+                    cluster: "DEFAULT".into(),
+                    weight: 1.0,
+                    healthy: true,
+                    enabled: true,
+                    metadata: Default::default(),
+                    lease: shoal_storage::Lease::Session(shoal_storage::SessionId(0)),
+                    last_beat_ms: 1,
+                    stamp: i as u64,
+                })
+                .collect(),
+            protected: false,
+        };
+        let frames = vec![
+            ServerFrame::Push(view(3)),
+            ServerFrame::Response {
+                id: 1,
+                result: Ok(Response::Done),
+            },
+            // Larger than one read of the reader's buffer.
+            ServerFrame::Push(view(2_000)),
+            ServerFrame::Response {
+                id: 2,
+                result: Ok(Response::View(view(140))),
+            },
+            ServerFrame::Error(ErrorBody::new(crate::ErrorCode::NotReady, "x")),
+        ];
+        let mut bytes = Vec::new();
+        for f in &frames {
+            bytes.extend(encode_frame(f, DEFAULT_MAX_FRAME_BYTES).unwrap());
+        }
+        assert!(bytes.len() > 2 * READ_BYTES);
+        for step in [1, 3, 4, 5, 1000, 70_000, usize::MAX] {
+            let data = Trickle {
+                data: bytes.clone(),
+                pos: 0,
+                step,
+            };
+            let mut rd = FrameReader::new(data, DEFAULT_MAX_FRAME_BYTES);
+            for f in &frames {
+                assert_eq!(rd.next_server_frame().await.unwrap().as_ref(), Some(f));
+            }
+            assert!(
+                rd.next_server_frame().await.unwrap().is_none(),
+                "step {step}"
+            );
+            // The generic decoding, same frames.
+            let mut rd = FrameReader::new(&bytes[..], DEFAULT_MAX_FRAME_BYTES);
+            for f in &frames {
+                assert_eq!(rd.next::<ServerFrame>().await.unwrap().as_ref(), Some(f));
+            }
+            assert!(rd.next::<ServerFrame>().await.unwrap().is_none());
+        }
+        // Ends inside a frame, in its prefix or its body.
+        for cut in [1, 3, 4, 10, bytes.len() - 1] {
+            let mut rd = FrameReader::new(&bytes[..cut], DEFAULT_MAX_FRAME_BYTES);
+            let mut got = Vec::new();
+            let err = loop {
+                match rd.next_server_frame().await {
+                    Ok(Some(f)) => got.push(f),
+                    Ok(None) => panic!("cut at {cut}: clean end"),
+                    Err(e) => break e,
+                }
+            };
+            assert!(matches!(err, FrameError::Truncated), "{err}");
+            assert!(got.len() < frames.len());
+        }
+        // A prefix above the limit is refused before the buffer grows for it.
+        let huge = u32::MAX.to_be_bytes();
+        let mut rd = FrameReader::new(&huge[..], DEFAULT_MAX_FRAME_BYTES);
+        let err = rd.next_server_frame().await.unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { .. }));
+        assert!(rd.buf.len() <= READ_BYTES);
+        // A malformed body is an error.
+        let mut rd = FrameReader::new(&[0, 0, 0, 2, 0xc1, 0xc1][..], DEFAULT_MAX_FRAME_BYTES);
+        let err = rd.next_server_frame().await.unwrap_err();
+        assert!(matches!(err, FrameError::Malformed(_)));
     }
 }

@@ -17,16 +17,18 @@
 
 mod compact;
 mod error;
+mod fast;
 mod frame;
 mod messages;
 
 pub use error::{ErrorBody, ErrorCode};
+pub use fast::decode_server_frame;
 pub use frame::{
     append_response_frame, decode, decode_len, encode_frame, encode_result, FrameError,
     DEFAULT_MAX_FRAME_BYTES, LEN_PREFIX_BYTES,
 };
 #[cfg(feature = "tokio")]
-pub use frame::{read_frame, write_frame};
+pub use frame::{read_frame, write_frame, FrameReader};
 pub use messages::*;
 
 /// ALPN of the client protocol, version 1. A node refuses other ALPNs.

@@ -1,0 +1,687 @@
+//! A hand-written decoder for the frames a client receives most: `View` answers and
+//! `Push` frames, whose instances are arrays (see [`crate::compact`]).
+//!
+//! It reads the MessagePack bytes directly: each string is checked as UTF-8 once and
+//! copied once into the `String` it becomes, and no field goes through serde's generic
+//! machinery. It only takes the exact shapes the node writes (maps with the known keys,
+//! instances as arrays of at least ten fields, appended fields skipped, unknown keys of
+//! the view skipped). Anything else, malformed or merely unusual (instances as maps, an
+//! error answer, another frame), makes it give up, and [`decode_server_frame`] decodes
+//! the frame with the generic serde decoding instead, which gives the same value or the
+//! same error as before. So it never accepts what the generic decoding refuses, and
+//! never refuses what it accepts.
+
+use std::collections::BTreeMap;
+
+use shoal_storage::{Instance, Lease, ServiceKey, ServiceView, SessionId, TtlLease};
+
+use crate::frame::{decode, FrameError};
+use crate::messages::{Response, ServerFrame};
+
+/// Fields of an instance in the array form (the ones this version knows).
+const INSTANCE_FIELDS: usize = 10;
+/// How deep [`Cur::skip`] follows nested arrays and maps before giving up (the
+/// generic decoding's limit, 1024 levels, is far above).
+const MAX_SKIP_DEPTH: usize = 32;
+
+/// Decodes a frame body sent by a node. `View` answers and pushes take the fast path;
+/// every other frame, and any body the fast path does not take, is decoded by serde
+/// ([`decode`]): the result is the same as `decode::<ServerFrame>(body)`.
+pub fn decode_server_frame(body: &[u8]) -> Result<ServerFrame, FrameError> {
+    match server_frame(body) {
+        Some(frame) => Ok(frame),
+        None => decode(body),
+    }
+}
+
+/// The fast path: `None` when the body is not of the shape it takes.
+fn server_frame(body: &[u8]) -> Option<ServerFrame> {
+    let mut c = Cur { b: body, pos: 0 };
+    if c.map_len()? != 1 {
+        return None;
+    }
+    let frame = match c.key()? {
+        b"Response" => {
+            let (mut id, mut view) = (None, None);
+            for _ in 0..c.map_len()? {
+                match c.key()? {
+                    b"id" if id.is_none() => id = Some(c.uint()?),
+                    b"result" if view.is_none() => {
+                        // Ok(View(view)): {"Ok": {"View": view}}.
+                        if c.map_len()? != 1 || c.key()? != b"Ok" {
+                            return None;
+                        }
+                        if c.map_len()? != 1 || c.key()? != b"View" {
+                            return None;
+                        }
+                        view = Some(service_view(&mut c)?);
+                    }
+                    _ => return None,
+                }
+            }
+            ServerFrame::Response {
+                id: id?,
+                result: Ok(Response::View(view?)),
+            }
+        }
+        b"Push" => ServerFrame::Push(service_view(&mut c)?),
+        _ => return None,
+    };
+    // Whatever follows is the generic decoding's business.
+    (c.pos == body.len()).then_some(frame)
+}
+
+fn service_view(c: &mut Cur<'_>) -> Option<ServiceView> {
+    let (mut key, mut revision, mut instances, mut protected) = (None, None, None, None);
+    // As the serde decoding of the view: the last of repeated keys wins, unknown keys
+    // are skipped.
+    for _ in 0..c.map_len()? {
+        match c.key()? {
+            b"key" => key = Some(service_key(c)?),
+            b"revision" => revision = Some(c.uint()?),
+            b"instances" => instances = Some(rows(c)?),
+            b"protected" => protected = Some(c.bool()?),
+            other => {
+                // Unknown keys are still names: UTF-8.
+                std::str::from_utf8(other).ok()?;
+                c.skip()?;
+            }
+        }
+    }
+    Some(ServiceView {
+        key: key?,
+        revision: revision?,
+        instances: instances?,
+        protected: protected?,
+    })
+}
+
+fn service_key(c: &mut Cur<'_>) -> Option<ServiceKey> {
+    let (mut namespace, mut group, mut service) = (None, None, None);
+    for _ in 0..c.map_len()? {
+        let slot = match c.key()? {
+            b"namespace" => &mut namespace,
+            b"group" => &mut group,
+            b"service" => &mut service,
+            _ => return None,
+        };
+        if slot.is_some() {
+            return None;
+        }
+        *slot = Some(c.string()?);
+    }
+    Some(ServiceKey {
+        namespace: namespace?,
+        group: group?,
+        service: service?,
+    })
+}
+
+fn rows(c: &mut Cur<'_>) -> Option<Vec<Instance>> {
+    let n = c.array_len()?;
+    // Each row takes at least one byte: a length beyond the body is a lie.
+    if n > c.left() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut cluster = "";
+    for _ in 0..n {
+        out.push(row(c, &mut cluster)?);
+    }
+    Some(out)
+}
+
+/// One instance. `cluster` is the previous row's cluster: most rows repeat it, and
+/// its bytes need no second UTF-8 check.
+fn row<'a>(c: &mut Cur<'a>, cluster: &mut &'a str) -> Option<Instance> {
+    let fields = c.array_len()?;
+    if fields < INSTANCE_FIELDS {
+        return None;
+    }
+    let inst = Instance {
+        ip: c.string()?,
+        port: u16::try_from(c.uint()?).ok()?,
+        cluster: {
+            let b = c.key()?;
+            if b != cluster.as_bytes() {
+                *cluster = std::str::from_utf8(b).ok()?;
+            }
+            String::from(*cluster)
+        },
+        weight: c.f64()?,
+        healthy: c.bool()?,
+        enabled: c.bool()?,
+        metadata: metadata(c)?,
+        lease: lease(c)?,
+        last_beat_ms: c.uint()?,
+        stamp: c.uint()?,
+    };
+    // Fields a newer version appended.
+    for _ in INSTANCE_FIELDS..fields {
+        c.skip()?;
+    }
+    Some(inst)
+}
+
+fn metadata(c: &mut Cur<'_>) -> Option<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for _ in 0..c.map_len()? {
+        let k = c.string()?;
+        out.insert(k, c.string()?);
+    }
+    Some(out)
+}
+
+fn lease(c: &mut Cur<'_>) -> Option<Lease> {
+    // An enum: {"Session": id} or {"Ttl": {..}}.
+    if c.map_len()? != 1 {
+        return None;
+    }
+    match c.key()? {
+        b"Session" => Some(Lease::Session(SessionId(c.u128()?))),
+        b"Ttl" => {
+            let (mut unhealthy, mut remove) = (None, None);
+            for _ in 0..c.map_len()? {
+                let slot = match c.key()? {
+                    b"unhealthy_after_ms" => &mut unhealthy,
+                    b"remove_after_ms" => &mut remove,
+                    _ => return None,
+                };
+                if slot.is_some() {
+                    return None;
+                }
+                *slot = Some(c.uint()?);
+            }
+            Some(Lease::Ttl(TtlLease {
+                unhealthy_after_ms: unhealthy?,
+                remove_after_ms: remove?,
+            }))
+        }
+        _ => None,
+    }
+}
+
+/// A cursor over MessagePack bytes. Every read returns `None` on a marker it does not
+/// take or on the end of the bytes; nothing panics.
+struct Cur<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cur<'a> {
+    fn left(&self) -> usize {
+        self.b.len() - self.pos
+    }
+
+    fn byte(&mut self) -> Option<u8> {
+        let v = *self.b.get(self.pos)?;
+        self.pos += 1;
+        Some(v)
+    }
+
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let s = self.b.get(self.pos..end)?;
+        self.pos = end;
+        Some(s)
+    }
+
+    fn be<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+
+    fn u8(&mut self) -> Option<usize> {
+        self.byte().map(usize::from)
+    }
+
+    fn u16(&mut self) -> Option<usize> {
+        self.be().map(|b| usize::from(u16::from_be_bytes(b)))
+    }
+
+    fn u32(&mut self) -> Option<usize> {
+        self.be()
+            .and_then(|b| usize::try_from(u32::from_be_bytes(b)).ok())
+    }
+
+    /// An unsigned integer (a negative one is not what the node writes).
+    fn uint(&mut self) -> Option<u64> {
+        Some(match self.byte()? {
+            m @ 0x00..=0x7f => u64::from(m),
+            0xcc => u64::from(self.byte()?),
+            0xcd => u64::from(u16::from_be_bytes(self.be()?)),
+            0xce => u64::from(u32::from_be_bytes(self.be()?)),
+            0xcf => u64::from_be_bytes(self.be()?),
+            _ => return None,
+        })
+    }
+
+    /// A 128-bit integer as the node writes it: 16 bytes of bin, big-endian.
+    fn u128(&mut self) -> Option<u128> {
+        if self.b.get(self.pos..self.pos + 2)? == [0xc4, 16] {
+            self.pos += 2;
+            return Some(u128::from_be_bytes(self.be()?));
+        }
+        self.uint().map(u128::from)
+    }
+
+    fn bool(&mut self) -> Option<bool> {
+        match self.byte()? {
+            0xc2 => Some(false),
+            0xc3 => Some(true),
+            _ => None,
+        }
+    }
+
+    fn f64(&mut self) -> Option<f64> {
+        match self.byte()? {
+            0xcb => Some(f64::from_be_bytes(self.be()?)),
+            0xca => Some(f64::from(f32::from_be_bytes(self.be()?))),
+            _ => None,
+        }
+    }
+
+    /// A string's bytes, not checked as UTF-8: to compare with names.
+    fn key(&mut self) -> Option<&'a [u8]> {
+        let len = match self.byte()? {
+            m @ 0xa0..=0xbf => usize::from(m & 0x1f),
+            0xd9 => self.u8()?,
+            0xda => self.u16()?,
+            0xdb => self.u32()?,
+            _ => return None,
+        };
+        self.take(len)
+    }
+
+    fn str(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.key()?).ok()
+    }
+
+    fn string(&mut self) -> Option<String> {
+        self.str().map(String::from)
+    }
+
+    fn map_len(&mut self) -> Option<usize> {
+        match self.byte()? {
+            m @ 0x80..=0x8f => Some(usize::from(m & 0x0f)),
+            0xde => self.u16(),
+            0xdf => self.u32(),
+            _ => None,
+        }
+    }
+
+    fn array_len(&mut self) -> Option<usize> {
+        match self.byte()? {
+            m @ 0x90..=0x9f => Some(usize::from(m & 0x0f)),
+            0xdc => self.u16(),
+            0xdd => self.u32(),
+            _ => None,
+        }
+    }
+
+    /// Skips one value of any type, nested ones included.
+    fn skip(&mut self) -> Option<()> {
+        self.skip_nested(0)
+    }
+
+    fn skip_nested(&mut self, depth: usize) -> Option<()> {
+        let m = self.byte()?;
+        // Bytes to pass over, then values inside to skip.
+        let (bytes, values) = match m {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
+            0x80..=0x8f => (0, 2 * usize::from(m & 0x0f)),
+            0x90..=0x9f => (0, usize::from(m & 0x0f)),
+            0xa0..=0xbf => (usize::from(m & 0x1f), 0),
+            0xc4 | 0xd9 => (self.u8()?, 0),
+            0xc5 | 0xda => (self.u16()?, 0),
+            0xc6 | 0xdb => (self.u32()?, 0),
+            0xc7 => (self.u8()? + 1, 0),
+            0xc8 => (self.u16()? + 1, 0),
+            0xc9 => (self.u32()?.checked_add(1)?, 0),
+            0xca => (4, 0),
+            0xcb => (8, 0),
+            0xcc | 0xd0 => (1, 0),
+            0xcd | 0xd1 => (2, 0),
+            0xce | 0xd2 => (4, 0),
+            0xcf | 0xd3 => (8, 0),
+            0xd4 => (2, 0),
+            0xd5 => (3, 0),
+            0xd6 => (5, 0),
+            0xd7 => (9, 0),
+            0xd8 => (17, 0),
+            0xdc => (0, self.u16()?),
+            0xdd => (0, self.u32()?),
+            0xde => (0, 2 * self.u16()?),
+            0xdf => (0, self.u32()?.checked_mul(2)?),
+            // 0xc1: never used.
+            _ => return None,
+        };
+        self.take(bytes)?;
+        if values > 0 {
+            // Each value takes at least a byte: more than the bytes left is a lie.
+            // Deep nesting is left to the generic decoding and its depth limit.
+            if depth >= MAX_SKIP_DEPTH || values > self.left() {
+                return None;
+            }
+            for _ in 0..values {
+                self.skip_nested(depth + 1)?;
+            }
+        }
+        Some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        append_response_frame, encode_frame, encode_result, ErrorBody, ErrorCode,
+        DEFAULT_MAX_FRAME_BYTES,
+    };
+
+    fn inst(ip: &str, lease: Lease, meta: &[(&str, &str)]) -> Instance {
+        Instance {
+            ip: ip.into(),
+            port: 8080,
+            cluster: "DEFAULT".into(),
+            weight: 2.5,
+            healthy: true,
+            enabled: false,
+            metadata: meta
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            lease,
+            last_beat_ms: 1_700_000_000_000,
+            stamp: 41,
+        }
+    }
+
+    fn view(n: usize) -> ServiceView {
+        let leases = [
+            Lease::Session(SessionId(0)),
+            Lease::Session(SessionId(u128::MAX - 3)),
+            Lease::Ttl(TtlLease::default()),
+        ];
+        ServiceView {
+            key: ServiceKey::new("ns", "g", "orders"),
+            revision: 1 << 40,
+            instances: (0..n)
+                .map(|i| {
+                    let meta: &[(&str, &str)] = if i % 2 == 0 {
+                        &[]
+                    } else {
+                        &[("seq", "7"), ("zone", "é")]
+                    };
+                    let mut x = inst(
+                        &format!("10.0.{}.{}", i / 256, i % 256),
+                        leases[i % 3].clone(),
+                        meta,
+                    );
+                    x.port = 1 + (i % 60_000) as u16;
+                    x.stamp = i as u64 * 1_000;
+                    x.healthy = i % 5 != 0;
+                    if i % 4 == 3 {
+                        x.cluster = "eu-é".into();
+                    }
+                    x
+                })
+                .collect(),
+            protected: true,
+        }
+    }
+
+    fn frames() -> Vec<ServerFrame> {
+        let mut out = Vec::new();
+        for n in [0, 1, 3, 16, 140, 70_000] {
+            out.push(ServerFrame::Push(view(n)));
+            for id in [0, 127, 128, 70_000, u64::MAX] {
+                out.push(ServerFrame::Response {
+                    id,
+                    result: Ok(Response::View(view(n.min(20)))),
+                });
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn answers_and_pushes_take_the_fast_path_and_equal_serde() {
+        for frame in frames() {
+            let bytes = encode_frame(&frame, 64 << 20).unwrap();
+            let body = &bytes[4..];
+            assert_eq!(server_frame(body).as_ref(), Some(&frame));
+            assert_eq!(decode_server_frame(body).unwrap(), frame);
+            assert_eq!(decode::<ServerFrame>(body).unwrap(), frame);
+        }
+        // As the node frames a cached answer.
+        let result = encode_result(&Ok(Response::View(view(140)))).unwrap();
+        let mut buf = Vec::new();
+        append_response_frame(&mut buf, 99, &result, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        let got = server_frame(&buf[4..]).unwrap();
+        assert_eq!(
+            got,
+            ServerFrame::Response {
+                id: 99,
+                result: Ok(Response::View(view(140)))
+            }
+        );
+    }
+
+    #[test]
+    fn other_frames_go_through_serde() {
+        let others = [
+            ServerFrame::Response {
+                id: 1,
+                result: Ok(Response::Done),
+            },
+            ServerFrame::Response {
+                id: 2,
+                result: Err(ErrorBody::new(ErrorCode::NotFound, "nope")),
+            },
+            ServerFrame::Response {
+                id: 3,
+                result: Ok(Response::Applied { revision: 4 }),
+            },
+            ServerFrame::Error(ErrorBody::new(ErrorCode::MalformedFrame, "x")),
+        ];
+        for frame in others {
+            let bytes = encode_frame(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
+            assert!(server_frame(&bytes[4..]).is_none());
+            assert_eq!(decode_server_frame(&bytes[4..]).unwrap(), frame);
+        }
+    }
+
+    #[test]
+    fn instances_as_maps_are_read() {
+        #[derive(serde::Serialize)]
+        enum Plain {
+            Push(ServiceView),
+        }
+        let v = view(5);
+        let named = rmp_serde::to_vec_named(&Plain::Push(v.clone())).unwrap();
+        assert!(server_frame(&named).is_none());
+        assert_eq!(decode_server_frame(&named).unwrap(), ServerFrame::Push(v));
+    }
+
+    #[test]
+    fn appended_fields_are_skipped_on_the_fast_path() {
+        // Rows of 10 known fields plus values of every kind, and a view with an
+        // unknown key: a newer node.
+        type Row = (
+            &'static str,
+            u16,
+            &'static str,
+            f64,
+            bool,
+            bool,
+            BTreeMap<String, String>,
+            Lease,
+            u64,
+            u64,
+            Extra,
+        );
+        #[derive(serde::Serialize)]
+        struct Extra {
+            s: String,
+            n: i64,
+            f: f32,
+            list: Vec<Option<u32>>,
+            #[serde(with = "serde_bytes_like")]
+            bytes: Vec<u8>,
+            nested: BTreeMap<String, Vec<BTreeMap<String, u64>>>,
+        }
+        mod serde_bytes_like {
+            pub fn serialize<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_bytes(b)
+            }
+        }
+        #[derive(serde::Serialize)]
+        struct ViewV2 {
+            zone: Vec<String>,
+            key: ServiceKey,
+            revision: u64,
+            instances: Vec<Row>,
+            protected: bool,
+            later: (i8, String),
+        }
+        #[derive(serde::Serialize)]
+        enum Frame {
+            Push(ViewV2),
+        }
+        let extra = || Extra {
+            s: "x".repeat(300),
+            n: -70_000,
+            f: 1.5,
+            list: vec![None, Some(1), Some(70_000)],
+            bytes: vec![1; 70_000],
+            nested: [(
+                "a".to_string(),
+                vec![[("b".to_string(), 1u64 << 40)].into()],
+            )]
+            .into(),
+        };
+        let row = |ip| {
+            (
+                ip,
+                80,
+                "DEFAULT",
+                1.0,
+                true,
+                true,
+                BTreeMap::new(),
+                Lease::Session(SessionId(5)),
+                7,
+                9,
+                extra(),
+            )
+        };
+        let bytes = rmp_serde::to_vec_named(&Frame::Push(ViewV2 {
+            zone: vec!["z".into()],
+            key: ServiceKey::named("a"),
+            revision: 1,
+            instances: vec![row("10.0.0.1"), row("10.0.0.2")],
+            protected: false,
+            later: (-1, "y".into()),
+        }))
+        .unwrap();
+        let ServerFrame::Push(v) = server_frame(&bytes).expect("fast path") else {
+            panic!("not a push");
+        };
+        assert_eq!(v.instances.len(), 2);
+        assert_eq!(v.instances[1].ip, "10.0.0.2");
+        assert_eq!(v.instances[1].lease, Lease::Session(SessionId(5)));
+        assert_eq!(v.instances[1].stamp, 9);
+        assert_eq!(decode::<ServerFrame>(&bytes).unwrap(), ServerFrame::Push(v));
+    }
+
+    #[test]
+    fn malformed_bodies_are_errors_not_panics() {
+        let frame = ServerFrame::Push(view(20));
+        let bytes = encode_frame(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        let body = &bytes[4..];
+        // Every truncation.
+        for end in 0..body.len() {
+            assert!(decode_server_frame(&body[..end]).is_err(), "cut at {end}");
+        }
+        // Every byte changed to a few values: no panic; what decodes equals serde.
+        for i in 0..body.len() {
+            for b in [
+                0x00, 0x7f, 0x90, 0x9f, 0xa1, 0xc1, 0xc4, 0xcf, 0xdd, 0xdf, 0xff,
+            ] {
+                let mut m = body.to_vec();
+                m[i] = b;
+                let fast = decode_server_frame(&m);
+                let slow = decode::<ServerFrame>(&m);
+                match (fast, slow) {
+                    (Ok(a), Ok(b)) => assert_eq!(a, b, "byte {i} = {b:?}"),
+                    (Err(_), Err(_)) => {}
+                    (a, b) => panic!("byte {i}: fast {a:?}, serde {b:?}"),
+                }
+            }
+        }
+        // Lengths that lie.
+        for lie in [
+            &[
+                0x81, 0xa4, b'P', b'u', b's', b'h', 0xdf, 0xff, 0xff, 0xff, 0xff,
+            ][..],
+            &[
+                0x81, 0xa4, b'P', b'u', b's', b'h', 0x81, 0xa9, b'i', b'n', b's', b't', b'a', b'n',
+                b'c', b'e', b's', 0xdd, 0xff, 0xff, 0xff, 0xff,
+            ][..],
+            &[
+                0x81, 0xa4, b'P', b'u', b's', b'h', 0x81, 0xa1, b'z', 0xdf, 0xff, 0xff, 0xff, 0xff,
+            ][..],
+        ] {
+            assert!(server_frame(lie).is_none());
+            assert!(decode_server_frame(lie).is_err());
+        }
+        // A short row is refused, as by serde.
+        let mut c = Cur {
+            b: &[0x92, 0xa1, b'a', 0x01],
+            pos: 0,
+        };
+        assert!(row(&mut c, &mut "").is_none());
+        // Invalid UTF-8 in an ip.
+        let mut bad = body.to_vec();
+        let at = bad.windows(7).position(|w| w == b"10.0.0.").unwrap();
+        bad[at] = 0xff;
+        assert!(server_frame(&bad).is_none());
+        assert!(decode_server_frame(&bad).is_err());
+    }
+
+    #[test]
+    fn skip_walks_every_kind_of_value() {
+        let value = (
+            "s".repeat(40),
+            "t".repeat(300),
+            vec![1u64, 300, 70_000, 1 << 40],
+            (-1i8, -200i16, -70_000i32, -(1i64 << 40)),
+            (1.5f32, 2.5f64, true, false, ()),
+            [("k".to_string(), vec![Some(1u8), None])]
+                .into_iter()
+                .collect::<BTreeMap<_, _>>(),
+            vec![0u8; 20],
+        );
+        let mut bytes = rmp_serde::to_vec(&value).unwrap();
+        bytes.push(0x2a);
+        let mut c = Cur { b: &bytes, pos: 0 };
+        c.skip().unwrap();
+        assert_eq!(c.uint(), Some(42));
+        assert_eq!(c.left(), 0);
+        // Ext types.
+        for ext in [
+            &[0xd4, 1, 0][..],
+            &[0xd5, 1, 0, 0],
+            &[0xd6, 1, 0, 0, 0, 0],
+            &[0xd7, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[0xc7, 2, 1, 0, 0],
+            &[0xc8, 0, 1, 1, 0],
+        ] {
+            let mut c = Cur { b: ext, pos: 0 };
+            c.skip().unwrap();
+            assert_eq!(c.left(), 0, "{ext:?}");
+        }
+        let mut c = Cur { b: &[0xc1], pos: 0 };
+        assert!(c.skip().is_none());
+    }
+}

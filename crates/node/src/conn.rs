@@ -472,6 +472,11 @@ async fn write_loop(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Outgoing
                         Err(e) => (Some(e), Some(id)),
                     }
                 }
+                // A push, encoded once for every subscriber (within the limit).
+                Outgoing::Encoded(frame) => {
+                    buf.extend_from_slice(&frame);
+                    (None, None)
+                }
             };
             if let Some(e) = failed {
                 // A view too large for one frame: tell the client instead.

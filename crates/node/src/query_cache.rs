@@ -111,6 +111,15 @@ impl QueryCache {
         found
     }
 
+    /// The cached answer of `key` if it was read at `revision`, without counting a hit
+    /// or a miss, nor a use: for the push thread, which takes a push's bytes from it.
+    pub fn peek(&self, key: &QueryKey, revision: u64) -> Option<EncodedAnswer> {
+        match self.lock().entries.get(key) {
+            Some(e) if e.revision == revision => Some(e.body.clone()),
+            _ => None,
+        }
+    }
+
     /// Keeps `body`, the answer of `key` read at `revision`, unless an answer read at
     /// a later revision is already there. Evicts the least recently used entries when
     /// the cache grows above its size.
@@ -209,6 +218,8 @@ mod tests {
         assert_eq!(c.get(&key("a"), 5).as_deref(), Some(&[7u8; 10][..]));
         assert!(c.get(&key("a"), 6).is_none());
         assert!(c.get(&key("b"), 5).is_none());
+        assert!(c.peek(&key("a"), 5).is_some());
+        assert!(c.peek(&key("a"), 6).is_none());
         let mut other = key("a");
         other.healthy_only = false;
         assert!(c.get(&other, 5).is_none());

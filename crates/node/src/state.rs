@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use shoal_proto::ServerFrame;
 use shoal_replication::{Action, ForwardOutcome, PeerMsg, Replica};
-use shoal_storage::{Change, NodeId, Registry, ServiceKey, SessionId};
+use shoal_storage::{Change, NodeId, ServiceKey, SessionId};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
@@ -29,6 +29,9 @@ pub enum Outgoing {
         /// The encoded result (see [`shoal_proto::encode_result`]).
         result: crate::query_cache::EncodedAnswer,
     },
+    /// A whole frame already encoded (a push, the same bytes for every subscriber):
+    /// the writer copies it as it is.
+    Encoded(crate::push::EncodedFrame),
 }
 
 impl From<ServerFrame> for Outgoing {
@@ -47,6 +50,13 @@ pub struct Outbox {
     pub conn: quinn::Connection,
 }
 
+/// One subscription: the connection's outbox, and the revision of the last view
+/// queued to it (so that views only go forward; see [`crate::push`]).
+struct Subscriber {
+    outbox: Outbox,
+    sent: u64,
+}
+
 /// A session homed here: the connection carrying it, `None` once it disconnected.
 struct SessionEntry {
     conn: Option<ConnId>,
@@ -61,13 +71,15 @@ pub struct Shared {
     /// The configuration it runs with.
     pub config: Config,
     /// The replica: the registry and the engine's view of the cluster. Whoever
-    /// changes it holds the write lock while executing the engine's actions, so pushes
-    /// leave in revision order.
+    /// changes it holds the write lock while executing the engine's actions, so every
+    /// change is noted for a push before the lock is released.
     pub replica: RwLock<Replica>,
     /// The links to the other nodes.
     pub links: Arc<Links<PeerMsg>>,
     sessions: Mutex<HashMap<SessionId, SessionEntry>>,
-    subscribers: Mutex<HashMap<ServiceKey, HashMap<ConnId, Outbox>>>,
+    subscribers: Mutex<HashMap<ServiceKey, HashMap<ConnId, Subscriber>>>,
+    /// Services changed and waiting for the push thread (see [`crate::push`]).
+    pushes: Arc<crate::push::PushQueue>,
     pending_forwards: Mutex<HashMap<u64, oneshot::Sender<ForwardOutcome>>>,
     /// Forwarded batches of writes (a client's RegisterMany) waiting for their owner.
     pending_batches: Mutex<HashMap<u64, oneshot::Sender<Vec<ForwardOutcome>>>>,
@@ -111,13 +123,14 @@ impl Shared {
         replica: Replica,
         links: Arc<Links<PeerMsg>>,
     ) -> Arc<Self> {
-        Arc::new(Shared {
+        let shared = Arc::new(Shared {
             node_id,
             my_addr,
             replica: RwLock::new(replica),
             links,
             sessions: Mutex::new(HashMap::new()),
             subscribers: Mutex::new(HashMap::new()),
+            pushes: Arc::default(),
             pending_forwards: Mutex::new(HashMap::new()),
             pending_batches: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
@@ -127,7 +140,21 @@ impl Shared {
             stalls: AtomicU64::new(0),
             query_cache: crate::query_cache::QueryCache::new(config.query_cache_bytes),
             config,
-        })
+        });
+        // The push thread holds the state weakly: it ends when the state is dropped
+        // (which closes the queue), so a stopped node leaves nothing running.
+        let queue = shared.pushes.clone();
+        let weak = Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name("shoal-push".into())
+            .spawn(move || {
+                while let Some(changed) = queue.take() {
+                    let Some(shared) = weak.upgrade() else { break };
+                    shared.push_changed(changed);
+                }
+            })
+            .expect("cannot start the push thread");
+        shared
     }
 
     /// A stall (the process did not run: SIGSTOP, a paused VM, a long GC) this long may
@@ -252,8 +279,9 @@ impl Shared {
     }
 
     /// Does what the engine asked. Call with the replica's write lock held (pass the
-    /// guarded replica), so pushes leave in revision order.
-    pub fn execute(&self, replica: &Replica, actions: Vec<Action>) {
+    /// guarded replica), so that every change is noted for a push before another
+    /// reader (a Subscribe, the push thread) can see it.
+    pub fn execute(&self, _replica: &Replica, actions: Vec<Action>) {
         for action in actions {
             match action {
                 Action::Send { to, msg } => {
@@ -271,7 +299,7 @@ impl Shared {
                     }
                 }
                 Action::Connect { addr, .. } => self.links.dial(addr),
-                Action::Publish(changes) => self.publish(replica.registry(), &changes),
+                Action::Publish(changes) => self.publish(&changes),
                 Action::ForwardDone { id, outcome } => {
                     if let Some(tx) = lock(&self.pending_forwards).remove(&id) {
                         let _ = tx.send(outcome);
@@ -329,29 +357,101 @@ impl Shared {
         lock(&self.pending_forwards).remove(&id);
     }
 
-    /// Queues a push of each changed service to its subscribers. Call with the
-    /// replica's write lock held.
-    pub fn publish(&self, registry: &Registry, changes: &[Change]) {
+    /// Notes each changed service that has subscribers here for the push thread,
+    /// which pushes its latest state (see [`crate::push`]). Call with the replica's
+    /// write lock held, so that no push can miss the change.
+    pub fn publish(&self, changes: &[Change]) {
         if changes.is_empty() {
             return;
         }
         let subscribers = lock(&self.subscribers);
-        for change in changes {
-            let Some(subs) = subscribers.get(&change.key) else {
+        let changed: Vec<(ServiceKey, u64)> = changes
+            .iter()
+            .filter(|c| subscribers.contains_key(&c.key))
+            .map(|c| (c.key.clone(), c.revision))
+            .collect();
+        drop(subscribers);
+        if !changed.is_empty() {
+            self.pushes.add(changed);
+        }
+    }
+
+    /// The push thread's work: reads the current view of each changed service, encodes
+    /// it once and queues the bytes to each of its subscribers that has not seen this
+    /// revision yet.
+    fn push_changed(&self, changed: Vec<(ServiceKey, u64)>) {
+        for (key, revision) in changed {
+            if !lock(&self.subscribers).contains_key(&key) {
+                continue;
+            }
+            let Some((frame, revision)) = self.encode_push(&key, revision) else {
                 continue;
             };
-            let mut view = match registry.query(&change.key, &[], false) {
-                Ok(v) => v,
-                Err(_) => continue,
+            let mut subscribers = lock(&self.subscribers);
+            let Some(subs) = subscribers.get_mut(&key) else {
+                continue;
             };
-            // A service emptied by this change no longer exists (revision 0); its
-            // push still carries the change's revision so revisions never go back.
-            view.revision = view.revision.max(change.revision);
-            metrics::counter!("shoal_pushes_total").increment(subs.len() as u64);
-            for outbox in subs.values() {
-                push(outbox, ServerFrame::Push(view.clone()));
+            let mut queued = 0;
+            for sub in subs.values_mut() {
+                if revision > sub.sent {
+                    sub.sent = revision;
+                    push(&sub.outbox, Outgoing::Encoded(frame.clone()));
+                    queued += 1;
+                }
+            }
+            drop(subscribers);
+            metrics::counter!("shoal_pushes_total").increment(queued);
+        }
+    }
+
+    /// The `Push` frame of `key`'s current view and its revision, at least `changed`
+    /// (the revision of the latest change noted): a service emptied by that change no
+    /// longer exists (revision 0), and its push still carries the change's revision so
+    /// revisions never go back.
+    fn encode_push(
+        &self,
+        key: &ServiceKey,
+        changed: u64,
+    ) -> Option<(crate::push::EncodedFrame, u64)> {
+        if let Some(cached) = self.cached_push(key, changed) {
+            return Some(cached);
+        }
+        // Read under the lock, encode after it.
+        let mut view = read(&self.replica).registry().query(key, &[], false).ok()?;
+        view.revision = view.revision.max(changed);
+        let revision = view.revision;
+        match shoal_proto::encode_frame(&ServerFrame::Push(view), self.config.max_frame_bytes) {
+            Ok(bytes) => Some((bytes.into(), revision)),
+            Err(e) => {
+                // A view too large for one frame: the subscribers miss this change.
+                tracing::warn!(service = %key, "cannot push: {e}");
+                None
             }
         }
+    }
+
+    /// [`Shared::encode_push`] from the query cache's answer of an unfiltered query of
+    /// `key` at its current revision, if it holds one.
+    fn cached_push(
+        &self,
+        key: &ServiceKey,
+        changed: u64,
+    ) -> Option<(crate::push::EncodedFrame, u64)> {
+        if !self.query_cache.enabled() {
+            return None;
+        }
+        let query = crate::query_cache::QueryKey {
+            service: key.clone(),
+            clusters: Vec::new(),
+            healthy_only: false,
+        };
+        let (answer, current) = {
+            let replica = read(&self.replica);
+            let current = replica.registry().service_revision(key)?;
+            (self.query_cache.peek(&query, current)?, current)
+        };
+        let frame = crate::push::push_frame_from_answer(&answer, self.config.max_frame_bytes)?;
+        Some((frame, current.max(changed)))
     }
 
     /// Adds a subscription and queues the current view as the response to request
@@ -365,10 +465,16 @@ impl Shared {
     ) -> Result<(), shoal_storage::StorageError> {
         let replica = read(&self.replica);
         let view = replica.registry().query(key, &[], false)?;
-        lock(&self.subscribers)
-            .entry(key.clone())
-            .or_default()
-            .insert(conn, outbox.clone());
+        // The answer is queued with the subscribers locked, so that the push thread
+        // queues to this connection only views of a later revision, after it.
+        let mut subscribers = lock(&self.subscribers);
+        subscribers.entry(key.clone()).or_default().insert(
+            conn,
+            Subscriber {
+                outbox: outbox.clone(),
+                sent: view.revision,
+            },
+        );
         push(
             outbox,
             ServerFrame::Response {
@@ -376,6 +482,8 @@ impl Shared {
                 result: Ok(shoal_proto::Response::View(view)),
             },
         );
+        drop(subscribers);
+        drop(replica);
         Ok(())
     }
 
@@ -400,12 +508,18 @@ impl Shared {
 
 /// Queues a frame without waiting; a client whose queue is full is too slow to keep
 /// and is disconnected (it will resume and re-subscribe, getting fresh state).
-pub fn push(outbox: &Outbox, frame: ServerFrame) {
+pub fn push(outbox: &Outbox, frame: impl Into<Outgoing>) {
     if let Err(mpsc::error::TrySendError::Full(_)) = outbox.tx.try_send(frame.into()) {
         metrics::counter!("shoal_slow_consumers_closed_total").increment(1);
         outbox
             .conn
             .close(crate::server::CLOSE_SLOW_CONSUMER, b"outbound queue full");
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.pushes.close();
     }
 }
 

@@ -118,6 +118,20 @@ pub struct CompareArgs {
     /// says so.
     #[arg(long)]
     pub batch_register: bool,
+    /// RegisterMany (Shoal): requests in flight over all sessions together. A fleet
+    /// that starts at once paces itself like this; without a bound, 10 000 sessions
+    /// offer the cluster a million registrations in one go and the owners shed the
+    /// forwards that waited past `forward_timeout_ms`.
+    #[arg(long, default_value_t = 64)]
+    pub batches_in_flight: usize,
+    /// Shoal clients: QUIC keep-alive interval in ms (default: the SDK's, 1 500). Each
+    /// session costs the cluster about one packet each way per interval.
+    #[arg(long)]
+    pub keep_alive_ms: Option<u64>,
+    /// Shoal clients: QUIC idle timeout in ms, above `--keep-alive-ms` (default: the
+    /// SDK's, 6 000; with `--keep-alive-ms` alone, 4x that interval).
+    #[arg(long)]
+    pub idle_timeout_ms: Option<u64>,
     /// rnacos: interval of the beats of each instance, in ms (the Nacos default).
     #[arg(long, default_value_t = 5000)]
     pub beat_interval_ms: u64,
@@ -346,6 +360,12 @@ pub async fn run(args: CompareArgs) -> Result<()> {
             error: None,
         };
         let mut harness = harness;
+        if let Some(k) = args.keep_alive_ms {
+            let idle = args.idle_timeout_ms.unwrap_or(k.saturating_mul(4));
+            harness.liveness = Some((Duration::from_millis(k), Duration::from_millis(idle)));
+        } else if let Some(idle) = args.idle_timeout_ms {
+            harness.liveness = Some((Duration::from_millis(1_500), Duration::from_millis(idle)));
+        }
         let outcome = scenarios(&args, &mut harness, &mut run).await;
         let failed = outcome.is_err();
         if let Err(e) = outcome {
@@ -435,16 +455,21 @@ async fn scenarios(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> 
 
 /// Registers `per` instances for each of `clients` (instance `g = s * per + i` in
 /// service `g mod K`, as the register scenario does) with RegisterMany, `batch` per
-/// request and `in_flight` requests at once per client. Returns the request latencies,
-/// the failed registrations and the first error.
+/// request and `in_flight` requests at once per client, at most `total_in_flight` over
+/// all clients together. Items a node refused as unavailable (an owner shedding forwards
+/// that waited too long, or no owner yet) are sent again after a pause, up to
+/// [`BATCH_RETRIES`] times, as an application would. Returns the request latencies,
+/// the registrations that failed for good, the first error and the items resent.
 async fn register_many_over(
     clients: &[shoal_client::Client],
     names: &Arc<Names>,
     per: usize,
     batch: usize,
-    in_flight: usize,
+    (in_flight, total_in_flight): (usize, usize),
     done: &Arc<AtomicU64>,
-) -> Result<(Samples, u64, Option<String>)> {
+) -> Result<(Samples, u64, Option<String>, u64)> {
+    let limit = Arc::new(tokio::sync::Semaphore::new(total_in_flight.max(1)));
+    let resent = Arc::new(AtomicU64::new(0));
     let mut tasks = JoinSet::new();
     for (s, client) in clients.iter().enumerate() {
         let items: Vec<(ServiceKey, InstanceSpec)> = (0..per)
@@ -460,34 +485,61 @@ async fn register_many_over(
             items.chunks(batch).map(<[_]>::to_vec).collect();
         let queue = Arc::new(Mutex::new(chunks.into_iter()));
         for _ in 0..in_flight.max(1) {
-            let (client, queue, done) = (client.clone(), queue.clone(), done.clone());
+            let (client, queue, done, limit, resent) = (
+                client.clone(),
+                queue.clone(),
+                done.clone(),
+                limit.clone(),
+                resent.clone(),
+            );
             tasks.spawn(async move {
                 let mut samples = Samples::default();
                 let mut errors = 0u64;
                 let mut first_error = None;
                 loop {
-                    let Some(chunk) = queue.lock().unwrap().next() else {
+                    let Some(mut chunk) = queue.lock().unwrap().next() else {
                         return (samples, errors, first_error);
                     };
-                    let n = chunk.len() as u64;
-                    let t = Instant::now();
-                    match client.register_many(chunk).await {
-                        Ok(outcomes) => {
-                            samples.record(t.elapsed());
-                            let bad: Vec<String> = outcomes
-                                .iter()
-                                .filter_map(|o| o.as_ref().err().map(|e| e.to_string()))
-                                .collect();
-                            errors += bad.len() as u64;
-                            if let Some(e) = bad.into_iter().next() {
-                                first_error.get_or_insert(e);
+                    // The chunk, then what of it was refused as unavailable, until
+                    // nothing is left or the retries are used up.
+                    for attempt in 0..=BATCH_RETRIES {
+                        if attempt > 0 {
+                            resent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        let n = chunk.len() as u64;
+                        let permit = limit.acquire().await.expect("never closed");
+                        let t = Instant::now();
+                        let outcome = client.register_many(chunk.clone()).await;
+                        drop(permit);
+                        let outcomes = match outcome {
+                            Ok(outcomes) => outcomes,
+                            Err(e) => {
+                                errors += n;
+                                first_error.get_or_insert(format!("{e:#}"));
+                                break;
                             }
-                            done.fetch_add(n, Ordering::Relaxed);
+                        };
+                        samples.record(t.elapsed());
+                        let mut again = Vec::new();
+                        for (item, o) in chunk.into_iter().zip(outcomes) {
+                            match o {
+                                Ok(_) => {
+                                    done.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(e) if attempt < BATCH_RETRIES && retryable(&e) => {
+                                    again.push(item)
+                                }
+                                Err(e) => {
+                                    errors += 1;
+                                    first_error.get_or_insert(e.to_string());
+                                }
+                            }
                         }
-                        Err(e) => {
-                            errors += n;
-                            first_error.get_or_insert(format!("{e:#}"));
+                        if again.is_empty() {
+                            break;
                         }
+                        chunk = again;
                     }
                 }
             });
@@ -504,7 +556,30 @@ async fn register_many_over(
             first_error = first;
         }
     }
-    Ok((samples, errors, first_error))
+    Ok((samples, errors, first_error, resent.load(Ordering::Relaxed)))
+}
+
+/// Records how many items of a batched registration were refused and sent again.
+fn resent_figure(run: &mut TargetRun, scenario: &'static str, resent: u64) {
+    run.fig(
+        scenario,
+        "items refused as unavailable and sent again",
+        "",
+        Better::Lower,
+        Some(resent as f64),
+    );
+}
+
+/// Times an item refused as unavailable is sent again.
+const BATCH_RETRIES: usize = 5;
+
+/// Whether a node refused an item for a reason that passes (shed load, no owner yet).
+fn retryable(e: &shoal_client::ClientError) -> bool {
+    matches!(
+        e,
+        shoal_client::ClientError::Server(b)
+            if matches!(b.code, shoal_proto::ErrorCode::Unavailable | shoal_proto::ErrorCode::NotReady)
+    )
 }
 
 /// Shoal only: the register scenario's population once more, in a group of its own,
@@ -549,9 +624,17 @@ async fn register_batch(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun
         };
         clients.push(client);
     }
-    let (samples, errors, first_error) =
-        register_many_over(&clients, &names, per, batch, args.concurrency, &done).await?;
+    let (samples, errors, first_error, resent) = register_many_over(
+        &clients,
+        &names,
+        per,
+        batch,
+        (args.concurrency, args.batches_in_flight),
+        &done,
+    )
+    .await?;
     let ack_seconds = started.elapsed().as_secs_f64();
+    resent_figure(run, S, resent);
     drop(progress);
     if let Some(e) = first_error {
         poller.abort();
@@ -726,8 +809,16 @@ async fn register(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> R
             })
             .collect();
         let batch = args.batch.clamp(1, shoal_proto::MAX_BATCH_ITEMS);
-        let (samples, errors, first_error) =
-            register_many_over(&clients, &names, per, batch, args.concurrency, &done).await?;
+        let (samples, errors, first_error, resent) = register_many_over(
+            &clients,
+            &names,
+            per,
+            batch,
+            (args.concurrency, args.batches_in_flight),
+            &done,
+        )
+        .await?;
+        resent_figure(run, S, resent);
         return finish_register(
             args,
             h,

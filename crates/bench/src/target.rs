@@ -230,7 +230,12 @@ pub struct Harness {
     pub alive: Vec<bool>,
     ca_file: PathBuf,
     pub startup_seconds: f64,
+    /// Shoal clients' QUIC keep-alive interval and idle timeout (default: the SDK's).
+    pub liveness: Option<(Duration, Duration)>,
 }
+
+/// Connection attempts of a benchmark client before the run stops.
+const CONNECT_TRIES: u32 = 3;
 
 /// Timeout of a measured request: generous, so a slow answer counts as latency.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -257,6 +262,7 @@ impl Harness {
                     alive: vec![true; n],
                     ca_file,
                     startup_seconds: startup,
+                    liveness: None,
                 })
             }
             TargetKind::Rnacos => {
@@ -271,6 +277,7 @@ impl Harness {
                     alive: vec![true; n],
                     ca_file: PathBuf::new(),
                     startup_seconds: startup,
+                    liveness: None,
                 })
             }
         }
@@ -308,9 +315,13 @@ impl Harness {
     }
 
     fn shoal_config(&self, servers: Vec<String>, timeout: Duration) -> ClientConfig {
-        ClientConfig::new(servers, self.ca_file.clone())
+        let config = ClientConfig::new(servers, self.ca_file.clone())
             .with_client_name(format!("shoal-bench/{}", env!("CARGO_PKG_VERSION")))
-            .with_request_timeout(timeout)
+            .with_request_timeout(timeout);
+        match self.liveness {
+            Some((keep_alive, idle)) => config.with_liveness(keep_alive, idle),
+            None => config,
+        }
     }
 
     /// One client with `lanes` lanes. `pinned`: it talks to node `home` only (for
@@ -331,9 +342,21 @@ impl Harness {
         };
         match self.kind {
             TargetKind::Shoal => {
-                let client = Client::connect(self.shoal_config(servers, timeout))
-                    .await
-                    .with_context(|| format!("connecting to {}", self.ids[home]))?;
+                // A busy machine (thousands of handshakes at once) may miss the SDK's
+                // connect timeout; try a few times before giving up.
+                let mut tries = 0;
+                let client = loop {
+                    tries += 1;
+                    match Client::connect(self.shoal_config(servers.clone(), timeout)).await {
+                        Ok(c) => break c,
+                        Err(e) if tries >= CONNECT_TRIES => {
+                            return Err(e).with_context(|| {
+                                format!("connecting to {} ({tries} tries)", self.ids[home])
+                            })
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                    }
+                };
                 Ok((0..lanes).map(|_| Lane::Shoal(client.clone())).collect())
             }
             TargetKind::Rnacos => Ok((0..lanes)
@@ -358,8 +381,12 @@ impl Harness {
             for &s in chunk {
                 batch.push(self.client(live[s % live.len()], pinned, lanes, timeout));
             }
+            let before = out.len();
             for client in join_all(batch).await {
                 out.push(client?);
+            }
+            if sessions >= 1_000 && before / 1_000 != out.len() / 1_000 {
+                eprintln!("connected {} of {sessions} sessions", out.len());
             }
         }
         Ok(out)

@@ -86,12 +86,34 @@ pub struct Links<M> {
     links: Mutex<HashMap<NodeId, Link<M>>>,
     dialing: Mutex<std::collections::HashSet<String>>,
     events: mpsc::UnboundedSender<LinkEvent<M>>,
+    /// When a frame last arrived from each peer (before the node processed it).
+    activity: Mutex<HashMap<NodeId, std::time::Instant>>,
 }
 
 impl<M> Links<M>
 where
     M: Serialize + DeserializeOwned + Send + 'static,
 {
+    /// When a frame last arrived from each peer, whether or not the node has
+    /// processed it yet (see `Replica::link_activity`).
+    pub fn activity(&self) -> Vec<(NodeId, std::time::Instant)> {
+        lock(&self.activity)
+            .iter()
+            .map(|(id, t)| (id.clone(), *t))
+            .collect()
+    }
+
+    fn note_activity(&self, peer: &NodeId) {
+        let now = std::time::Instant::now();
+        let mut activity = lock(&self.activity);
+        match activity.get_mut(peer) {
+            Some(t) => *t = now,
+            None => {
+                activity.insert(peer.clone(), now);
+            }
+        }
+    }
+
     /// Links of node `me`, reachable at `my_addr`, using `endpoint` both to dial and to
     /// accept. Events arrive on the returned receiver.
     pub fn new(
@@ -115,6 +137,7 @@ where
                 links: Mutex::new(HashMap::new()),
                 dialing: Mutex::new(Default::default()),
                 events,
+                activity: Mutex::new(HashMap::new()),
             }),
             rx,
         )
@@ -281,6 +304,7 @@ where
         let result = loop {
             match read_frame::<M, _>(&mut recv, max).await {
                 Ok(Some(msg)) => {
+                    self.note_activity(&peer);
                     let _ = self.events.send(LinkEvent::Message {
                         from: peer.clone(),
                         msg,

@@ -290,7 +290,12 @@ async fn tick_loop(shared: Arc<Shared>) {
                 "this node did not run for {ms} ms; client requests that waited out the stall are refused (their clients reconnect)"
             );
         }
+        let activity = shared.links.activity();
         let mut replica = write(&shared.replica);
+        for (peer, at) in activity {
+            let ago = u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX);
+            replica.link_activity(&peer, now.saturating_sub(ago));
+        }
         let actions = replica.tick(now);
         shared.execute(&replica, actions);
     }

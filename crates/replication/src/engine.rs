@@ -853,6 +853,20 @@ impl Replica {
         }
     }
 
+    /// The transport received bytes from `node` at `at_ms`, whether or not this node
+    /// has processed them yet. A peer whose messages wait in this node's own queue
+    /// (this node is busy, not the peer) is then not taken for dead. It does not
+    /// bring back a peer already Down: a processed message does that.
+    pub fn link_activity(&mut self, node: &NodeId, at_ms: u64) {
+        if let Some(m) = self.members.get_mut(node) {
+            if m.state != MemberState::Down {
+                if let Some(t) = m.last_heard_ms {
+                    m.last_heard_ms = Some(t.max(at_ms));
+                }
+            }
+        }
+    }
+
     /// Any message from `node` counts as hearing from it.
     fn heard(&mut self, node: &NodeId, now_ms: u64) -> Vec<Action> {
         let Some(m) = self.members.get_mut(node) else {

@@ -1057,3 +1057,42 @@ fn anti_entropy_repairs_are_bounded_per_exchange() {
         largest.get()
     );
 }
+
+/// Under a flood a node may process its peers' messages seconds after they arrived.
+/// The transport reports that their bytes keep arriving, so the busy node does not take
+/// its peers for dead (which would move their services and add work); a peer whose
+/// bytes stop arriving still goes Down.
+#[test]
+fn a_peer_whose_bytes_keep_arriving_is_not_taken_for_dead() {
+    let mut sim = cluster(seed(31), &["a", "b", "c"]);
+    let (a, b, c) = (id("a"), id("b"), id("c"));
+    // What b and c send to a is not processed (as if it waited in a's queue) ...
+    sim.partition(&[&["a"], &["b", "c"]]);
+    let down_after = Config::default().down_after_ms;
+    let state = |sim: &Sim, of: &NodeId| {
+        sim.replica(&a)
+            .members()
+            .into_iter()
+            .find(|m| &m.id == of)
+            .map(|m| m.state)
+    };
+    for _ in 0..(2 * down_after / 100) {
+        sim.run_for(100);
+        // ... but b's bytes are seen arriving; c's are not.
+        let now = sim.now_ms();
+        sim.replica_mut(&a).link_activity(&b, now);
+    }
+    assert_eq!(
+        state(&sim, &b),
+        Some(MemberState::Up),
+        "b was taken for dead"
+    );
+    assert_eq!(state(&sim, &c), Some(MemberState::Down), "c stayed up");
+    // Activity does not bring back a peer that is Down: a processed message does.
+    let now = sim.now_ms();
+    sim.replica_mut(&a).link_activity(&c, now);
+    assert_eq!(state(&sim, &c), Some(MemberState::Down));
+    sim.heal();
+    sim.run_for(down_after);
+    assert_eq!(state(&sim, &c), Some(MemberState::Up));
+}

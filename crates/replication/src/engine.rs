@@ -1,6 +1,6 @@
 //! The engine: one node's view of the cluster and its replica of the registry.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use shoal_ring::Ring;
 use shoal_storage::{
@@ -136,6 +136,9 @@ impl Outq {
 #[derive(Clone, Debug)]
 struct SessionEntry {
     home: NodeId,
+    /// `home` as an index into [`Replica::homes`]: the periodic sweep of every session
+    /// looks its home up by index instead of comparing node id strings.
+    home_ix: u32,
     state: SessionState,
     stamp: Stamp,
     /// Local time of the last state change here.
@@ -176,6 +179,8 @@ pub struct Replica {
     snapshot: Option<SnapshotLoad>,
     queues: BTreeMap<NodeId, Outq>,
     sessions: HashMap<SessionId, SessionEntry>,
+    /// Every session home seen, indexed by [`SessionEntry::home_ix`] (a handful of ids).
+    homes: Vec<NodeId>,
     unknown_since: HashMap<SessionId, u64>,
     next_probe_ms: u64,
     next_anti_entropy_ms: u64,
@@ -232,6 +237,7 @@ impl Replica {
             snapshot: None,
             queues: BTreeMap::new(),
             sessions: HashMap::new(),
+            homes: Vec::new(),
             unknown_since: HashMap::new(),
             next_probe_ms: now_ms,
             next_anti_entropy_ms: now_ms + config.anti_entropy_interval_ms,
@@ -1321,8 +1327,16 @@ impl Replica {
     /// overrides its end at an old one whatever their stamps (a resume elsewhere).
     fn merge_session(&mut self, ann: SessionAnnounce, now_ms: u64) {
         self.unknown_since.remove(&ann.session);
+        let home_ix = match self.homes.iter().position(|h| h == &ann.home) {
+            Some(i) => i,
+            None => {
+                self.homes.push(ann.home.clone());
+                self.homes.len() - 1
+            }
+        } as u32;
         let entry = SessionEntry {
             home: ann.home.clone(),
+            home_ix,
             state: ann.state,
             stamp: ann.stamp,
             since_ms: now_ms,
@@ -1433,30 +1447,39 @@ impl Replica {
             return actions;
         }
 
+        // Per home (a handful), not per session: None for this node, else whether the
+        // home is Down (or not a member at all).
+        let home_down: Vec<Option<bool>> = self
+            .homes
+            .iter()
+            .map(|h| {
+                (h != &self.me).then(|| {
+                    self.members
+                        .get(h)
+                        .is_none_or(|m| m.state == MemberState::Down)
+                })
+            })
+            .collect();
         let mut doomed = Vec::new();
-        let mut seen = BTreeSet::new();
-        for session in self.registry.sessions() {
-            seen.insert(session);
+        let present = self.registry.sessions();
+        for &session in &present {
             let doom = match self.sessions.get_mut(&session) {
                 Some(e) => match e.state {
                     SessionState::Closed => Some(Doom::Closed),
                     SessionState::Disconnected => {
                         (now_ms.saturating_sub(e.since_ms) >= grace).then_some(Doom::Lapsed)
                     }
-                    SessionState::Live if e.home == self.me => None,
-                    SessionState::Live => {
-                        let home_down = self
-                            .members
-                            .get(&e.home)
-                            .is_none_or(|m| m.state == MemberState::Down);
-                        if home_down {
+                    SessionState::Live => match home_down[e.home_ix as usize] {
+                        None => None,
+                        Some(true) => {
                             let since = *e.orphaned_since_ms.get_or_insert(now_ms);
                             (now_ms.saturating_sub(since) >= grace).then_some(Doom::Lapsed)
-                        } else {
+                        }
+                        Some(false) => {
                             e.orphaned_since_ms = None;
                             None
                         }
-                    }
+                    },
                 },
                 None => {
                     let since = *self.unknown_since.entry(session).or_insert(now_ms);
@@ -1469,7 +1492,10 @@ impl Replica {
                 _ => {}
             }
         }
-        self.unknown_since.retain(|s, _| seen.contains(s));
+        if !self.unknown_since.is_empty() {
+            let present: HashSet<SessionId> = present.into_iter().collect();
+            self.unknown_since.retain(|s, _| present.contains(s));
+        }
         for session in doomed {
             actions.extend(self.reap(session, now_ms));
         }

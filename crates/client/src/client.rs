@@ -495,6 +495,10 @@ impl Client {
     }
 
     /// Reads the instances of a service from the home node's copy.
+    ///
+    /// Answers (and pushes) carry what a client uses: an instance's `stamp` reads 0, a
+    /// session lease reads `Session(SessionId(0))` and its `last_beat_ms` 0 (see
+    /// docs/protocol.md); order views by the view's `revision`.
     pub async fn query(&self, service: &ServiceKey, options: QueryOptions) -> Result<ServiceView> {
         match self
             .shared()

@@ -5,19 +5,34 @@
 //! instances, and the names were about half of their bytes and most of the decoding
 //! work.
 //!
+//! These rows go to clients only (peers replicate with their own messages, the HTTP
+//! side writes JSON), so they leave out what a client has no use for, in forms that a
+//! reader of the previous row form still decodes:
+//! - `weight`: a MessagePack integer when it is a whole number (1 to 3 bytes for the
+//!   valid 0..=10000), else an f32 when that is exact (5 bytes), else an f64;
+//! - `lease`: `{0: 0}` for a session lease (variant 0 by index, session id 0: answers
+//!   never carry a session id, it resumes a session) and `{1: [unhealthy_after_ms,
+//!   remove_after_ms]}` for a Ttl lease (variant 1 by index, the `TtlLease` as an
+//!   array), instead of `{"Session": <16-byte bin>}` and `{"Ttl": {names: ..}}`;
+//! - `last_beat_ms`: the last beat of a Ttl instance, `0` for a session instance;
+//! - `stamp`: always `0` (the view's `revision` is what a client orders views by).
+//!
 //! Compatibility: a newer version may append fields to the array; a reader ignores the
 //! elements after the ones it knows. A reader also accepts instances as maps (the form
-//! older nodes send). Serde's derived decoding of a struct accepts the array form too,
-//! so a reader that decodes `Instance` as a plain struct understands this one.
+//! older nodes send) and the previous array form (leases by variant name with the
+//! session id, f64 weights, stamps). Serde's derived decoding of a struct accepts the
+//! array form too, enum variants by index and integers for an f64, so a reader that
+//! decodes `Instance` as a plain struct, as the previous versions of this one, reads
+//! these rows.
 
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde::ser::{SerializeStruct, SerializeTuple};
+use serde::ser::{SerializeMap, SerializeStruct, SerializeTuple};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use shoal_storage::{Instance, ServiceKey, ServiceView};
+use shoal_storage::{Instance, Lease, ServiceKey, ServiceView};
 
-/// Fields of an instance in the array form, in order.
+/// Fields of an instance in the array form.
 const INSTANCE_FIELDS: usize = 10;
 
 /// Serializes a view with its instances as arrays.
@@ -47,14 +62,134 @@ impl Serialize for Row<'_> {
         t.serialize_element(&i.ip)?;
         t.serialize_element(&i.port)?;
         t.serialize_element(&i.cluster)?;
-        t.serialize_element(&i.weight)?;
+        t.serialize_element(&Weight(i.weight))?;
         t.serialize_element(&i.healthy)?;
         t.serialize_element(&i.enabled)?;
         t.serialize_element(&i.metadata)?;
-        t.serialize_element(&i.lease)?;
-        t.serialize_element(&i.last_beat_ms)?;
-        t.serialize_element(&i.stamp)?;
+        t.serialize_element(&LeaseMark(&i.lease))?;
+        let last_beat_ms = match i.lease {
+            Lease::Ttl(_) => i.last_beat_ms,
+            Lease::Session(_) => 0,
+        };
+        t.serialize_element(&last_beat_ms)?;
+        // stamp
+        t.serialize_element(&0u8)?;
         t.end()
+    }
+}
+
+/// A weight in the shortest form that gives it back exactly.
+struct Weight(f64);
+
+impl Serialize for Weight {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let w = self.0;
+        // Not -0.0: its integer form would read back as 0.0.
+        if w.is_sign_positive() && w.fract() == 0.0 && w <= f64::from(u32::MAX) {
+            s.serialize_u32(w as u32)
+        } else if f64::from(w as f32).to_bits() == w.to_bits() {
+            s.serialize_f32(w as f32)
+        } else {
+            s.serialize_f64(w)
+        }
+    }
+}
+
+/// A lease as clients see it: the variant by index, no session id.
+struct LeaseMark<'a>(&'a Lease);
+
+/// The variant indexes of [`Lease`] (its declaration order, which serde's derived
+/// decoding goes by).
+const SESSION_VARIANT: u8 = 0;
+const TTL_VARIANT: u8 = 1;
+
+impl Serialize for LeaseMark<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(1))?;
+        match self.0 {
+            Lease::Session(_) => m.serialize_entry(&SESSION_VARIANT, &0u8)?,
+            Lease::Ttl(t) => {
+                m.serialize_entry(&TTL_VARIANT, &(t.unhealthy_after_ms, t.remove_after_ms))?
+            }
+        }
+        m.end()
+    }
+}
+
+/// What a client reads of `view` once it went through [`serialize`]: session ids,
+/// stamps and the last beats of session instances are 0.
+#[cfg(test)]
+pub(crate) fn as_clients_see(view: &ServiceView) -> ServiceView {
+    use shoal_storage::SessionId;
+    let mut v = view.clone();
+    for i in &mut v.instances {
+        i.stamp = 0;
+        if let Lease::Session(id) = &mut i.lease {
+            *id = SessionId(0);
+            i.last_beat_ms = 0;
+        }
+    }
+    v
+}
+
+/// The previous form of the rows (leases by variant name with their session ids, f64
+/// weights, stamps), as nodes before the current one wrote them: for tests of the
+/// readers.
+#[cfg(test)]
+pub(crate) mod previous {
+    use serde::Serialize;
+    use shoal_storage::{Instance, ServiceKey, ServiceView};
+
+    type Row<'a> = (
+        &'a str,
+        u16,
+        &'a str,
+        f64,
+        bool,
+        bool,
+        &'a std::collections::BTreeMap<String, String>,
+        &'a shoal_storage::Lease,
+        u64,
+        u64,
+    );
+
+    #[derive(Serialize)]
+    struct View<'a> {
+        key: &'a ServiceKey,
+        revision: u64,
+        instances: Vec<Row<'a>>,
+        protected: bool,
+    }
+
+    #[derive(Serialize)]
+    enum Frame<'a> {
+        Push(View<'a>),
+    }
+
+    fn row(i: &Instance) -> Row<'_> {
+        (
+            &i.ip,
+            i.port,
+            &i.cluster,
+            i.weight,
+            i.healthy,
+            i.enabled,
+            &i.metadata,
+            &i.lease,
+            i.last_beat_ms,
+            i.stamp,
+        )
+    }
+
+    /// The body of a `Push` frame of `v` in the previous row form.
+    pub(crate) fn push_body(v: &ServiceView) -> Vec<u8> {
+        rmp_serde::to_vec_named(&Frame::Push(View {
+            key: &v.key,
+            revision: v.revision,
+            instances: v.instances.iter().map(row).collect(),
+            protected: v.protected,
+        }))
+        .unwrap()
     }
 }
 
@@ -220,39 +355,130 @@ mod tests {
 
     #[test]
     fn views_round_trip_with_instances_as_arrays() {
-        for frame in [
-            ServerFrame::Push(view()),
-            ServerFrame::Response {
-                id: 3,
-                result: Ok(Response::View(view())),
-            },
+        let seen = super::as_clients_see(&view());
+        for (frame, expected) in [
+            (ServerFrame::Push(view()), ServerFrame::Push(seen.clone())),
+            (
+                ServerFrame::Response {
+                    id: 3,
+                    result: Ok(Response::View(view())),
+                },
+                ServerFrame::Response {
+                    id: 3,
+                    result: Ok(Response::View(seen.clone())),
+                },
+            ),
         ] {
             let bytes = encode_frame(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
             // No instance field names on the wire, the view's own names are.
             assert!(!bytes.windows(12).any(|w| w == b"last_beat_ms"));
+            assert!(!bytes.windows(7).any(|w| w == b"Session"));
             assert!(bytes.windows(9).any(|w| w == b"instances"));
-            assert_eq!(decode::<ServerFrame>(&bytes[4..]).unwrap(), frame);
+            assert_eq!(decode::<ServerFrame>(&bytes[4..]).unwrap(), expected);
+            // What a client sees is what it is sent again.
+            let again = encode_frame(&expected, DEFAULT_MAX_FRAME_BYTES).unwrap();
+            assert_eq!(again, bytes);
+        }
+        // The Ttl lease and the last beat of a Ttl instance are kept.
+        assert_eq!(seen.instances[1].lease, Lease::Ttl(TtlLease::default()));
+        assert_eq!(seen.instances[1].last_beat_ms, 1_700_000_000_000);
+        assert_eq!(seen.instances[0].lease, Lease::Session(SessionId(0)));
+        assert_eq!(seen.instances[0].last_beat_ms, 0);
+        assert_eq!(seen.instances[0].stamp, 0);
+    }
+
+    #[test]
+    fn every_form_reads_every_other() {
+        let v = view();
+        let seen = super::as_clients_see(&v);
+        let compact = encode_frame(&ServerFrame::Push(v.clone()), DEFAULT_MAX_FRAME_BYTES).unwrap();
+        let named = rmp_serde::to_vec_named(&PlainFrame::Push(v.clone())).unwrap();
+        let previous = super::previous::push_body(&v);
+        assert!(
+            compact.len() - 4 < previous.len() * 3 / 4,
+            "{} vs {}",
+            compact.len(),
+            previous.len()
+        );
+        assert!(previous.len() < named.len() * 3 / 4);
+        // A reader that decodes instances as plain structs (as the previous versions
+        // of this one) reads the array form...
+        assert_eq!(
+            decode::<PlainFrame>(&compact[4..]).unwrap(),
+            PlainFrame::Push(seen.clone())
+        );
+        assert_eq!(
+            decode::<PlainFrame>(&previous).unwrap(),
+            PlainFrame::Push(v.clone())
+        );
+        // ...and this reader reads instances as maps and the previous rows, in full.
+        assert_eq!(
+            decode::<ServerFrame>(&named).unwrap(),
+            ServerFrame::Push(v.clone())
+        );
+        assert_eq!(
+            decode::<ServerFrame>(&previous).unwrap(),
+            ServerFrame::Push(v)
+        );
+    }
+
+    #[test]
+    fn weights_take_their_shortest_exact_form() {
+        for (w, first, len) in [
+            (0.0, 0x00, 1),
+            (1.0, 0x01, 1),
+            (100.0, 0x64, 1),
+            (200.0, 0xcc, 2),
+            (10_000.0, 0xcd, 3),
+            (1e9, 0xce, 5),
+            (2.5, 0xca, 5),
+            (-0.0, 0xca, 5),
+            (-3.0, 0xca, 5),
+            (0.1, 0xcb, 9),
+            (1e10, 0xca, 5),
+            (5e9 + 0.5, 0xcb, 9),
+            (f64::INFINITY, 0xca, 5),
+        ] {
+            let bytes = rmp_serde::to_vec_named(&super::Weight(w)).unwrap();
+            assert_eq!((bytes[0], bytes.len()), (first, len), "{w}");
+            let back: f64 = rmp_serde::from_slice(&bytes).unwrap();
+            assert_eq!(back.to_bits(), w.to_bits(), "{w}");
         }
     }
 
     #[test]
-    fn both_forms_read_each_other() {
-        let v = view();
-        let compact = encode_frame(&ServerFrame::Push(v.clone()), DEFAULT_MAX_FRAME_BYTES).unwrap();
-        let named = rmp_serde::to_vec_named(&PlainFrame::Push(v.clone())).unwrap();
+    fn a_benchmark_answer_is_less_than_half_its_previous_size() {
+        // 140 instances as `shoal-bench compare` registers them.
+        let v = ServiceView {
+            key: ServiceKey::named("bench-svc-37"),
+            revision: 5_177,
+            instances: (0..140u64)
+                .map(|i| {
+                    let g = 37 * 140 + i;
+                    Instance {
+                        ip: format!("10.{}.{}.{}", (g >> 16) & 0xff, (g >> 8) & 0xff, g & 0xff),
+                        port: 8080,
+                        cluster: "DEFAULT".into(),
+                        weight: 1.0,
+                        healthy: true,
+                        enabled: true,
+                        metadata: Default::default(),
+                        lease: Lease::Session(SessionId(0)),
+                        last_beat_ms: 1_795_000_000_000 + g,
+                        stamp: 5_000 + g,
+                    }
+                })
+                .collect(),
+            protected: false,
+        };
+        let now = encode_frame(&ServerFrame::Push(v.clone()), DEFAULT_MAX_FRAME_BYTES).unwrap();
+        let before = super::previous::push_body(&v);
         assert!(
-            compact.len() - 4 < named.len() * 3 / 4,
+            now.len() - 4 < before.len() / 2,
             "{} vs {}",
-            compact.len(),
-            named.len()
+            now.len(),
+            before.len()
         );
-        // A reader that decodes instances as plain structs reads the array form...
-        assert_eq!(
-            decode::<PlainFrame>(&compact[4..]).unwrap(),
-            PlainFrame::Push(v.clone())
-        );
-        // ...and this reader reads instances as maps.
-        assert_eq!(decode::<ServerFrame>(&named).unwrap(), ServerFrame::Push(v));
     }
 
     #[test]

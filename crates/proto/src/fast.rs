@@ -3,13 +3,15 @@
 //!
 //! It reads the MessagePack bytes directly: each string is checked as UTF-8 once and
 //! copied once into the `String` it becomes, and no field goes through serde's generic
-//! machinery. It only takes the exact shapes the node writes (maps with the known keys,
+//! machinery. It only takes the exact shapes nodes write (maps with the known keys,
 //! instances as arrays of at least ten fields, appended fields skipped, unknown keys of
-//! the view skipped). Anything else, malformed or merely unusual (instances as maps, an
-//! error answer, another frame), makes it give up, and [`decode_server_frame`] decodes
-//! the frame with the generic serde decoding instead, which gives the same value or the
-//! same error as before. So it never accepts what the generic decoding refuses, and
-//! never refuses what it accepts.
+//! the view skipped; weights as integers or floats, leases by variant index or name, a
+//! Ttl lease as an array or a map: the current rows and the previous ones). Anything
+//! else, malformed or merely unusual (instances as maps, an error answer, another
+//! frame), makes it give up, and [`decode_server_frame`] decodes the frame with the
+//! generic serde decoding instead, which gives the same value or the same error as
+//! before. So it never accepts what the generic decoding refuses, and never refuses
+//! what it accepts.
 
 use std::collections::BTreeMap;
 
@@ -148,7 +150,7 @@ fn row<'a>(c: &mut Cur<'a>, cluster: &mut &'a str) -> Option<Instance> {
             }
             String::from(*cluster)
         },
-        weight: c.f64()?,
+        weight: c.number()?,
         healthy: c.bool()?,
         enabled: c.bool()?,
         metadata: metadata(c)?,
@@ -173,13 +175,36 @@ fn metadata(c: &mut Cur<'_>) -> Option<BTreeMap<String, String>> {
 }
 
 fn lease(c: &mut Cur<'_>) -> Option<Lease> {
-    // An enum: {"Session": id} or {"Ttl": {..}}.
+    // An enum: {variant: content}, the variant by index (what nodes write now) or by
+    // name (what they wrote before): {0: id} or {"Session": id}, {1: [unhealthy,
+    // remove]} or {"Ttl": {"unhealthy_after_ms": .., "remove_after_ms": ..}}.
     if c.map_len()? != 1 {
         return None;
     }
-    match c.key()? {
-        b"Session" => Some(Lease::Session(SessionId(c.u128()?))),
-        b"Ttl" => {
+    let session = match c.peek()? {
+        0x00..=0x7f | 0xcc..=0xcf => match c.uint()? {
+            0 => true,
+            1 => false,
+            _ => return None,
+        },
+        _ => match c.key()? {
+            b"Session" => true,
+            b"Ttl" => false,
+            _ => return None,
+        },
+    };
+    if session {
+        return Some(Lease::Session(SessionId(c.u128()?)));
+    }
+    let (unhealthy, remove) = match c.peek()? {
+        0x90..=0x9f | 0xdc | 0xdd => {
+            // Exactly the two fields; anything else is left to the generic decoding.
+            if c.array_len()? != 2 {
+                return None;
+            }
+            (c.uint()?, c.uint()?)
+        }
+        _ => {
             let (mut unhealthy, mut remove) = (None, None);
             for _ in 0..c.map_len()? {
                 let slot = match c.key()? {
@@ -192,13 +217,13 @@ fn lease(c: &mut Cur<'_>) -> Option<Lease> {
                 }
                 *slot = Some(c.uint()?);
             }
-            Some(Lease::Ttl(TtlLease {
-                unhealthy_after_ms: unhealthy?,
-                remove_after_ms: remove?,
-            }))
+            (unhealthy?, remove?)
         }
-        _ => None,
-    }
+    };
+    Some(Lease::Ttl(TtlLease {
+        unhealthy_after_ms: unhealthy,
+        remove_after_ms: remove,
+    }))
 }
 
 /// A cursor over MessagePack bytes. Every read returns `None` on a marker it does not
@@ -211,6 +236,10 @@ struct Cur<'a> {
 impl<'a> Cur<'a> {
     fn left(&self) -> usize {
         self.b.len() - self.pos
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.pos).copied()
     }
 
     fn byte(&mut self) -> Option<u8> {
@@ -255,9 +284,14 @@ impl<'a> Cur<'a> {
         })
     }
 
-    /// A 128-bit integer as the node writes it: 16 bytes of bin, big-endian.
+    /// A 128-bit integer as nodes write it: 16 bytes of bin, big-endian (a session id
+    /// in the previous rows), or an unsigned integer (the 0 of the current rows).
     fn u128(&mut self) -> Option<u128> {
-        if self.b.get(self.pos..self.pos + 2)? == [0xc4, 16] {
+        if self
+            .b
+            .get(self.pos..)
+            .is_some_and(|b| b.starts_with(&[0xc4, 16]))
+        {
             self.pos += 2;
             return Some(u128::from_be_bytes(self.be()?));
         }
@@ -272,11 +306,19 @@ impl<'a> Cur<'a> {
         }
     }
 
-    fn f64(&mut self) -> Option<f64> {
-        match self.byte()? {
-            0xcb => Some(f64::from_be_bytes(self.be()?)),
-            0xca => Some(f64::from(f32::from_be_bytes(self.be()?))),
-            _ => None,
+    /// A number read as an f64: a float, or an unsigned integer (what nodes write for
+    /// whole weights), converted as serde converts it.
+    fn number(&mut self) -> Option<f64> {
+        match self.peek()? {
+            0xcb => {
+                self.pos += 1;
+                Some(f64::from_be_bytes(self.be()?))
+            }
+            0xca => {
+                self.pos += 1;
+                Some(f64::from(f32::from_be_bytes(self.be()?)))
+            }
+            _ => self.uint().map(|v| v as f64),
         }
     }
 
@@ -420,6 +462,8 @@ mod tests {
                     x.port = 1 + (i % 60_000) as u16;
                     x.stamp = i as u64 * 1_000;
                     x.healthy = i % 5 != 0;
+                    x.weight = [1.0, 2.5, 0.1, 10_000.0, 0.0, 300.0][i % 6];
+                    x.last_beat_ms = 1_700_000_000_000 + i as u64;
                     if i % 4 == 3 {
                         x.cluster = "eu-é".into();
                     }
@@ -444,14 +488,30 @@ mod tests {
         out
     }
 
+    /// `frame` as a client reads it (see [`crate::compact`]).
+    fn as_clients_see(frame: &ServerFrame) -> ServerFrame {
+        match frame {
+            ServerFrame::Push(v) => ServerFrame::Push(crate::compact::as_clients_see(v)),
+            ServerFrame::Response {
+                id,
+                result: Ok(Response::View(v)),
+            } => ServerFrame::Response {
+                id: *id,
+                result: Ok(Response::View(crate::compact::as_clients_see(v))),
+            },
+            other => other.clone(),
+        }
+    }
+
     #[test]
     fn answers_and_pushes_take_the_fast_path_and_equal_serde() {
         for frame in frames() {
             let bytes = encode_frame(&frame, 64 << 20).unwrap();
             let body = &bytes[4..];
-            assert_eq!(server_frame(body).as_ref(), Some(&frame));
-            assert_eq!(decode_server_frame(body).unwrap(), frame);
-            assert_eq!(decode::<ServerFrame>(body).unwrap(), frame);
+            let seen = as_clients_see(&frame);
+            assert_eq!(server_frame(body).as_ref(), Some(&seen));
+            assert_eq!(decode_server_frame(body).unwrap(), seen);
+            assert_eq!(decode::<ServerFrame>(body).unwrap(), seen);
         }
         // As the node frames a cached answer.
         let result = encode_result(&Ok(Response::View(view(140)))).unwrap();
@@ -462,9 +522,99 @@ mod tests {
             got,
             ServerFrame::Response {
                 id: 99,
-                result: Ok(Response::View(view(140)))
+                result: Ok(Response::View(crate::compact::as_clients_see(&view(140))))
             }
         );
+    }
+
+    #[test]
+    fn previous_rows_take_the_fast_path_in_full() {
+        // Leases by name with their session ids, f64 weights, stamps: nodes before
+        // the current row form.
+        for n in [0, 1, 3, 16, 140] {
+            let v = view(n);
+            let body = crate::compact::previous::push_body(&v);
+            let frame = ServerFrame::Push(v);
+            assert_eq!(server_frame(&body).as_ref(), Some(&frame));
+            assert_eq!(decode::<ServerFrame>(&body).unwrap(), frame);
+        }
+    }
+
+    #[test]
+    fn leases_in_every_form_are_read_as_serde_reads_them() {
+        // {variant: content} with the variant by index or name, the Ttl lease as an
+        // array or a map, well-formed or not: the fast path gives serde's result or
+        // leaves the lease to it.
+        let forms: &[&[u8]] = &[
+            &[0x81, 0x00, 0x00],
+            &[0x81, 0x00, 0x2a],
+            &[0x81, 0xcc, 0x00, 0xcd, 0x01, 0x00],
+            &[0x81, 0x01, 0x92, 0x01, 0x02],
+            &[0x81, 0x01, 0x92, 0xcd, 0x3a, 0x98, 0xcd, 0x75, 0x30],
+            &[0x81, 0x01, 0x91, 0x01],
+            &[0x81, 0x01, 0x93, 0x01, 0x02, 0x03],
+            &[0x81, 0x01, 0x82, 0x00, 0x01, 0x01, 0x02],
+            &[0x81, 0x02, 0x00],
+            &[0x81, 0xff, 0x00],
+            &[0x81, 0x00, 0xc0],
+            &[0x81, 0x00, 0xc4, 0x02, 0x00, 0x01],
+            &[0x81, 0xa3, b'T', b't', b'l', 0x92, 0x05, 0x06],
+            &[0x81, 0xa7, b'S', b'e', b's', b's', b'i', b'o', b'n', 0x07],
+            &[0x82, 0x00, 0x00, 0x01, 0x92, 0x01, 0x02],
+            &[0x00],
+            &[0xc0],
+            &[0x91, 0x00],
+        ];
+        let mut fast_taken = 0;
+        for lease_bytes in forms {
+            // A push with one row whose lease is `lease_bytes`.
+            let mut body = vec![0x81, 0xa4, b'P', b'u', b's', b'h', 0x84];
+            body.extend_from_slice(&rmp_serde::to_vec_named(&"key").unwrap());
+            body.extend_from_slice(&rmp_serde::to_vec_named(&ServiceKey::named("a")).unwrap());
+            body.extend_from_slice(&rmp_serde::to_vec_named(&"revision").unwrap());
+            body.push(0x01);
+            body.extend_from_slice(&rmp_serde::to_vec_named(&"instances").unwrap());
+            body.extend_from_slice(&[0x91, 0x9a, 0xa1, b'a', 0x01, 0xa1, b'c', 0x01, 0xc3]);
+            body.extend_from_slice(&[0xc3, 0x80]);
+            body.extend_from_slice(lease_bytes);
+            body.extend_from_slice(&[0x00, 0x00]);
+            body.extend_from_slice(&rmp_serde::to_vec_named(&"protected").unwrap());
+            body.push(0xc2);
+            let fast = server_frame(&body);
+            fast_taken += usize::from(fast.is_some());
+            let slow = decode::<ServerFrame>(&body);
+            match (&fast, &slow) {
+                (Some(a), Ok(b)) => assert_eq!(a, b, "{lease_bytes:x?}"),
+                (None, _) => {}
+                (Some(a), Err(e)) => panic!("{lease_bytes:x?}: fast {a:?}, serde {e}"),
+            }
+            match (decode_server_frame(&body), slow) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b),
+                (Err(_), Err(_)) => {}
+                (a, b) => panic!("{lease_bytes:x?}: fast {a:?}, serde {b:?}"),
+            }
+        }
+        // The well-formed ones: {0: 0}, {0: 42}, {0: 256} as a wider int, {1: [..]}
+        // twice, {"Ttl": [..]} and {"Session": 7}.
+        assert_eq!(fast_taken, 7);
+        // The current forms do take the fast path.
+        for (lease_bytes, lease) in [
+            (&[0x81, 0x00, 0x00][..], Lease::Session(SessionId(0))),
+            (
+                &[0x81, 0x01, 0x92, 0x01, 0x02][..],
+                Lease::Ttl(TtlLease {
+                    unhealthy_after_ms: 1,
+                    remove_after_ms: 2,
+                }),
+            ),
+        ] {
+            let mut c = Cur {
+                b: lease_bytes,
+                pos: 0,
+            };
+            assert_eq!(super::lease(&mut c), Some(lease));
+            assert_eq!(c.left(), 0);
+        }
     }
 
     #[test]
@@ -598,7 +748,14 @@ mod tests {
     fn malformed_bodies_are_errors_not_panics() {
         let frame = ServerFrame::Push(view(20));
         let bytes = encode_frame(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
-        let body = &bytes[4..];
+        mutated_bodies_agree_with_serde(&bytes[4..]);
+        // The previous rows too.
+        mutated_bodies_agree_with_serde(&crate::compact::previous::push_body(&view(20)));
+    }
+
+    /// Every truncation of `body` is an error; every byte of it changed to a few
+    /// values never panics, and what decodes equals serde's result.
+    fn mutated_bodies_agree_with_serde(body: &[u8]) {
         // Every truncation.
         for end in 0..body.len() {
             assert!(decode_server_frame(&body[..end]).is_err(), "cut at {end}");
@@ -606,7 +763,8 @@ mod tests {
         // Every byte changed to a few values: no panic; what decodes equals serde.
         for i in 0..body.len() {
             for b in [
-                0x00, 0x7f, 0x90, 0x9f, 0xa1, 0xc1, 0xc4, 0xcf, 0xdd, 0xdf, 0xff,
+                0x00, 0x01, 0x02, 0x7f, 0x81, 0x90, 0x92, 0x9f, 0xa1, 0xc0, 0xc1, 0xc4, 0xca, 0xcb,
+                0xcf, 0xdd, 0xdf, 0xff,
             ] {
                 let mut m = body.to_vec();
                 m[i] = b;
@@ -619,6 +777,13 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn lies_and_short_rows_are_refused() {
+        let frame = ServerFrame::Push(view(20));
+        let bytes = encode_frame(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        let body = &bytes[4..];
         // Lengths that lie.
         for lie in [
             &[

@@ -1,6 +1,6 @@
 //! The engine: one node's view of the cluster and its replica of the registry.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use shoal_ring::Ring;
 use shoal_storage::{
@@ -193,6 +193,18 @@ pub struct Replica {
     /// Until then this node's copy may miss writes made elsewhere (see
     /// [`Config::settle_ms`]).
     unsettled_until_ms: u64,
+    /// Changes each time the ring is replaced.
+    ring_generation: u64,
+    /// The digests of the ranges this node owns, with the ring and registry
+    /// generations they were computed at: holding a million instances still, a node
+    /// does not walk its services again every anti-entropy round.
+    digest_cache: Option<(u64, u64, Vec<RangeDigest>)>,
+    /// Changes each time a session joins or leaves [`Replica::sessions`].
+    session_table_generation: u64,
+    /// The generations of the registry's sessions and of the table at which the
+    /// sessions unknown to the table (`unknown_since`) were last worked out: while
+    /// neither changed, neither did that set.
+    unknown_checked: Option<(u64, u64)>,
 }
 
 impl Replica {
@@ -246,6 +258,10 @@ impl Replica {
             rng: seed | 1,
             last_tick_ms: None,
             unsettled_until_ms: 0,
+            ring_generation: 0,
+            digest_cache: None,
+            session_table_generation: 0,
+            unknown_checked: None,
             config,
         }
     }
@@ -969,6 +985,7 @@ impl Replica {
             return Vec::new();
         };
         let old = std::mem::replace(&mut self.ring, ring);
+        self.ring_generation += 1;
         self.unsettle(now_ms);
         let me = self.me.clone();
         let new = &self.ring;
@@ -1284,8 +1301,15 @@ impl Replica {
     }
 
     /// The digests of the ring ranges this node owns.
-    fn my_range_digests(&self) -> Vec<RangeDigest> {
-        self.ring
+    fn my_range_digests(&mut self) -> Vec<RangeDigest> {
+        let generations = (self.ring_generation, self.registry.content_generation());
+        if let Some((ring, content, ranges)) = &self.digest_cache {
+            if (*ring, *content) == generations {
+                return ranges.clone();
+            }
+        }
+        let ranges: Vec<RangeDigest> = self
+            .ring
             .ranges()
             .iter()
             .filter(|r| r.owner == self.me.0)
@@ -1294,7 +1318,15 @@ impl Replica {
                 end: r.end,
                 hash: self.registry.range_digest(r.start, r.end),
             })
-            .collect()
+            .collect();
+        self.digest_cache = Some((generations.0, generations.1, ranges.clone()));
+        ranges
+    }
+
+    /// What [`Replica::owned_service_count`] depends on: while this stays the same,
+    /// so does the count (a gauge need not count again).
+    pub fn ownership_generation(&self) -> (u64, u64) {
+        (self.ring_generation, self.registry.content_generation())
     }
 
     fn anti_entropy(&mut self) -> Vec<Action> {
@@ -1345,6 +1377,7 @@ impl Replica {
         match self.sessions.get(&ann.session) {
             None => {
                 self.sessions.insert(ann.session, entry);
+                self.session_table_generation += 1;
             }
             Some(cur) => {
                 let live = |s: SessionState| s == SessionState::Live;
@@ -1440,9 +1473,13 @@ impl Replica {
         self.registry.gc_tombstones(now_ms);
         let grace = self.config.session_grace_ms;
         let forget_after = grace.saturating_add(self.config.tombstone_ttl_ms);
+        let before = self.sessions.len();
         self.sessions.retain(|_, e| {
             e.state == SessionState::Live || now_ms.saturating_sub(e.since_ms) < forget_after
         });
+        if self.sessions.len() != before {
+            self.session_table_generation += 1;
+        }
         if !self.ready {
             return actions;
         }
@@ -1460,31 +1497,33 @@ impl Replica {
                 })
             })
             .collect();
+        // The table's sessions, without a lookup each: the sweep runs every probe
+        // interval over every session (10 000 and more), and almost all are Live at
+        // a home that is up. Only those with instances here can be doomed.
         let mut doomed = Vec::new();
-        let present = self.registry.sessions();
-        for &session in &present {
-            let doom = match self.sessions.get_mut(&session) {
-                Some(e) => match e.state {
-                    SessionState::Closed => Some(Doom::Closed),
-                    SessionState::Disconnected => {
-                        (now_ms.saturating_sub(e.since_ms) >= grace).then_some(Doom::Lapsed)
-                    }
-                    SessionState::Live => match home_down[e.home_ix as usize] {
-                        None => None,
-                        Some(true) => {
-                            let since = *e.orphaned_since_ms.get_or_insert(now_ms);
-                            (now_ms.saturating_sub(since) >= grace).then_some(Doom::Lapsed)
-                        }
-                        Some(false) => {
-                            e.orphaned_since_ms = None;
-                            None
-                        }
-                    },
-                },
-                None => {
-                    let since = *self.unknown_since.entry(session).or_insert(now_ms);
-                    (now_ms.saturating_sub(since) >= grace).then_some(Doom::Lapsed)
+        let registry = &self.registry;
+        for (&session, e) in self.sessions.iter_mut() {
+            let doom = match e.state {
+                SessionState::Closed => Some(Doom::Closed),
+                SessionState::Disconnected => {
+                    (now_ms.saturating_sub(e.since_ms) >= grace).then_some(Doom::Lapsed)
                 }
+                SessionState::Live => match home_down[e.home_ix as usize] {
+                    None => None,
+                    Some(true) => {
+                        // Orphaned from when this node first sees it orphaned while it
+                        // holds instances here.
+                        if e.orphaned_since_ms.is_none() && !registry.holds_session(session) {
+                            continue;
+                        }
+                        let since = *e.orphaned_since_ms.get_or_insert(now_ms);
+                        (now_ms.saturating_sub(since) >= grace).then_some(Doom::Lapsed)
+                    }
+                    Some(false) => {
+                        e.orphaned_since_ms = None;
+                        None
+                    }
+                },
             };
             match doom {
                 Some(Doom::Closed) => doomed.push(session),
@@ -1492,9 +1531,32 @@ impl Replica {
                 _ => {}
             }
         }
-        if !self.unknown_since.is_empty() {
-            let present: HashSet<SessionId> = present.into_iter().collect();
-            self.unknown_since.retain(|s, _| present.contains(s));
+        doomed.retain(|s| registry.holds_session(*s));
+
+        // Sessions with instances here that no node has announced: the set changes
+        // only when the registry's sessions or the table's do.
+        let generations = (
+            self.registry.session_set_generation(),
+            self.session_table_generation,
+        );
+        if self.unknown_checked != Some(generations) {
+            for session in self.registry.sessions() {
+                if !self.sessions.contains_key(&session) {
+                    self.unknown_since.entry(session).or_insert(now_ms);
+                }
+            }
+            let (registry, sessions) = (&self.registry, &self.sessions);
+            self.unknown_since
+                .retain(|s, _| registry.holds_session(*s) && !sessions.contains_key(s));
+            self.unknown_checked = Some(generations);
+        }
+        if !self.self_preservation {
+            doomed.extend(
+                self.unknown_since
+                    .iter()
+                    .filter(|(_, since)| now_ms.saturating_sub(**since) >= grace)
+                    .map(|(s, _)| *s),
+            );
         }
         for session in doomed {
             actions.extend(self.reap(session, now_ms));

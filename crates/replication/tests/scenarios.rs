@@ -1096,3 +1096,39 @@ fn a_peer_whose_bytes_keep_arriving_is_not_taken_for_dead() {
     sim.run_for(down_after);
     assert_eq!(state(&sim, &c), Some(MemberState::Up));
 }
+
+/// Instances of a session that no node ever announced (a lost announcement, a
+/// client of a node that went away before telling anyone) are deleted by their
+/// owners after the grace period, also when they arrive long after the owners'
+/// sweeps settled on the sessions they know, and while nothing else changes.
+/// Announced sessions keep theirs.
+#[test]
+fn instances_of_a_session_never_announced_go_after_the_grace_period() {
+    let mut sim = cluster(seed(23), &["a", "b", "c"]);
+    sim.open_session(&id("a"), SessionId(1));
+    for i in 0..10 {
+        register(&mut sim, "a", &svc(i), "10.0.0.1", 1);
+    }
+    // Many sweeps over the same sessions.
+    sim.run_for(5_000);
+    assert_converged(&mut sim, 1_000);
+
+    for i in 10..20 {
+        register(&mut sim, "b", &svc(i), "10.0.0.99", 99);
+    }
+    sim.run_for(1_000);
+    assert_eq!(instances(&sim, "c", &svc(12)), vec!["10.0.0.99"]);
+
+    sim.run_for(Config::default().session_grace_ms + 3_000);
+    for node in ["a", "b", "c"] {
+        for i in 10..20 {
+            assert!(
+                instances(&sim, node, &svc(i)).is_empty(),
+                "{node} still holds svc-{i} of the session no node announced"
+            );
+        }
+        for i in 0..10 {
+            assert_eq!(instances(&sim, node, &svc(i)), vec!["10.0.0.1"], "{node}");
+        }
+    }
+}

@@ -217,6 +217,9 @@ impl Names {
 #[derive(Debug, Default)]
 pub(crate) struct Sessions {
     ids: HashMap<SessionId, u32>,
+    /// Changes (to a value never used before in this process) whenever a session
+    /// joins or leaves `ids`.
+    pub(crate) generation: u64,
     /// By id; a free id has no members.
     slots: Vec<SessionSlot>,
     free: Vec<u32>,
@@ -250,6 +253,7 @@ impl Sessions {
                     }
                 };
                 self.ids.insert(session, id);
+                self.generation = crate::next_generation();
                 id
             }
         };
@@ -266,6 +270,7 @@ impl Sessions {
         }
         if slot.members.is_empty() {
             self.ids.remove(&slot.id);
+            self.generation = crate::next_generation();
             slot.members = HashSet::new();
             self.free.push(id);
         }

@@ -23,6 +23,15 @@ mod registry;
 mod replica;
 mod validate;
 
+/// A value never handed out before in this process: registries stamp their state
+/// with one when it changes, so that a caller can tell whether anything changed since
+/// it last looked, even across registries.
+pub(crate) fn next_generation() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 pub use error::StorageError;
 pub use model::*;
 pub use registry::{Change, Limits, Registry};

@@ -221,6 +221,9 @@ pub struct Registry {
     pub(crate) placed: BTreeSet<(u64, ServiceKey)>,
     /// Operations recorded by local writes, for [`Registry::take_ops`].
     pub(crate) outbox: Vec<Op>,
+    /// Changes (to a value never used before in this process) whenever a service's
+    /// digest, the set of services with live data, or their placement changes.
+    pub(crate) content_generation: u64,
 }
 
 impl Registry {
@@ -243,6 +246,7 @@ impl Registry {
             tomb_gc: BTreeSet::new(),
             placed: BTreeSet::new(),
             outbox: Vec::new(),
+            content_generation: crate::next_generation(),
         }
     }
 
@@ -385,6 +389,7 @@ impl Registry {
             }
         };
         self.services.insert(service.clone(), ServiceEntry::new(id));
+        self.content_generation = crate::next_generation();
         id
     }
 
@@ -895,6 +900,7 @@ impl Registry {
         self.index.add(id, k, &mut slot, session);
         entry.sum = entry.sum.wrapping_add(hash);
         entry.instances.insert(k, slot);
+        self.content_generation = crate::next_generation();
     }
 
     /// Deletes an instance at `version`: removes it if live and leaves a tombstone.
@@ -942,6 +948,9 @@ impl Registry {
             .insert(k, tomb);
         self.tomb_gc.insert((now_ms, shared, Some(k)));
         self.place(service);
+        if removed {
+            self.content_generation = crate::next_generation();
+        }
         removed
     }
 
@@ -977,6 +986,7 @@ impl Registry {
             e.meta_stamp = version;
             e.sum = e.sum.wrapping_add(meta_hash(version));
         }
+        self.content_generation = crate::next_generation();
         self.place(service);
     }
 
@@ -1036,6 +1046,7 @@ impl Registry {
             if let Some(e) = self.services.remove(service) {
                 self.service_keys[e.id as usize] = None;
                 self.free_service_ids.push(e.id);
+                self.content_generation = crate::next_generation();
             }
         }
         self.place(service);
@@ -1066,6 +1077,7 @@ impl Registry {
             .into_iter()
             .map(|k| (self.placement_of(&k), k))
             .collect();
+        self.content_generation = crate::next_generation();
     }
 
     /// Restarts a Ttl instance's lease at `now_ms` (indexed).

@@ -746,6 +746,25 @@ impl Registry {
         self.index.sessions.ids().collect()
     }
 
+    /// Whether `session` holds instances here.
+    pub fn holds_session(&self, session: SessionId) -> bool {
+        self.index.sessions.get(session).is_some()
+    }
+
+    /// Changes whenever a session starts or stops holding instances here (see
+    /// [`Registry::sessions`]); never takes the same value twice in a process.
+    pub fn session_set_generation(&self) -> u64 {
+        self.index.sessions.generation
+    }
+
+    /// Changes whenever a service's digest, the set of services with live data or
+    /// their placement changes: range digests and counts of live services taken at
+    /// the same generation are still valid. Never takes the same value twice in a
+    /// process.
+    pub fn content_generation(&self) -> u64 {
+        self.content_generation
+    }
+
     /// The services where `session` has instances, sorted.
     pub fn session_services(&self, session: SessionId) -> Vec<ServiceKey> {
         let Some(s) = self.index.sessions.get(session) else {
@@ -1125,6 +1144,59 @@ mod tests {
         }
         assert_eq!(sizes, vec![21, 21, 21, 7]);
         assert_eq!(r.dump_replicated(), w.dump_replicated());
+    }
+
+    /// The generations move with what digests, live-service counts and the set of
+    /// sessions depend on, and only then: callers reuse what they computed while a
+    /// generation stays.
+    #[test]
+    fn generations_follow_digests_and_the_set_of_sessions() {
+        let mut w = writer(1);
+        let (c0, s0) = (w.content_generation(), w.session_set_generation());
+        let d0 = digests(&w);
+        w.register(
+            &svc("a"),
+            InstanceSpec::new("10.0.0.1", 80),
+            SessionId(1),
+            0,
+        )
+        .unwrap();
+        let (c1, s1) = (w.content_generation(), w.session_set_generation());
+        assert_ne!(c1, c0);
+        assert_ne!(s1, s0);
+        assert_ne!(digests(&w), d0);
+        assert!(w.holds_session(SessionId(1)));
+
+        // Reads change nothing.
+        w.query(&svc("a"), &[], false).unwrap();
+        let _ = w.sessions();
+        assert_eq!(
+            (w.content_generation(), w.session_set_generation()),
+            (c1, s1)
+        );
+
+        // Another instance of the same session: new content, same sessions.
+        w.register(
+            &svc("a"),
+            InstanceSpec::new("10.0.0.2", 80),
+            SessionId(1),
+            0,
+        )
+        .unwrap();
+        let c2 = w.content_generation();
+        assert_ne!(c2, c1);
+        assert_eq!(w.session_set_generation(), s1);
+
+        // The session's last instance goes: both move; a second registry never
+        // repeats a value the first one had.
+        w.deregister(&svc("a"), &ikey("10.0.0.1")).unwrap();
+        w.deregister(&svc("a"), &ikey("10.0.0.2")).unwrap();
+        assert!(!w.holds_session(SessionId(1)));
+        assert_ne!(w.session_set_generation(), s1);
+        assert_ne!(w.content_generation(), c2);
+        assert_eq!(digests(&w), d0);
+        let other = writer(2);
+        assert!(![c0, c1, c2, w.content_generation()].contains(&other.content_generation()));
     }
 
     #[test]

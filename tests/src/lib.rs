@@ -165,6 +165,8 @@ pub struct NodeOptions {
     pub idle_timeout_ms: Option<u64>,
     /// `--keep-alive-interval-ms`.
     pub keep_alive_interval_ms: Option<u64>,
+    /// `--heartbeat-interval-ms`.
+    pub heartbeat_interval_ms: Option<u64>,
     /// `--seed`: other nodes to join through.
     pub seeds: Vec<String>,
     /// `--dev-ca-dir`: the development CA shared by the nodes of one cluster.
@@ -198,6 +200,11 @@ impl NodeOptions {
     /// Sets `--keep-alive-interval-ms`.
     pub fn keep_alive_interval_ms(mut self, ms: u64) -> Self {
         self.keep_alive_interval_ms = Some(ms);
+        self
+    }
+    /// Sets `--heartbeat-interval-ms` (0: none).
+    pub fn heartbeat_interval_ms(mut self, ms: u64) -> Self {
+        self.heartbeat_interval_ms = Some(ms);
         self
     }
     /// Adds a `--seed`.
@@ -261,6 +268,10 @@ impl NodeOptions {
         flag(
             "keep-alive-interval-ms",
             self.keep_alive_interval_ms.map(|v| v.to_string()),
+        );
+        flag(
+            "heartbeat-interval-ms",
+            self.heartbeat_interval_ms.map(|v| v.to_string()),
         );
         flag(
             "dev-ca-dir",

@@ -151,7 +151,7 @@ mod regressions {
     use shoal_tests::{inst, svc, Node, NodeOptions, RawClient};
 
     fn node_args() -> Vec<String> {
-        vec!["--idle-timeout-ms".into(), "5000".into()]
+        shoal_tests::chaos::node_args()
     }
 
     /// Found by `kill_restart_freeze_three_nodes` (seed 7): a node that resumes after

@@ -73,7 +73,7 @@ async fn a_deregistration_lost_with_its_home_is_sent_again_after_failover() {
         println!("lost-deregistration test skipped: {why}");
         return;
     }
-    let args = vec!["--idle-timeout-ms".to_string(), "5000".to_string()];
+    let args = shoal_tests::chaos::node_args();
     let mut c = ChaosCluster::start(3, Mode::Netns, &args).await.unwrap();
     let formed = Instant::now();
     while let Err(why) = c.check_converged().await {

@@ -124,12 +124,13 @@ pub struct CompareArgs {
     /// forwards that waited past `forward_timeout_ms`.
     #[arg(long, default_value_t = 64)]
     pub batches_in_flight: usize,
-    /// Shoal clients: QUIC keep-alive interval in ms (default: the SDK's, 1 500). Each
-    /// session costs the cluster about one packet each way per interval.
+    /// Shoal clients: QUIC keep-alive interval in ms (default: the SDK's, 6 000). It
+    /// only fires when the nodes' heartbeats (every 5 s by default) are slower; each
+    /// session costs the cluster about one packet each way per interval of the faster.
     #[arg(long)]
     pub keep_alive_ms: Option<u64>,
     /// Shoal clients: QUIC idle timeout in ms, above `--keep-alive-ms` (default: the
-    /// SDK's, 6 000; with `--keep-alive-ms` alone, 4x that interval).
+    /// SDK's, 12 000; with `--keep-alive-ms` alone, 4x that interval).
     #[arg(long)]
     pub idle_timeout_ms: Option<u64>,
     /// rnacos: interval of the beats of each instance, in ms (the Nacos default).
@@ -364,7 +365,10 @@ pub async fn run(args: CompareArgs) -> Result<()> {
             let idle = args.idle_timeout_ms.unwrap_or(k.saturating_mul(4));
             harness.liveness = Some((Duration::from_millis(k), Duration::from_millis(idle)));
         } else if let Some(idle) = args.idle_timeout_ms {
-            harness.liveness = Some((Duration::from_millis(1_500), Duration::from_millis(idle)));
+            let keep_alive = shoal_client::ClientConfig::default()
+                .keep_alive_interval
+                .min(Duration::from_millis(idle / 2));
+            harness.liveness = Some((keep_alive, Duration::from_millis(idle)));
         }
         let outcome = scenarios(&args, &mut harness, &mut run).await;
         let failed = outcome.is_err();

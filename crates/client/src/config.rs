@@ -27,12 +27,15 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// How long one connection attempt (QUIC and TLS handshake, Hello) may take.
     pub connect_timeout: Duration,
-    /// QUIC keep-alive interval: the client's heartbeat.
+    /// QUIC keep-alive interval. Every packet received restarts it, so against
+    /// nodes that send heartbeats (every 5 s by default, `heartbeat_interval_ms`)
+    /// the client never sends one: it is the fallback for nodes that do not.
     pub keep_alive_interval: Duration,
     /// QUIC idle timeout: a connection silent for this long is considered lost.
-    /// Default 6 s: well inside the nodes' `down_after_ms` (2.5 s) plus
-    /// `session_grace_ms` (10 s), so a client whose home node dies resumes on another
-    /// node before the owners delete its instances.
+    /// Default 12 s: two of the nodes' heartbeats fit in it, so one lost datagram
+    /// does not end a session, and it is well inside the nodes' `down_after_ms`
+    /// (2.5 s) plus `session_grace_ms` (15 s), so a client whose home node dies
+    /// resumes on another node before the owners delete its instances.
     pub idle_timeout: Duration,
     /// Pause after every server failed once during a reconnect; doubles after each
     /// full round up to [`ClientConfig::reconnect_backoff_max`], with random jitter.
@@ -52,8 +55,8 @@ impl Default for ClientConfig {
             client_name: format!("shoal-client/{}", env!("CARGO_PKG_VERSION")),
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
-            keep_alive_interval: Duration::from_millis(1_500),
-            idle_timeout: Duration::from_secs(6),
+            keep_alive_interval: Duration::from_secs(6),
+            idle_timeout: Duration::from_secs(12),
             reconnect_backoff: Duration::from_millis(200),
             reconnect_backoff_max: Duration::from_secs(5),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
@@ -154,8 +157,8 @@ mod tests {
         let c = ClientConfig::default();
         assert_eq!(c.servers, vec!["127.0.0.1:7400".to_string()]);
         assert_eq!(c.request_timeout, Duration::from_secs(10));
-        assert_eq!(c.keep_alive_interval, Duration::from_millis(1_500));
-        assert_eq!(c.idle_timeout, Duration::from_secs(6));
+        assert_eq!(c.keep_alive_interval, Duration::from_secs(6));
+        assert_eq!(c.idle_timeout, Duration::from_secs(12));
     }
 
     #[test]

@@ -33,11 +33,19 @@ pub(crate) fn quinn_config(config: &ClientConfig) -> Result<quinn::ClientConfig>
     let idle = quinn::IdleTimeout::try_from(config.idle_timeout)
         .map_err(|e| ClientError::Config(format!("idle timeout: {e}")))?;
     transport.max_idle_timeout(Some(idle));
+    // Nodes send heartbeat datagrams; receiving one is all they are for (it restarts
+    // the idle and keep-alive timers), so they are never read. quinn keeps unread
+    // datagrams up to this many bytes, counting its own overhead of about 40 bytes
+    // each, and drops the oldest beyond it: about a dozen one-byte heartbeats.
+    transport.datagram_receive_buffer_size(Some(HEARTBEAT_BUFFER_BYTES));
 
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
     client.transport_config(Arc::new(transport));
     Ok(client)
 }
+
+/// Bytes of unread heartbeat datagrams a connection keeps (see [`quinn_config`]).
+const HEARTBEAT_BUFFER_BYTES: usize = 512;
 
 fn load_roots(path: &Path) -> Result<rustls::RootCertStore> {
     let file = File::open(path)

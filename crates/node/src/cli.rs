@@ -50,6 +50,9 @@ pub struct ServerArgs {
     /// QUIC keep-alive interval (ms).
     #[arg(long, env = "SHOAL_KEEP_ALIVE_INTERVAL_MS")]
     pub keep_alive_interval_ms: Option<u64>,
+    /// Interval of the heartbeat datagram sent to every client session (ms; 0: none).
+    #[arg(long, env = "SHOAL_HEARTBEAT_INTERVAL_MS")]
+    pub heartbeat_interval_ms: Option<u64>,
     /// Largest frame accepted (bytes).
     #[arg(long, env = "SHOAL_MAX_FRAME_BYTES")]
     pub max_frame_bytes: Option<usize>,
@@ -107,6 +110,7 @@ impl ServerArgs {
             session_grace_ms,
             idle_timeout_ms,
             keep_alive_interval_ms,
+            heartbeat_interval_ms,
             max_frame_bytes,
             forward_timeout_ms
         );

@@ -33,8 +33,15 @@ pub struct Config {
     /// A client connection with no traffic (not even keep-alives) for this long is
     /// considered lost (ms).
     pub idle_timeout_ms: u64,
-    /// QUIC keep-alive interval the node sends on client connections (ms).
+    /// QUIC keep-alive interval the node sends on client connections (ms): a
+    /// fallback for clients that do not take heartbeats, since every packet a client
+    /// sends (a heartbeat's acknowledgement too) restarts it.
     pub keep_alive_interval_ms: u64,
+    /// Interval of the heartbeat datagram the node sends every client session in one
+    /// pass (ms; 0: none). It keeps sessions alive in both directions, and because
+    /// they are sent together their acknowledgements come back together, which costs
+    /// the node far fewer wake-ups than each client's own keep-alive timer.
+    pub heartbeat_interval_ms: u64,
     /// Largest frame accepted or sent (bytes).
     pub max_frame_bytes: usize,
     /// Frames queued towards one client before the node gives up on it as too slow
@@ -150,9 +157,10 @@ impl Default for Config {
             advertise_host: None,
             http_addr: "127.0.0.1:7401".parse().expect("literal address"),
             tls: TlsConfig::default(),
-            session_grace_ms: 10_000,
-            idle_timeout_ms: 10_000,
-            keep_alive_interval_ms: 2_000,
+            session_grace_ms: 15_000,
+            idle_timeout_ms: 12_000,
+            keep_alive_interval_ms: 8_000,
+            heartbeat_interval_ms: 5_000,
             max_frame_bytes: shoal_proto::DEFAULT_MAX_FRAME_BYTES,
             outbound_queue_frames: 4_096,
             query_cache_bytes: 64 << 20,

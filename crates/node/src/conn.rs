@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use crate::query_cache::{cacheable, QueryKey};
 use crate::server::{CLOSE_NORMAL, CLOSE_PROTOCOL, CLOSE_STALLED};
-use crate::state::{read, ConnId, Outbox, Outgoing, Shared};
+use crate::state::{lock, read, ConnId, Outbox, Outgoing, Shared};
 
 /// How long a new connection may take to open its session stream and say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,10 +82,12 @@ pub async fn serve(shared: Arc<Shared>, conn: quinn::Connection) {
             return refuse(outbox, writer, ErrorCode::NotReady, "node is not ready").await;
         }
         let session = open_session(&shared, &hello, conn_id, &outbox);
+        lock(&shared.session_conns).insert(conn_id, conn.clone());
         let span = tracing::info_span!("session", %session, client = %hello.client_name);
         let end = request_loop(&shared, conn_id, session, &outbox, &mut recv)
             .instrument(span)
             .await;
+        lock(&shared.session_conns).remove(&conn_id);
         // After a Goodbye this is a no-op: the session was closed before its answer.
         shared.detach(session, conn_id, end == SessionEnd::Goodbye);
         metrics::gauge!("shoal_connections").decrement(1.0);

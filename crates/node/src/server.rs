@@ -113,6 +113,41 @@ fn tls_files(config: &Config, node_id: &NodeId) -> Result<TlsFiles> {
     }
 }
 
+/// Sends every connection that holds a session one heartbeat datagram per
+/// `heartbeat_interval_ms`, all in one pass.
+///
+/// A heartbeat is what keeps an idle session alive: every packet received restarts
+/// QUIC's idle and keep-alive timers on both sides, so with heartbeats more frequent
+/// than the clients' keep-alive and the node's own, neither side ever sends a PING.
+/// The packets per session are the same as with client keep-alives (one each way
+/// per interval), but a client keep-alive arrives whenever that client's timer says
+/// and each one wakes the node twice (the packet, then its delayed acknowledgement),
+/// while heartbeats leave in one burst and their acknowledgements come back in one,
+/// read many per system call. Holding 10 000 idle sessions, that cost the cluster
+/// about a fifth less CPU at the same packet rate (docs/benchmarks.md).
+///
+/// A client that did not offer datagram support is skipped by quinn
+/// (`SendDatagramError::UnsupportedByPeer`); it keeps itself alive with its own
+/// keep-alives, or the node's.
+async fn heartbeat_loop(shared: Arc<Shared>) {
+    let period = Duration::from_millis(shared.config.heartbeat_interval_ms);
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut conns = Vec::new();
+    loop {
+        interval.tick().await;
+        conns.extend(crate::state::lock(&shared.session_conns).values().cloned());
+        let mut sent = 0u64;
+        for conn in conns.drain(..) {
+            // One byte, whose value means nothing yet; `from_static` does not allocate.
+            if conn.send_datagram(bytes::Bytes::from_static(&[0])).is_ok() {
+                sent += 1;
+            }
+        }
+        metrics::counter!("shoal_heartbeats_sent_total").increment(sent);
+    }
+}
+
 /// Starts a node and returns once it serves.
 pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> Result<RunningNode> {
     config.validate()?;
@@ -218,6 +253,9 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> Result<
     tasks.push(tokio::spawn(link_loop(Arc::clone(&shared), link_events)));
     tasks.push(tokio::spawn(seed_loop(Arc::clone(&shared))));
     tasks.push(tokio::spawn(gauge_loop(Arc::clone(&shared), metrics)));
+    if config.heartbeat_interval_ms > 0 {
+        tasks.push(tokio::spawn(heartbeat_loop(Arc::clone(&shared))));
+    }
 
     // Ready when the engine says so: at once for a node without seeds, after the
     // snapshot load (or the bootstrap wait) otherwise.

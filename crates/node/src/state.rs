@@ -87,6 +87,9 @@ pub struct Shared {
     /// stopping).
     pub ready: AtomicBool,
     next_conn: AtomicU64,
+    /// The connections that hold a session, for the heartbeat (see
+    /// [`crate::server`]'s `heartbeat_loop`).
+    pub session_conns: Mutex<HashMap<ConnId, quinn::Connection>>,
     /// When the node started (ms, wall clock): for the snapshot-load duration metric.
     pub started_ms: u64,
     /// When the tick loop last ran (ms, wall clock; 0 before it first ran).
@@ -135,6 +138,7 @@ impl Shared {
             pending_batches: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
+            session_conns: Mutex::new(HashMap::new()),
             started_ms: wall_ms(),
             last_tick_ms: AtomicU64::new(0),
             stalls: AtomicU64::new(0),

@@ -60,3 +60,23 @@ pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     LOCK.lock().await
 }
+
+/// The `shoal server` arguments of the chaos clusters: a 5 s idle timeout, so that a
+/// crashed client is noticed sooner than with the defaults, with the node's keep-alive
+/// and heartbeat inside it; and the grace period the checkers' bounds assume (see
+/// [`Bounds`]), stated so that a change of the defaults does not move them.
+pub fn node_args() -> Vec<String> {
+    [
+        "--idle-timeout-ms",
+        "5000",
+        "--keep-alive-interval-ms",
+        "2000",
+        "--heartbeat-interval-ms",
+        "1500",
+        "--session-grace-ms",
+        "10000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}

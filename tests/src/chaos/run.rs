@@ -19,8 +19,9 @@ use super::world::{NodeState, World};
 use crate::{http_get, Value};
 
 /// The bounds the checkers hold the cluster to. Defaults assume the node's default
-/// timings (`down_after_ms` 2.5 s, `session_grace_ms` 10 s, anti-entropy every 5 s) and
-/// `--idle-timeout-ms 5000` on the nodes (see [`Scenario::node_args`]).
+/// replication timings (`down_after_ms` 2.5 s, anti-entropy every 5 s) and the
+/// arguments of [`super::node_args`] (`--idle-timeout-ms 5000`,
+/// `--session-grace-ms 10000`).
 #[derive(Clone, Debug)]
 pub struct Bounds {
     /// Replication delay: an acknowledged write must be on every consistent node this
@@ -150,7 +151,7 @@ impl Scenario {
             schedule,
             load,
             bounds: Bounds::default(),
-            node_args: vec!["--idle-timeout-ms".into(), "5000".into()],
+            node_args: super::node_args(),
             warmup: Duration::from_secs(3),
         }
     }

@@ -223,3 +223,34 @@ fn instances_count(dump: &Value) -> usize {
         .map(|s| s["instances"].as_array().map_or(0, Vec::len))
         .sum()
 }
+
+/// With the default liveness (a 12 s idle timeout) and request timeout (10 s), a write
+/// sent just after its home node died succeeds in one call only if the SDK notices the
+/// dead node by itself: while a request waits, it probes a node that sends nothing and
+/// gives it up when the probe goes unanswered, then resumes elsewhere and retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_sent_as_its_home_node_dies_succeeds_within_one_request_timeout() {
+    let mut cluster = Cluster::start_with(3, NodeOptions::default()).await;
+    cluster.wait_until_converged().await;
+    let config =
+        ClientConfig::new(cluster.servers(), cluster.ca_file()).with_client_name("probing-client");
+    let client = Client::connect(config).await.expect("connect");
+    let service = svc("probed");
+    client
+        .register(&service, inst("10.6.0.1", 7000))
+        .await
+        .expect("register");
+    let home = client.home().expect("connected");
+    let victim = cluster.index_of_addr(&home).expect("home is a node");
+    let (generation, session) = (client.generation(), client.session_id());
+    cluster.kill9(victim);
+    let started = Instant::now();
+    client
+        .register(&service, inst("10.6.0.2", 7000))
+        .await
+        .expect("one write, sent as the home node died, within the request timeout");
+    println!("the write succeeded after {:?}", started.elapsed());
+    assert!(client.generation() > generation, "the client reconnected");
+    assert_ne!(client.home(), Some(home), "on another node");
+    assert_eq!(client.session_id(), session, "resuming its session");
+}

@@ -29,9 +29,16 @@ use crate::addr::{resolve, split_host_port};
 use crate::balance::choose_weighted;
 use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
-use crate::link::{Dial, Link, CLOSE_ABRUPT, CLOSE_GOODBYE, CLOSE_STREAM_FAILED};
+use crate::link::{
+    Dial, Link, CLOSE_ABRUPT, CLOSE_GOODBYE, CLOSE_STREAM_FAILED, CLOSE_UNRESPONSIVE,
+};
 use crate::subscription::{Subscription, SubscriptionCache};
 
+/// A request that has waited this long with nothing at all received from its node
+/// makes the client probe the node (see `Shared::attempt`).
+const SILENCE_BEFORE_PROBE: Duration = Duration::from_secs(2);
+/// How long a probed node has to send anything before the client gives up on it.
+const PROBE_PATIENCE: Duration = Duration::from_millis(1_500);
 /// First pause before asking again after `Unavailable` or `NotReady`; it doubles up
 /// to [`RETRY_PAUSE_MAX`], within the request timeout.
 const RETRY_PAUSE_FIRST: Duration = Duration::from_millis(50);
@@ -754,17 +761,56 @@ impl Shared {
         (self.attempt(&body, deadline).await, false)
     }
 
+    /// Sends a request once and waits for its answer until `deadline`.
+    ///
+    /// While it waits it watches the connection: a node that sent nothing at all for
+    /// [`SILENCE_BEFORE_PROBE`] is probed with a datagram, and one that still sends
+    /// nothing for [`PROBE_PATIENCE`] is given up (the connection is closed with
+    /// `CLOSE_UNRESPONSIVE`, the call fails with `Disconnected` and is retried on the
+    /// next link). A live node acknowledges any packet within milliseconds even when
+    /// the answer itself takes long, so only a dead or frozen node is given up; an idle
+    /// client still relies on the QUIC idle timeout (12 s by default), but one waiting
+    /// for an answer notices within about 3 s.
     async fn attempt(&self, body: &Request, deadline: Instant) -> Result<Response> {
         let timeout = self.config.request_timeout;
         let link = self.usable_link(deadline).await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let rx = link.start_call(id, body).await?;
-        match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(answer)) => answer.map_err(ClientError::Server),
-            Ok(Err(_)) => Err(ClientError::Disconnected),
-            Err(_) => {
-                link.forget(id);
-                Err(ClientError::Timeout(timeout))
+        let mut rx = link.start_call(id, body).await?;
+        let mut heard = link.packets_received();
+        let mut probed = false;
+        loop {
+            let patience = if probed {
+                PROBE_PATIENCE
+            } else {
+                SILENCE_BEFORE_PROBE
+            };
+            let wake = deadline.min(Instant::now() + patience);
+            match tokio::time::timeout_at(wake, &mut rx).await {
+                Ok(Ok(answer)) => return answer.map_err(ClientError::Server),
+                Ok(Err(_)) => return Err(ClientError::Disconnected),
+                Err(_) if Instant::now() >= deadline => {
+                    link.forget(id);
+                    return Err(ClientError::Timeout(timeout));
+                }
+                Err(_) => {
+                    let now = link.packets_received();
+                    if now != heard {
+                        heard = now;
+                        probed = false;
+                    } else if !probed {
+                        link.probe();
+                        probed = true;
+                    } else {
+                        warn!(
+                            node = %link.addr,
+                            "the node sent nothing for {:?} while a request waited; giving up on the connection",
+                            SILENCE_BEFORE_PROBE + PROBE_PATIENCE
+                        );
+                        // The reader then marks the link dead, which fails this call
+                        // with Disconnected on the next turn.
+                        link.close(CLOSE_UNRESPONSIVE, b"unresponsive");
+                    }
+                }
             }
         }
     }

@@ -31,6 +31,10 @@ pub(crate) const CLOSE_GOODBYE: u32 = 0;
 pub(crate) const CLOSE_ABRUPT: u32 = 1;
 /// QUIC application close code: the client saw the session stream fail.
 pub(crate) const CLOSE_STREAM_FAILED: u32 = 2;
+/// QUIC application close code: a request waited and the node sent nothing at all, not
+/// even an acknowledgement of a probe; the client gave up on the connection and resumes
+/// its session elsewhere (see `Shared::attempt`).
+pub(crate) const CLOSE_UNRESPONSIVE: u32 = 3;
 
 /// Frames waiting for the writer task. Bounded so that a stalled connection pushes
 /// back on callers instead of growing without limit.
@@ -274,6 +278,18 @@ impl Link {
         let mut rx = self.dead.subscribe();
         // The sender lives in `self`, so the channel cannot close while we wait.
         let _ = rx.wait_for(|dead| *dead).await;
+    }
+
+    /// UDP datagrams received on this connection so far: anything at all the node
+    /// sent (answers, pushes, heartbeats, acknowledgements).
+    pub(crate) fn packets_received(&self) -> u64 {
+        self.conn.stats().udp_rx.datagrams
+    }
+
+    /// Sends the node a one-byte datagram, which it ignores but its QUIC stack
+    /// acknowledges within its acknowledgement delay (25 ms) if it is alive.
+    pub(crate) fn probe(&self) {
+        let _ = self.conn.send_datagram(bytes::Bytes::from_static(&[0]));
     }
 
     /// Closes the QUIC connection with an application code. The reader then stops

@@ -167,6 +167,9 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> Result<
                 .context("idle_timeout_ms too large")?,
         ))
         .keep_alive_interval(Some(Duration::from_millis(config.keep_alive_interval_ms)))
+        // Clients may send datagrams (the SDK probes a silent node with one); the node
+        // never reads them, so quinn keeps at most a few and drops the oldest.
+        .datagram_receive_buffer_size(Some(512))
         // One session stream, plus room for a misbehaving client to be refused.
         .max_concurrent_bidi_streams(VarInt::from_u32(4))
         // Peer links send on one unidirectional stream each way.

@@ -107,9 +107,26 @@ async fn pushes_until(
         got.insert(view.key.clone(), (n + 1, view));
     }
     // Nothing after the final state (the answer to a ping comes after what was queued
-    // before it).
+    // before it), except further views of an emptied service that are still empty:
+    // an anti-entropy repair can bring a node whose replication batches lag straight
+    // to the owner's state (empty) while the batches still carrying the last
+    // deregistrations are on their way; applied afterwards, they leave tombstones,
+    // which are changes (new revisions) of the same empty content. Seen in about one
+    // run in ten: an empty view at revision 828, then at 1 000.
     client.ping().await;
-    assert_eq!(client.take_pushes(), vec![], "{who}: pushes after the last");
+    let mut after = Vec::new();
+    for view in client.take_pushes() {
+        let empty_again =
+            matches!(last.get(&view.key), Some(Final::Emptied)) && view.instances.is_empty();
+        match got.get_mut(&view.key) {
+            Some((n, v)) if empty_again && view.revision > v.revision => {
+                *n += 1;
+                *v = view;
+            }
+            _ => after.push(view),
+        }
+    }
+    assert_eq!(after, vec![], "{who}: pushes after the last");
     got
 }
 

@@ -50,11 +50,47 @@ pub struct Outbox {
     pub conn: quinn::Connection,
 }
 
-/// One subscription: the connection's outbox, and the revision of the last view
-/// queued to it (so that views only go forward; see [`crate::push`]).
+/// One subscription: the connection's outbox and what was last queued to it.
 struct Subscriber {
     outbox: Outbox,
-    sent: u64,
+    sent: Sent,
+}
+
+/// What a subscriber was last sent: the revision of its last view (so that views only
+/// go forward; see [`crate::push`]), and whether that view was of a service that does
+/// not exist (so that it is not sent the same emptiness twice).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Sent {
+    revision: u64,
+    gone: bool,
+}
+
+impl Sent {
+    /// Whether a view at `revision` (of a service that is `gone`, or not) is to be
+    /// queued, and notes it as sent if so. Every view of a service that is gone reads
+    /// the same, whatever its label: when a later change than the one noted has emptied
+    /// the service, its emptiness was pushed already, labelled with the earlier change's
+    /// revision, and is not pushed again at the later change's.
+    fn admit(&mut self, revision: u64, gone: bool) -> bool {
+        if revision <= self.revision {
+            return false;
+        }
+        self.revision = revision;
+        if gone && self.gone {
+            return false;
+        }
+        self.gone = gone;
+        true
+    }
+}
+
+/// A push ready for a service's subscribers.
+struct EncodedPush {
+    frame: crate::push::EncodedFrame,
+    /// The revision it is labelled with.
+    revision: u64,
+    /// Whether the service does not exist (the view has no instances).
+    gone: bool,
 }
 
 /// A session homed here: the connection carrying it, `None` once it disconnected.
@@ -388,7 +424,12 @@ impl Shared {
             if !lock(&self.subscribers).contains_key(&key) {
                 continue;
             }
-            let Some((frame, revision)) = self.encode_push(&key, revision) else {
+            let Some(EncodedPush {
+                frame,
+                revision,
+                gone,
+            }) = self.encode_push(&key, revision)
+            else {
                 continue;
             };
             let mut subscribers = lock(&self.subscribers);
@@ -397,8 +438,7 @@ impl Shared {
             };
             let mut queued = 0;
             for sub in subs.values_mut() {
-                if revision > sub.sent {
-                    sub.sent = revision;
+                if sub.sent.admit(revision, gone) {
                     push(&sub.outbox, Outgoing::Encoded(frame.clone()));
                     queued += 1;
                 }
@@ -409,23 +449,24 @@ impl Shared {
     }
 
     /// The `Push` frame of `key`'s current view and its revision, at least `changed`
-    /// (the revision of the latest change noted): a service emptied by that change no
-    /// longer exists (revision 0), and its push still carries the change's revision so
-    /// revisions never go back.
-    fn encode_push(
-        &self,
-        key: &ServiceKey,
-        changed: u64,
-    ) -> Option<(crate::push::EncodedFrame, u64)> {
+    /// (the revision of the latest change noted): a service emptied by that change, or
+    /// by a later one, no longer exists (revision 0), and its push still carries the
+    /// change's revision so revisions never go back.
+    fn encode_push(&self, key: &ServiceKey, changed: u64) -> Option<EncodedPush> {
         if let Some(cached) = self.cached_push(key, changed) {
             return Some(cached);
         }
         // Read under the lock, encode after it.
         let mut view = read(&self.replica).registry().query(key, &[], false).ok()?;
+        let gone = view.revision == 0;
         view.revision = view.revision.max(changed);
         let revision = view.revision;
         match shoal_proto::encode_frame(&ServerFrame::Push(view), self.config.max_frame_bytes) {
-            Ok(bytes) => Some((bytes.into(), revision)),
+            Ok(bytes) => Some(EncodedPush {
+                frame: bytes.into(),
+                revision,
+                gone,
+            }),
             Err(e) => {
                 // A view too large for one frame: the subscribers miss this change.
                 tracing::warn!(service = %key, "cannot push: {e}");
@@ -436,11 +477,7 @@ impl Shared {
 
     /// [`Shared::encode_push`] from the query cache's answer of an unfiltered query of
     /// `key` at its current revision, if it holds one.
-    fn cached_push(
-        &self,
-        key: &ServiceKey,
-        changed: u64,
-    ) -> Option<(crate::push::EncodedFrame, u64)> {
+    fn cached_push(&self, key: &ServiceKey, changed: u64) -> Option<EncodedPush> {
         if !self.query_cache.enabled() {
             return None;
         }
@@ -455,7 +492,12 @@ impl Shared {
             (self.query_cache.peek(&query, current)?, current)
         };
         let frame = crate::push::push_frame_from_answer(&answer, self.config.max_frame_bytes)?;
-        Some((frame, current.max(changed)))
+        // The service exists: it has a revision.
+        Some(EncodedPush {
+            frame,
+            revision: current.max(changed),
+            gone: false,
+        })
     }
 
     /// Adds a subscription and queues the current view as the response to request
@@ -476,7 +518,10 @@ impl Shared {
             conn,
             Subscriber {
                 outbox: outbox.clone(),
-                sent: view.revision,
+                sent: Sent {
+                    revision: view.revision,
+                    gone: view.revision == 0,
+                },
             },
         );
         push(
@@ -541,4 +586,51 @@ pub fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 /// Write-locks (see [`lock`] about poisoning).
 pub fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sent;
+
+    #[test]
+    fn views_only_go_forward() {
+        let mut sent = Sent {
+            revision: 5,
+            gone: false,
+        };
+        assert!(!sent.admit(5, false), "the same revision again");
+        assert!(!sent.admit(3, false), "an older revision");
+        assert!(sent.admit(6, false));
+        assert_eq!(sent.revision, 6);
+    }
+
+    #[test]
+    fn a_service_that_is_gone_is_pushed_once_until_it_exists_again() {
+        // Subscribed while the service existed.
+        let mut sent = Sent {
+            revision: 10,
+            gone: false,
+        };
+        // The change noted at 12 is read after a later change (20) emptied the
+        // service: the emptiness goes out labelled 12.
+        assert!(sent.admit(12, true));
+        // The change at 20 finds it still gone: nothing new to say.
+        assert!(!sent.admit(20, true));
+        assert_eq!(sent.revision, 20, "later views still have to be newer");
+        assert!(!sent.admit(15, false), "older than what was noted");
+        // It exists again, then is emptied again.
+        assert!(sent.admit(21, false));
+        assert!(sent.admit(22, true));
+    }
+
+    #[test]
+    fn a_subscriber_to_a_service_that_does_not_exist_is_not_told_so_again() {
+        let mut sent = Sent {
+            revision: 0,
+            gone: true,
+        };
+        // Registered and emptied again before the push thread read it.
+        assert!(!sent.admit(3, true));
+        assert!(sent.admit(4, false));
+    }
 }

@@ -116,6 +116,9 @@ struct Member {
     /// says it is ready, send it the digests of the ranges this node owns at once,
     /// rather than at the next anti-entropy round.
     needs_digest: bool,
+    /// When this node last sent it the digests of its ranges (its clock): a service
+    /// changed here since then differs because of that change, which is on its way.
+    digest_sent_ms: u64,
 }
 
 /// Changes waiting to be sent to one peer.
@@ -530,6 +533,7 @@ impl Replica {
             state: MemberState::Down,
             down_since_ms: now_ms,
             needs_digest: true,
+            digest_sent_ms: 0,
         });
         m.link_up = true;
         m.needs_digest = true;
@@ -572,6 +576,7 @@ impl Replica {
                     state: MemberState::Down,
                     down_since_ms: now_ms,
                     needs_digest: true,
+                    digest_sent_ms: 0,
                 });
                 m.addr = p.addr.clone();
             }
@@ -590,6 +595,7 @@ impl Replica {
                     state: MemberState::Down,
                     down_since_ms: now_ms,
                     needs_digest: true,
+                    digest_sent_ms: 0,
                 },
             );
         }
@@ -611,6 +617,7 @@ impl Replica {
                             state: MemberState::Down,
                             down_since_ms: now_ms,
                             needs_digest: true,
+                            digest_sent_ms: 0,
                         },
                     );
                     actions.push(Action::Connect { to: id, addr });
@@ -708,12 +715,27 @@ impl Replica {
                 }
             }
             PeerMsg::DigestReply { services, ranges } => {
-                let theirs: HashMap<ServiceKey, u64> = services.into_iter().collect();
+                // A service changed here since the digests left differs because of
+                // that change, which is on its way in a batch: compare it next round.
+                // (Without this, every service written during a burst of writes would
+                // be sent whole every round.)
+                let since = self
+                    .members
+                    .get(from)
+                    .map_or(u64::MAX, |m| m.digest_sent_ms);
+                let r = &self.registry;
+                let theirs: HashMap<ServiceKey, u64> = services
+                    .into_iter()
+                    .filter(|(k, _)| r.changed_ms(k) < since)
+                    .collect();
                 let mut send = Vec::new();
                 let mut ask = Vec::new();
                 let mut mine_seen = BTreeSet::new();
                 for &(s, e) in &ranges {
                     for (key, d) in self.registry.service_digests_in(s, e) {
+                        if self.registry.changed_ms(&key) >= since {
+                            continue;
+                        }
                         match theirs.get(&key) {
                             Some(t) if *t == d => {}
                             Some(_) => {
@@ -758,7 +780,7 @@ impl Replica {
                 actions.extend(self.repair_msgs(from, records));
             }
         }
-        actions.extend(self.digest_if_back(from));
+        actions.extend(self.digest_if_back(from, now_ms));
         actions
     }
 
@@ -809,7 +831,7 @@ impl Replica {
 
         if self.ready && now_ms >= self.next_anti_entropy_ms {
             self.next_anti_entropy_ms = now_ms + self.config.anti_entropy_interval_ms;
-            actions.extend(self.anti_entropy());
+            actions.extend(self.anti_entropy(now_ms));
         }
 
         let due: Vec<NodeId> = self
@@ -840,7 +862,7 @@ impl Replica {
 
     /// If `node` came back and is ready now, and this node is ready: the digests of
     /// the ranges this node owns, for it, at once.
-    fn digest_if_back(&mut self, node: &NodeId) -> Vec<Action> {
+    fn digest_if_back(&mut self, node: &NodeId, now_ms: u64) -> Vec<Action> {
         if !self.ready {
             return Vec::new();
         }
@@ -855,10 +877,22 @@ impl Replica {
         if ranges.is_empty() {
             return Vec::new();
         }
-        vec![Action::Send {
-            to: node.clone(),
+        self.send_digest(node, ranges, now_ms)
+    }
+
+    /// Sends `to` the digests of the ranges this node owns, behind everything queued
+    /// for it: the peer compares them once it has applied every change made here before
+    /// they were taken, so that a batch on its way makes no difference.
+    fn send_digest(&mut self, to: &NodeId, ranges: Vec<RangeDigest>, now_ms: u64) -> Vec<Action> {
+        let mut actions = self.flush(to);
+        if let Some(m) = self.members.get_mut(to) {
+            m.digest_sent_ms = now_ms;
+        }
+        actions.push(Action::Send {
+            to: to.clone(),
             msg: PeerMsg::Digest { ranges },
-        }]
+        });
+        actions
     }
 
     fn ping(&self) -> Ping {
@@ -1329,7 +1363,7 @@ impl Replica {
         (self.ring_generation, self.registry.content_generation())
     }
 
-    fn anti_entropy(&mut self) -> Vec<Action> {
+    fn anti_entropy(&mut self, now_ms: u64) -> Vec<Action> {
         let ranges = self.my_range_digests();
         if ranges.is_empty() {
             return Vec::new();
@@ -1339,16 +1373,17 @@ impl Replica {
                 m.needs_digest = false;
             }
         }
-        self.members
+        let peers: Vec<NodeId> = self
+            .members
             .iter()
             .filter(|(_, m)| m.state != MemberState::Down)
-            .map(|(id, _)| Action::Send {
-                to: id.clone(),
-                msg: PeerMsg::Digest {
-                    ranges: ranges.clone(),
-                },
-            })
-            .collect()
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut actions = Vec::new();
+        for id in peers {
+            actions.extend(self.send_digest(&id, ranges.clone(), now_ms));
+        }
+        actions
     }
 
     // ---------------------------------------------------------------- sessions

@@ -47,6 +47,10 @@
 //! hash per ring range it owns ([`PeerMsg::Digest`]); the peer answers with its
 //! per-service digests in the ranges that differ, and the two exchange the records of
 //! the services that differ. In sync, that is one hash per owned range per interval.
+//! The digests leave behind every batch queued for that peer, so the peer compares
+//! them with everything made before them; a service the owner changed after they left
+//! is compared again next round (its change is on its way), so a stream of writes
+//! does not make every round resend the services it touches.
 //!
 //! # The shape of the API
 //!

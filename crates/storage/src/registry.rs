@@ -1,5 +1,6 @@
 //! The registry: every service of every namespace, and the index of sessions.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -294,7 +295,7 @@ impl Registry {
         validate_instance_key(key, &self.limits)?;
         Ok(InstanceKey {
             cluster: key.cluster.clone(),
-            ip: canonical_ip(&key.ip)?,
+            ip: canonical_ip(&key.ip)?.into_owned(),
             port: key.port,
         })
     }
@@ -409,7 +410,10 @@ impl Registry {
     ) -> Result<Change, StorageError> {
         self.check_service(service)?;
         validate_instance(&spec, &self.limits)?;
-        let ip = canonical_ip(&spec.ip)?;
+        let ip = match canonical_ip(&spec.ip)? {
+            Cow::Borrowed(_) => spec.ip,
+            Cow::Owned(text) => text,
+        };
 
         let version = self.next_version(now_ms);
         let stamp = bump(&mut self.next_stamp);

@@ -21,8 +21,8 @@ use crate::error::StorageError;
 use crate::model::*;
 use crate::registry::{Change, Registry};
 use crate::validate::{
-    canonical_ip, validate_instance, validate_instance_key, validate_name, validate_service_key,
-    validate_service_meta, NameKind,
+    canonical_ip, validate_instance_key, validate_instance_state, validate_name,
+    validate_service_key, validate_service_meta, NameKind,
 };
 
 /// The version of a record: a hybrid logical clock value and the origin that assigned
@@ -378,31 +378,22 @@ impl Registry {
         match op {
             Op::Instance(op) => {
                 validate_instance_key(&op.key, &self.limits)?;
-                if canonical_ip(&op.key.ip)? != op.key.ip {
+                if canonical_ip(&op.key.ip)? != op.key.ip.as_str() {
                     return Err(StorageError::InvalidIp(op.key.ip.clone()));
                 }
                 if let Some(inst) = &op.state {
-                    if inst.key() != op.key {
+                    if inst.ip != op.key.ip
+                        || inst.port != op.key.port
+                        || inst.cluster != op.key.cluster
+                    {
                         return Err(StorageError::InvalidSetting(format!(
                             "operation for {} carries instance {}",
                             op.key,
                             inst.key()
                         )));
                     }
-                    let spec = InstanceSpec {
-                        ip: inst.ip.clone(),
-                        port: inst.port,
-                        cluster: inst.cluster.clone(),
-                        weight: inst.weight,
-                        healthy: inst.healthy,
-                        enabled: inst.enabled,
-                        metadata: inst.metadata.clone(),
-                        ttl: match &inst.lease {
-                            Lease::Ttl(t) => Some(t.clone()),
-                            Lease::Session(_) => None,
-                        },
-                    };
-                    validate_instance(&spec, &self.limits)?;
+                    // The key's address was checked above.
+                    validate_instance_state(inst, &self.limits)?;
                 }
                 Ok(())
             }
@@ -1048,6 +1039,17 @@ mod tests {
         w.register(&s, InstanceSpec::new("10.0.0.2", 80), SessionId(1), 0)
             .unwrap();
         inst_op.state = w.instance(&s, &ikey("10.0.0.2"));
+        assert!(r.apply_remote(Op::Instance(inst_op.clone()), 0).is_err());
+        // A state no client write could make (weight, metadata) is refused as well.
+        inst_op.key = ikey("10.0.0.2");
+        let good = w.instance(&s, &ikey("10.0.0.2")).unwrap();
+        let mut bad = good.clone();
+        bad.weight = f64::NAN;
+        inst_op.state = Some(bad);
+        assert!(r.apply_remote(Op::Instance(inst_op.clone()), 0).is_err());
+        let mut bad = good.clone();
+        bad.metadata.insert("k".repeat(10_000), "v".into());
+        inst_op.state = Some(bad);
         assert!(r.apply_remote(Op::Instance(inst_op.clone()), 0).is_err());
         let bad_ns = Op::Meta(MetaOp {
             service: ServiceKey::new("bad ns", "g", "s"),

@@ -3,6 +3,7 @@
 //! Every check returns the first problem it finds as a [`StorageError`] whose message is
 //! a one-liner saying what was wrong and what is allowed.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -129,12 +130,38 @@ pub fn validate_service_meta(meta: &ServiceMeta, limits: &Limits) -> Result<(), 
     validate_metadata("service", &meta.metadata, limits)
 }
 
+/// Checks an instance as it is held or replicated (the same checks as
+/// [`validate_instance`] on the spec it was registered with).
+pub(crate) fn validate_instance_state(
+    inst: &Instance,
+    limits: &Limits,
+) -> Result<(), StorageError> {
+    validate_address(&inst.cluster, &inst.ip, inst.port, limits)?;
+    validate_weight(inst.weight)?;
+    validate_metadata("instance", &inst.metadata, limits)?;
+    if let Lease::Ttl(ttl) = &inst.lease {
+        validate_ttl(ttl)?;
+    }
+    Ok(())
+}
+
 /// The canonical text of an IP address (as `IpAddr` displays it), so that `::1` and
-/// `0:0::1` name the same instance. Errors as [`validate_instance`] does on a bad ip.
-pub(crate) fn canonical_ip(ip: &str) -> Result<String, StorageError> {
-    ip.parse::<IpAddr>()
-        .map(|a| a.to_string())
-        .map_err(|_| StorageError::InvalidIp(ip.to_string()))
+/// `0:0::1` name the same instance: `ip` itself when it is canonical already (every
+/// IPv4 address that parses is: the parser takes only four decimal octets without
+/// leading zeros). Errors as [`validate_instance`] does on a bad ip.
+pub(crate) fn canonical_ip(ip: &str) -> Result<Cow<'_, str>, StorageError> {
+    match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V4(_)) => Ok(Cow::Borrowed(ip)),
+        Ok(a) => {
+            let text = a.to_string();
+            Ok(if text == ip {
+                Cow::Borrowed(ip)
+            } else {
+                Cow::Owned(text)
+            })
+        }
+        Err(_) => Err(StorageError::InvalidIp(ip.to_string())),
+    }
 }
 
 fn validate_address(
@@ -456,6 +483,22 @@ mod tests {
         assert_eq!(canonical_ip("0:0:0:0:0:0:0:1").unwrap(), "::1");
         assert_eq!(canonical_ip("FE80::1").unwrap(), "fe80::1");
         assert_eq!(canonical_ip("10.0.0.1").unwrap(), "10.0.0.1");
+        assert!(matches!(
+            canonical_ip("10.0.0.1").unwrap(),
+            Cow::Borrowed(_)
+        ));
+        assert!(matches!(canonical_ip("fe80::1").unwrap(), Cow::Borrowed(_)));
+        // Other spellings of an IPv4 address do not parse, so a parsed one is canonical.
+        for ip in [
+            "010.0.0.1",
+            "10.0.0.01",
+            "10.1",
+            "167772161",
+            "0x0a.0.0.1",
+            " 10.0.0.1",
+        ] {
+            assert!(canonical_ip(ip).is_err(), "{ip}");
+        }
     }
 
     #[test]

@@ -193,9 +193,12 @@ fn not_found(service: &ServiceKey, instance: &InstanceKey) -> StorageError {
 pub struct Registry {
     pub(crate) limits: Limits,
     pub(crate) namespaces: BTreeSet<String>,
-    /// Ordered, so that listing a namespace or group is a range scan and dumps are
-    /// sorted.
-    pub(crate) services: BTreeMap<ServiceKey, ServiceEntry>,
+    /// The services with live data or settings. Hashed: every write looks its service
+    /// up several times, and comparing keys along a tree cost more than hashing one.
+    pub(crate) services: HashMap<ServiceKey, ServiceEntry>,
+    /// The keys of `services`, ordered, so that listing a namespace or group is a
+    /// range scan and dumps are sorted.
+    pub(crate) by_name: BTreeSet<ServiceKey>,
     /// The key of each service entry, by the entry's id; `None` for a free id.
     pub(crate) service_keys: Vec<Option<ServiceKey>>,
     /// Ids of `service_keys` free for reuse.
@@ -233,7 +236,8 @@ impl Registry {
         Registry {
             limits,
             namespaces: BTreeSet::from([DEFAULT_NAMESPACE.to_string()]),
-            services: BTreeMap::new(),
+            services: HashMap::new(),
+            by_name: BTreeSet::new(),
             service_keys: Vec::new(),
             free_service_ids: Vec::new(),
             clusters: Names::default(),
@@ -390,6 +394,10 @@ impl Registry {
             }
         };
         self.services.insert(service.clone(), ServiceEntry::new(id));
+        self.by_name.insert(service.clone());
+        // Placed while it has an entry (see `place`).
+        self.placed
+            .insert((self.placement_of(service), service.clone()));
         self.content_generation = crate::next_generation();
         id
     }
@@ -1048,6 +1056,7 @@ impl Registry {
             .is_some_and(ServiceEntry::is_disposable)
         {
             if let Some(e) = self.services.remove(service) {
+                self.by_name.remove(service);
                 self.service_keys[e.id as usize] = None;
                 self.free_service_ids.push(e.id);
                 self.content_generation = crate::next_generation();
@@ -1058,7 +1067,12 @@ impl Registry {
 
     /// Adds or removes the service in the placement index, as it is held or not.
     fn place(&mut self, service: &ServiceKey) {
-        let held = self.services.contains_key(service) || self.tombs.contains_key(service);
+        if self.services.contains_key(service) {
+            // A service with an entry was placed when the entry was made
+            // (`ensure_entry`): nothing to do, and no key to copy, on every write.
+            return;
+        }
+        let held = self.tombs.contains_key(service);
         let entry = (self.placement_of(service), service.clone());
         if held {
             if !self.placed.contains(&entry) {
@@ -1197,14 +1211,17 @@ impl Registry {
         self.check_namespace(namespace)?;
         let start = ServiceKey::new(namespace, group.unwrap_or(""), "");
         Ok(self
-            .services
+            .by_name
             .range(start..)
-            .take_while(|(k, _)| k.namespace == namespace && group.is_none_or(|g| k.group == g))
-            .map(|(key, entry)| ServiceSummary {
-                key: key.clone(),
-                instances: entry.instances.len(),
-                healthy: entry.instances.values().filter(|s| s.healthy()).count(),
-                revision: entry.revision,
+            .take_while(|k| k.namespace == namespace && group.is_none_or(|g| k.group == g))
+            .map(|key| {
+                let entry = &self.services[key];
+                ServiceSummary {
+                    key: key.clone(),
+                    instances: entry.instances.len(),
+                    healthy: entry.instances.values().filter(|s| s.healthy()).count(),
+                    revision: entry.revision,
+                }
             })
             .collect())
     }
@@ -1234,8 +1251,9 @@ impl Registry {
     /// Every service with its settings and instances, sorted by key and instance key:
     /// two registries with the same content give equal dumps.
     pub fn dump(&self) -> Vec<(ServiceKey, ServiceMeta, Vec<Instance>)> {
-        self.services
+        self.by_name
             .iter()
+            .map(|key| (key, &self.services[key]))
             .map(|(key, entry)| {
                 (
                     key.clone(),
@@ -1260,6 +1278,8 @@ impl Registry {
         let mut clusters: BTreeMap<String, usize> = BTreeMap::new();
         let mut total = 0;
         let mut ids = BTreeSet::new();
+        assert_eq!(self.by_name.len(), self.services.len());
+        assert!(self.by_name.iter().all(|k| self.services.contains_key(k)));
         for (service, entry) in &self.services {
             assert!(!entry.is_disposable(), "kept empty service {service}");
             assert!(entry.revision >= 1 && entry.revision < self.next_stamp);

@@ -684,8 +684,9 @@ impl Registry {
     /// Every service as all copies must agree on it, sorted by key. Two registries that
     /// applied the same operations give equal answers; see [`ReplicatedService`].
     pub fn dump_replicated(&self) -> Vec<ReplicatedService> {
-        self.services
+        self.by_name
             .iter()
+            .map(|key| (key, &self.services[key]))
             .map(|(key, e)| ReplicatedService {
                 key: key.clone(),
                 meta_stamp: e.meta_stamp,

@@ -1,6 +1,7 @@
 //! The engine: one node's view of the cluster and its replica of the registry.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use shoal_ring::Ring;
 use shoal_storage::{
@@ -124,7 +125,7 @@ struct Member {
 /// Changes waiting to be sent to one peer.
 #[derive(Debug, Default)]
 struct Outq {
-    ops: Vec<Op>,
+    ops: Vec<Arc<Op>>,
     sessions: Vec<SessionAnnounce>,
     since_ms: u64,
 }
@@ -1147,6 +1148,8 @@ impl Replica {
     /// Queues operations and announcements for every peer that is not Down; a full
     /// queue leaves at once.
     fn queue(&mut self, ops: Vec<Op>, anns: Vec<SessionAnnounce>, now_ms: u64) -> Vec<Action> {
+        // One copy of each operation, shared by every peer's queue.
+        let ops: Vec<Arc<Op>> = ops.into_iter().map(Arc::new).collect();
         let peers: Vec<NodeId> = self
             .members
             .iter()
@@ -1181,7 +1184,7 @@ impl Replica {
         let mut sessions = q.sessions.into_iter().peekable();
         while ops.peek().is_some() || sessions.peek().is_some() {
             let s: Vec<SessionAnnounce> = sessions.by_ref().take(max).collect();
-            let o: Vec<Op> = ops.by_ref().take(max - s.len()).collect();
+            let o: Vec<Arc<Op>> = ops.by_ref().take(max - s.len()).collect();
             actions.push(Action::Send {
                 to: peer.clone(),
                 msg: PeerMsg::Batch(Batch {
@@ -1203,6 +1206,8 @@ impl Replica {
         let mut changes = Vec::new();
         let mut reassert = Vec::new();
         for op in batch.ops {
+            // Decoded from the wire, the operation is not shared: no copy.
+            let op = Arc::try_unwrap(op).unwrap_or_else(|shared| (*shared).clone());
             reassert.extend(self.reassertable(&op));
             if let Ok(Some(c)) = self.registry.apply_remote(op, now_ms) {
                 changes.push(c);

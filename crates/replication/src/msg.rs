@@ -6,6 +6,8 @@
 //! the pings of a peer whose major version it does not speak, which keeps that peer out
 //! of its ring.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use shoal_storage::{
     InstanceKey, InstanceSpec, NodeId, Op, ServiceKey, ServiceMeta, ServiceRecord, SessionId, Stamp,
@@ -125,9 +127,10 @@ pub struct Ack {
 /// Changes from their writer, in the order it made them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Batch {
-    /// Record operations, each with its owner stamp.
+    /// Record operations, each with its owner stamp. Shared with the batches of the
+    /// other peers that carry them (on the wire each is just the operation).
     #[serde(default)]
-    pub ops: Vec<Op>,
+    pub ops: Vec<Arc<Op>>,
     /// Session announcements of sessions whose home is the sender.
     #[serde(default)]
     pub sessions: Vec<SessionAnnounce>,

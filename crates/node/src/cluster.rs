@@ -122,13 +122,15 @@ pub fn start_many(shared: &Arc<Shared>, writes: Vec<Write>) -> PendingMany {
     for (place, w) in writes.into_iter().enumerate() {
         match replica.route(w.service()) {
             Route::Local => {
-                let service = w.service().clone();
+                let service = unchanging_key(&w);
                 let r = match replica.apply_write(w, now) {
                     Ok((change, more)) => {
                         actions.extend(more);
                         Ok(match change {
                             Some(c) => c.revision,
-                            None => replica.registry().service_revision(&service).unwrap_or(0),
+                            None => service
+                                .and_then(|s| replica.registry().service_revision(&s))
+                                .unwrap_or(0),
                         })
                     }
                     Err(e) => Err(ErrorBody::from(e)),
@@ -214,19 +216,24 @@ pub async fn finish_many(shared: &Arc<Shared>, p: PendingMany) -> Result<Respons
 
 fn apply_here(shared: &Arc<Shared>, w: Write) -> Result<Response, ErrorBody> {
     let now = shared.now_ms();
-    let service = w.service().clone();
+    let service = unchanging_key(&w);
     let mut replica = write_lock(&shared.replica);
     let (change, actions) = replica.apply_write(w, now).map_err(ErrorBody::from)?;
     shared.execute(&replica, actions);
     let revision = match change {
         Some(c) => c.revision,
-        None => replica
-            .registry()
-            .query(&service, &[], false)
-            .map(|v| v.revision)
+        None => service
+            .and_then(|s| replica.registry().service_revision(&s))
             .unwrap_or(0),
     };
     Ok(Response::Applied { revision })
+}
+
+/// The service of a write that may change nothing visible (a beat that only refreshes
+/// a lease), whose answer then reads the service's revision; `None` for the others,
+/// which always make a change (no copy of the key on every registration).
+fn unchanging_key(w: &Write) -> Option<ServiceKey> {
+    matches!(w, Write::Beat { .. }).then(|| w.service().clone())
 }
 
 /// Maps a storage error code carried by a forward reply back to the wire code.

@@ -864,11 +864,7 @@ impl Registry {
         if self.tombs.contains_key(service) {
             self.drop_tomb(service, Some(&inst.key()));
         }
-        let created = !self.services.contains_key(service);
         let id = self.ensure_entry(service);
-        if created {
-            self.place(service);
-        }
         let Instance {
             ip,
             port,

@@ -392,7 +392,7 @@ impl Registry {
                             inst.key()
                         )));
                     }
-                    // The key's address was checked above.
+                    // Its address is the key's, checked above.
                     validate_instance_state(inst, &self.limits)?;
                 }
                 Ok(())

@@ -106,9 +106,19 @@ pub fn validate_service_key(key: &ServiceKey, limits: &Limits) -> Result<(), Sto
 /// Checks an instance spec: cluster name, ip, port, weight, metadata, Ttl timings.
 pub fn validate_instance(spec: &InstanceSpec, limits: &Limits) -> Result<(), StorageError> {
     validate_address(&spec.cluster, &spec.ip, spec.port, limits)?;
-    validate_weight(spec.weight)?;
-    validate_metadata("instance", &spec.metadata, limits)?;
-    if let Some(ttl) = &spec.ttl {
+    validate_settings(spec.weight, &spec.metadata, spec.ttl.as_ref(), limits)
+}
+
+/// Checks what an instance holds besides its address: weight, metadata and lease.
+fn validate_settings(
+    weight: f64,
+    metadata: &BTreeMap<String, String>,
+    ttl: Option<&TtlLease>,
+    limits: &Limits,
+) -> Result<(), StorageError> {
+    validate_weight(weight)?;
+    validate_metadata("instance", metadata, limits)?;
+    if let Some(ttl) = ttl {
         validate_ttl(ttl)?;
     }
     Ok(())
@@ -130,19 +140,17 @@ pub fn validate_service_meta(meta: &ServiceMeta, limits: &Limits) -> Result<(), 
     validate_metadata("service", &meta.metadata, limits)
 }
 
-/// Checks an instance as it is held or replicated (the same checks as
-/// [`validate_instance`] on the spec it was registered with).
+/// Checks an instance as it is held or replicated, except its address, which is its
+/// key's and is checked with the key ([`validate_instance_key`]).
 pub(crate) fn validate_instance_state(
     inst: &Instance,
     limits: &Limits,
 ) -> Result<(), StorageError> {
-    validate_address(&inst.cluster, &inst.ip, inst.port, limits)?;
-    validate_weight(inst.weight)?;
-    validate_metadata("instance", &inst.metadata, limits)?;
-    if let Lease::Ttl(ttl) = &inst.lease {
-        validate_ttl(ttl)?;
-    }
-    Ok(())
+    let ttl = match &inst.lease {
+        Lease::Ttl(ttl) => Some(ttl),
+        Lease::Session(_) => None,
+    };
+    validate_settings(inst.weight, &inst.metadata, ttl, limits)
 }
 
 /// The canonical text of an IP address (as `IpAddr` displays it), so that `::1` and

@@ -42,8 +42,25 @@ pub enum FrameError {
 
 /// Encodes `msg` as one frame: length prefix and body.
 pub fn encode_frame<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, FrameError> {
+    encode_with(msg, max, true)
+}
+
+/// Like [`encode_frame`], but structs as arrays, without their field names: smaller and
+/// cheaper, and [`decode`] reads them too, but only a reader whose types have the same
+/// fields does (one with fewer fields refuses the longer array). For links between two
+/// ends that agreed on the shape of their messages.
+pub fn encode_frame_compact<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, FrameError> {
+    encode_with(msg, max, false)
+}
+
+fn encode_with<T: Serialize>(msg: &T, max: usize, named: bool) -> Result<Vec<u8>, FrameError> {
     let mut out = vec![0u8; LEN_PREFIX_BYTES];
-    rmp_serde::encode::write_named(&mut out, msg).map_err(|e| FrameError::Encode(e.to_string()))?;
+    let written = if named {
+        rmp_serde::encode::write_named(&mut out, msg)
+    } else {
+        rmp_serde::encode::write(&mut out, msg)
+    };
+    written.map_err(|e| FrameError::Encode(e.to_string()))?;
     let len = out.len() - LEN_PREFIX_BYTES;
     if len > max {
         return Err(FrameError::TooLarge { len, max });
@@ -290,6 +307,23 @@ mod tests {
         let body = &bytes[4..];
         assert!(body.windows(4).any(|w| w == b"port"));
         let back: ClientFrame = decode(body).unwrap();
+        assert_eq!(back, frame);
+    }
+
+    #[test]
+    fn compact_frames_round_trip_and_carry_no_field_names() {
+        let frame = ClientFrame::Request {
+            id: 7,
+            body: Request::Register {
+                service: ServiceKey::named("orders"),
+                instance: InstanceSpec::new("10.0.0.1", 8080),
+            },
+        };
+        let named = encode_frame(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        let bytes = encode_frame_compact(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        assert!(bytes.len() < named.len());
+        assert!(!bytes[4..].windows(4).any(|w| w == b"port"));
+        let back: ClientFrame = decode(&bytes[4..]).unwrap();
         assert_eq!(back, frame);
     }
 

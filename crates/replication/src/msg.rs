@@ -1,8 +1,10 @@
 //! What peers say to each other, and what clients ask a node to write.
 //!
-//! Every type here is serde; the node frames [`PeerMsg`] as a MessagePack map
-//! (`to_vec_named`), so fields can be added without breaking older peers (new fields
-//! carry `#[serde(default)]`). [`Ping`] carries [`PEER_PROTOCOL_VERSION`]: a node ignores
+//! Every type here is serde; the node frames [`PeerMsg`] as MessagePack: maps with field
+//! names (`to_vec_named`) towards a peer of another message shape, so fields can be
+//! added without breaking older peers (new fields carry `#[serde(default)]`), and arrays
+//! between peers that announced the same shape (the node's `PEER_MESSAGE_SHAPE`, which
+//! changes with any field of these types; see docs/replication.md). [`Ping`] carries [`PEER_PROTOCOL_VERSION`]: a node ignores
 //! the pings of a peer whose major version it does not speak, which keeps that peer out
 //! of its ring.
 

@@ -291,14 +291,14 @@ where
             );
         }
         let peer = their.node_id.clone();
-        tracing::info!(%peer, addr = %their.addr, compact = their.shape == self.shape, "peer link up");
+        let compact = their.shape == self.shape && self.shape != 0;
+        tracing::info!(%peer, addr = %their.addr, compact, "peer link up");
         let _ = self.events.send(LinkEvent::Up {
             id: peer.clone(),
             addr: their.addr.clone(),
         });
 
         let max = self.max_frame;
-        let compact = their.shape == self.shape && self.shape != 0;
         let encode = if compact {
             shoal_proto::encode_frame_compact::<M>
         } else {

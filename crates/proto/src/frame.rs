@@ -291,15 +291,20 @@ mod tests {
     use crate::messages::*;
     use shoal_storage::{InstanceSpec, ServiceKey};
 
-    #[test]
-    fn round_trip_as_maps() {
-        let frame = ClientFrame::Request {
+    /// A registration request, as a client frames it.
+    fn register_frame() -> ClientFrame {
+        ClientFrame::Request {
             id: 7,
             body: Request::Register {
                 service: ServiceKey::named("orders"),
                 instance: InstanceSpec::new("10.0.0.1", 8080),
             },
-        };
+        }
+    }
+
+    #[test]
+    fn round_trip_as_maps() {
+        let frame = register_frame();
         let bytes = encode_frame(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
         let len = decode_len(bytes[..4].try_into().unwrap(), DEFAULT_MAX_FRAME_BYTES).unwrap();
         assert_eq!(len, bytes.len() - 4);
@@ -312,13 +317,7 @@ mod tests {
 
     #[test]
     fn compact_frames_round_trip_and_carry_no_field_names() {
-        let frame = ClientFrame::Request {
-            id: 7,
-            body: Request::Register {
-                service: ServiceKey::named("orders"),
-                instance: InstanceSpec::new("10.0.0.1", 8080),
-            },
-        };
+        let frame = register_frame();
         let named = encode_frame(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
         let bytes = encode_frame_compact(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
         assert!(bytes.len() < named.len());

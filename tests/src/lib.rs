@@ -2040,6 +2040,15 @@ pub fn addr(ip: &str, port: u16) -> (String, u16) {
     (ip.to_string(), port)
 }
 
+/// The value of an unlabelled counter, gauge or histogram series (`name` with its
+/// suffix, e.g. `_count`) in Prometheus text; 0 when absent.
+pub fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,14 +13,6 @@ use shoal_tests::*;
 /// Generous bound for anything the node does on its own.
 const PATIENCE: Duration = Duration::from_secs(20);
 
-/// The value of a counter in Prometheus text (0 when absent).
-fn counter(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Sends `requests` without waiting for their answers, then collects every answer:
 /// the highest revision applied to each service.
 async fn burst(client: &mut RawClient, requests: Vec<Request>) -> HashMap<ServiceKey, u64> {

@@ -59,14 +59,6 @@ fn weight_of(view: &ServiceView, ip: &str) -> Option<f64> {
     view.instances.iter().find(|i| i.ip == ip).map(|i| i.weight)
 }
 
-/// The value of a counter in Prometheus text (0 when absent).
-fn counter(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_answers_follow_local_writes_replication_and_session_removal() {
     let cluster = Cluster::start(3).await;

@@ -327,13 +327,31 @@ impl Link {
     }
 }
 
+/// At most this many bytes of queued frames are gathered into one write.
+const COALESCE_BYTES: usize = 64 << 10;
+
 async fn write_loop(
     mut send: quinn::SendStream,
     mut rx: mpsc::Receiver<Vec<u8>>,
     conn: quinn::Connection,
 ) {
-    while let Some(bytes) = rx.recv().await {
-        if let Err(e) = send.write_all(&bytes).await {
+    // Frames queued while the last write went out leave together in one write.
+    let mut buf = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let bytes = if rx.is_empty() {
+            &first[..]
+        } else {
+            buf.clear();
+            buf.extend_from_slice(&first);
+            while buf.len() < COALESCE_BYTES {
+                match rx.try_recv() {
+                    Ok(more) => buf.extend_from_slice(&more),
+                    Err(_) => break,
+                }
+            }
+            &buf[..]
+        };
+        if let Err(e) = send.write_all(bytes).await {
             debug!(error = %e, "session stream write failed");
             conn.close(CLOSE_STREAM_FAILED.into(), b"write failed");
             return;

@@ -169,21 +169,45 @@ pub fn start_many(shared: &Arc<Shared>, writes: Vec<Write>) -> PendingMany {
     PendingMany { results, groups }
 }
 
-/// Awaits the owners' answers of a batch. A group whose owner does not answer in
+impl PendingMany {
+    /// The outcomes known already (applied here or refused), with their places in the
+    /// batch; each is handed out once.
+    pub fn take_settled(&mut self) -> Vec<(usize, Result<u64, ErrorBody>)> {
+        self.results
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(place, r)| r.take().map(|r| (place, r)))
+            .collect()
+    }
+
+    /// True when nothing was forwarded: every outcome is known.
+    pub fn is_settled(&self) -> bool {
+        self.groups.is_empty()
+    }
+}
+
+/// Awaits the owners' answers of a batch: the outcomes of its forwarded writes, with
+/// their places in the batch. A group whose owner does not answer in
 /// `forward_timeout_ms` is routed again write by write, as [`finish_write`] does.
-pub async fn finish_many(shared: &Arc<Shared>, p: PendingMany) -> Result<Response, ErrorBody> {
+pub async fn finish_forwarded(
+    shared: &Arc<Shared>,
+    p: PendingMany,
+) -> Vec<(usize, Result<u64, ErrorBody>)> {
     let timeout = Duration::from_millis(shared.config.forward_timeout_ms);
-    let mut results = p.results;
+    let mut out = Vec::with_capacity(p.results.len());
     for group in p.groups {
         match tokio::time::timeout(timeout, group.rx).await {
             Ok(Ok(outcomes)) if outcomes.len() == group.places.len() => {
                 for (place, outcome) in group.places.into_iter().zip(outcomes) {
-                    results[place] = Some(match outcome {
-                        ForwardOutcome::Applied { revision } => Ok(revision),
-                        ForwardOutcome::Rejected { code, message } => {
-                            Err(ErrorBody::new(code_of(&code), message))
-                        }
-                    });
+                    out.push((
+                        place,
+                        match outcome {
+                            ForwardOutcome::Applied { revision } => Ok(revision),
+                            ForwardOutcome::Rejected { code, message } => {
+                                Err(ErrorBody::new(code_of(&code), message))
+                            }
+                        },
+                    ));
                 }
             }
             _ => {
@@ -195,16 +219,32 @@ pub async fn finish_many(shared: &Arc<Shared>, p: PendingMany) -> Result<Respons
                         Started::Done(r) => r,
                         Started::Forwarded(next) => finish_write(shared, next).await,
                     };
-                    results[place] = Some(r.and_then(|resp| match resp {
-                        Response::Applied { revision } => Ok(revision),
-                        other => Err(ErrorBody::new(
-                            ErrorCode::Internal,
-                            format!("unexpected answer to a write: {other:?}"),
-                        )),
-                    }));
+                    out.push((
+                        place,
+                        r.and_then(|resp| match resp {
+                            Response::Applied { revision } => Ok(revision),
+                            other => Err(ErrorBody::new(
+                                ErrorCode::Internal,
+                                format!("unexpected answer to a write: {other:?}"),
+                            )),
+                        }),
+                    ));
                 }
             }
         }
+    }
+    out
+}
+
+/// Awaits the owners' answers of a batch (see [`finish_forwarded`]): the answer to a
+/// client's RegisterMany, every outcome in its place.
+pub async fn finish_many(shared: &Arc<Shared>, mut p: PendingMany) -> Result<Response, ErrorBody> {
+    let mut results: Vec<Option<Result<u64, ErrorBody>>> = vec![None; p.results.len()];
+    for (place, r) in p.take_settled() {
+        results[place] = Some(r);
+    }
+    for (place, r) in finish_forwarded(shared, p).await {
+        results[place] = Some(r);
     }
     Ok(Response::AppliedMany(
         results

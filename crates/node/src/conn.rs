@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_proto::{
-    read_frame, ClientFrame, ErrorBody, ErrorCode, FrameError, Hello, Request, Response,
-    ServerFrame, Welcome, PROTOCOL_VERSION,
+    read_frame, ClientFrame, ErrorBody, ErrorCode, FrameError, FrameReader, Hello, Request,
+    Response, ServerFrame, Welcome, PROTOCOL_VERSION,
 };
 use shoal_replication::Write;
 use shoal_storage::{ServiceKey, SessionId};
@@ -158,8 +158,16 @@ async fn request_loop(
     let mut subscriptions: HashSet<ServiceKey> = HashSet::new();
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS_IN_FLIGHT));
     let era = shared.stall_epoch(shared.now_ms());
+    // One buffer for the stream: a read takes every frame that has arrived.
+    let mut frames = FrameReader::new(recv, max);
+    // A frame read while gathering a run of writes, served next.
+    let mut held: Option<Result<ClientFrame, FrameError>> = None;
     let end = loop {
-        let frame = match read_frame::<ClientFrame, _>(recv, max).await {
+        let next = match held.take() {
+            Some(frame) => frame.map(Some),
+            None => frames.next::<ClientFrame>().await,
+        };
+        let frame = match next {
             Ok(Some(f)) => f,
             Ok(None) => break SessionEnd::Lost,
             Err(e) => {
@@ -187,6 +195,36 @@ async fn request_loop(
             metrics::counter!("shoal_requests_refused_after_stall_total").increment(1);
             break SessionEnd::Stalled;
         }
+        let body = match write_of(body, session) {
+            Ok(first) => {
+                // Writes that arrived together (one read of the stream) go as one
+                // batch: applied under one lock, one message per owner.
+                let mut run = vec![(id, first)];
+                while run.len() < shoal_proto::MAX_BATCH_ITEMS {
+                    match frames.try_next::<ClientFrame>() {
+                        Some(Ok(ClientFrame::Request { id, body })) => {
+                            match write_of(body, session) {
+                                Ok(w) => run.push((id, w)),
+                                Err(body) => {
+                                    held = Some(Ok(ClientFrame::Request { id, body }));
+                                    break;
+                                }
+                            }
+                        }
+                        Some(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                if !write_run(shared, outbox, &in_flight, run).await {
+                    break SessionEnd::Lost;
+                }
+                continue;
+            }
+            Err(body) => body,
+        };
         let kind = request_kind(&body);
         let started = std::time::Instant::now();
         let goodbye = matches!(body, Request::Goodbye);
@@ -228,10 +266,7 @@ async fn request_loop(
                 let shared = shared.clone();
                 let tx = outbox.tx.clone();
                 tokio::spawn(async move {
-                    let result = match pending {
-                        Forwarded::One(p) => crate::cluster::finish_write(&shared, *p).await,
-                        Forwarded::Many(p) => crate::cluster::finish_many(&shared, p).await,
-                    };
+                    let result = crate::cluster::finish_many(&shared, pending).await;
                     observe(kind, started, &result);
                     let _ = tx.send(ServerFrame::Response { id, result }.into()).await;
                     drop(permit);
@@ -264,18 +299,12 @@ async fn request_loop(
 /// Forwarded writes of one session that may wait for their owners' answers at once.
 const MAX_FORWARDS_IN_FLIGHT: usize = 1024;
 
-/// Writes waiting for their owners' answers.
-enum Forwarded {
-    One(Box<crate::cluster::Pending>),
-    Many(crate::cluster::PendingMany),
-}
-
 /// What [`handle`] did with a request.
 enum Handled {
     /// The answer (`None` when it was already queued: Subscribe).
     Now(Option<Result<Response, ErrorBody>>),
-    /// A write, or a batch of writes, forwarded to its owners: the answer comes later.
-    Forwarded(Forwarded),
+    /// A batch of writes forwarded to their owners: the answer comes later.
+    Forwarded(crate::cluster::PendingMany),
     /// A successful answer, already encoded (a query answered from the cache).
     Encoded(crate::query_cache::EncodedAnswer),
 }
@@ -306,12 +335,7 @@ fn handle(
     id: u64,
     body: Request,
 ) -> Handled {
-    use crate::cluster::{start_write, Started};
     let storage_err = |e: shoal_storage::StorageError| ErrorBody::from(e);
-    let write = |w: Write| match start_write(shared, w) {
-        Started::Done(r) => Handled::Now(Some(r)),
-        Started::Forwarded(p) => Handled::Forwarded(Forwarded::One(Box::new(p))),
-    };
     Handled::Now(Some(match body {
         Request::RegisterMany { items } => {
             if items.len() > shoal_proto::MAX_BATCH_ITEMS {
@@ -332,23 +356,16 @@ fn handle(
                     session,
                 })
                 .collect();
-            return Handled::Forwarded(Forwarded::Many(crate::cluster::start_many(shared, writes)));
+            return Handled::Forwarded(crate::cluster::start_many(shared, writes));
         }
-        Request::Register { service, instance } => {
-            return write(Write::Register {
-                service,
-                instance,
-                session,
-            })
-        }
-        Request::Update { service, instance } => return write(Write::Update { service, instance }),
-        Request::Deregister { service, instance } => {
-            return write(Write::Deregister { service, instance })
-        }
-        Request::Beat { service, instance } => return write(Write::Beat { service, instance }),
-        Request::SetServiceMeta { service, meta } => {
-            return write(Write::SetServiceMeta { service, meta })
-        }
+        Request::Register { .. }
+        | Request::Update { .. }
+        | Request::Deregister { .. }
+        | Request::Beat { .. }
+        | Request::SetServiceMeta { .. } => Err(ErrorBody::new(
+            ErrorCode::Internal,
+            "a single write reached the request handler",
+        )),
         Request::Query {
             service,
             clusters,
@@ -429,6 +446,89 @@ fn query(shared: &Shared, key: QueryKey) -> Handled {
         // Cannot happen for a view; the writer reports it if it does.
         Err(_) => Handled::Now(Some(result)),
     }
+}
+
+/// The write a request asks for, or the request back if it is not a single write.
+// The `Err` is the request handed back, moved, not an error to propagate.
+#[allow(clippy::result_large_err)]
+fn write_of(body: Request, session: SessionId) -> Result<Write, Request> {
+    Ok(match body {
+        Request::Register { service, instance } => Write::Register {
+            service,
+            instance,
+            session,
+        },
+        Request::Update { service, instance } => Write::Update { service, instance },
+        Request::Deregister { service, instance } => Write::Deregister { service, instance },
+        Request::Beat { service, instance } => Write::Beat { service, instance },
+        Request::SetServiceMeta { service, meta } => Write::SetServiceMeta { service, meta },
+        other => return Err(other),
+    })
+}
+
+/// The metrics label of a write, as [`request_kind`] names its request.
+fn write_kind(w: &Write) -> &'static str {
+    match w {
+        Write::Register { .. } => "register",
+        Write::Update { .. } => "update",
+        Write::Deregister { .. } => "deregister",
+        Write::Beat { .. } => "beat",
+        Write::SetServiceMeta { .. } => "set_service_meta",
+    }
+}
+
+/// Starts a run of single writes that arrived together, in their order, as one batch
+/// ([`crate::cluster::start_many`]), and answers each with its own id: those applied
+/// here at once, the forwarded ones when their owners answer, from a task of their own
+/// (at most [`MAX_FORWARDS_IN_FLIGHT`] runs wait at once). False when the session's
+/// outbox is gone.
+async fn write_run(
+    shared: &Arc<Shared>,
+    outbox: &Outbox,
+    in_flight: &Arc<tokio::sync::Semaphore>,
+    run: Vec<(u64, Write)>,
+) -> bool {
+    let started = std::time::Instant::now();
+    metrics::histogram!("shoal_write_run_ops").record(run.len() as f64);
+    let mut ids = Vec::with_capacity(run.len());
+    let writes = run
+        .into_iter()
+        .map(|(id, w)| {
+            ids.push((id, write_kind(&w)));
+            w
+        })
+        .collect();
+    let mut pending = crate::cluster::start_many(shared, writes);
+    for (place, result) in pending.take_settled() {
+        let (id, kind) = ids[place];
+        let result = result.map(|revision| Response::Applied { revision });
+        observe(kind, started, &result);
+        let frame = ServerFrame::Response { id, result };
+        if outbox.tx.send(frame.into()).await.is_err() {
+            return false;
+        }
+    }
+    if pending.is_settled() {
+        return true;
+    }
+    let Ok(permit) = in_flight.clone().acquire_owned().await else {
+        return false;
+    };
+    let shared = shared.clone();
+    let tx = outbox.tx.clone();
+    tokio::spawn(async move {
+        for (place, result) in crate::cluster::finish_forwarded(&shared, pending).await {
+            let (id, kind) = ids[place];
+            let result = result.map(|revision| Response::Applied { revision });
+            observe(kind, started, &result);
+            let frame = ServerFrame::Response { id, result };
+            if tx.send(frame.into()).await.is_err() {
+                break;
+            }
+        }
+        drop(permit);
+    });
+    true
 }
 
 fn request_kind(body: &Request) -> &'static str {

@@ -231,24 +231,44 @@ impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The next frame if the buffer already holds all of it, decoded by [`decode`];
+    /// `None` when the next frame has not (wholly) arrived yet. Reads nothing from the
+    /// stream: a reader takes what one read brought, frame by frame, and then waits.
+    pub fn try_next<T: DeserializeOwned>(&mut self) -> Option<Result<T, FrameError>> {
+        match self.split_body() {
+            Ok(Ok(body)) => Some(decode(&self.buf[body])),
+            Ok(Err(_)) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// Where the next frame's body is in `buf` if it has arrived whole, else how many
+    /// bytes from `start` it needs (`Err`), after checking its length.
+    fn split_body(&mut self) -> Result<Result<std::ops::Range<usize>, usize>, FrameError> {
+        let have = self.end - self.start;
+        if have < LEN_PREFIX_BYTES {
+            return Ok(Err(LEN_PREFIX_BYTES));
+        }
+        let prefix = self.buf[self.start..self.start + LEN_PREFIX_BYTES]
+            .try_into()
+            .expect("4 bytes");
+        let len = decode_len(prefix, self.max)?;
+        if have < LEN_PREFIX_BYTES + len {
+            return Ok(Err(LEN_PREFIX_BYTES + len));
+        }
+        let body = self.start + LEN_PREFIX_BYTES..self.start + LEN_PREFIX_BYTES + len;
+        self.start = body.end;
+        Ok(Ok(body))
+    }
+
     /// Where the next frame's body is in `buf`.
     async fn next_body(&mut self) -> Result<Option<std::ops::Range<usize>>, FrameError> {
         use tokio::io::AsyncReadExt;
         loop {
             let have = self.end - self.start;
-            let need = if have >= LEN_PREFIX_BYTES {
-                let prefix = self.buf[self.start..self.start + LEN_PREFIX_BYTES]
-                    .try_into()
-                    .expect("4 bytes");
-                let len = decode_len(prefix, self.max)?;
-                if have >= LEN_PREFIX_BYTES + len {
-                    let body = self.start + LEN_PREFIX_BYTES..self.start + LEN_PREFIX_BYTES + len;
-                    self.start = body.end;
-                    return Ok(Some(body));
-                }
-                LEN_PREFIX_BYTES + len
-            } else {
-                LEN_PREFIX_BYTES
+            let need = match self.split_body()? {
+                Ok(body) => return Ok(Some(body)),
+                Err(need) => need,
             };
             // Room for the whole frame after `start`, and something to read into.
             if self.buf.len() - self.start < need || self.end == self.buf.len() {
@@ -560,5 +580,49 @@ mod tests {
         let mut rd = FrameReader::new(&[0, 0, 0, 2, 0xc1, 0xc1][..], DEFAULT_MAX_FRAME_BYTES);
         let err = rd.next_server_frame().await.unwrap_err();
         assert!(matches!(err, FrameError::Malformed(_)));
+    }
+
+    /// `try_next` hands out the frames one read brought, and never reads itself.
+    #[cfg(feature = "tokio")]
+    #[tokio::test]
+    async fn try_next_takes_only_what_has_arrived() {
+        let frames: Vec<ServerFrame> = (0..5)
+            .map(|i| ServerFrame::Response {
+                id: i,
+                result: Ok(crate::Response::Applied { revision: i }),
+            })
+            .collect();
+        let mut bytes = Vec::new();
+        for f in &frames {
+            bytes.extend(encode_frame(f, DEFAULT_MAX_FRAME_BYTES).unwrap());
+        }
+        let one = bytes.len() / frames.len();
+        // Each read brings two and a half frames.
+        let data = Trickle {
+            data: bytes.clone(),
+            pos: 0,
+            step: one * 5 / 2,
+        };
+        let mut rd = FrameReader::new(data, DEFAULT_MAX_FRAME_BYTES);
+        assert!(rd.try_next::<ServerFrame>().is_none(), "nothing read yet");
+        assert_eq!(
+            rd.next::<ServerFrame>().await.unwrap().as_ref(),
+            Some(&frames[0])
+        );
+        assert_eq!(rd.try_next::<ServerFrame>().unwrap().unwrap(), frames[1]);
+        assert!(rd.try_next::<ServerFrame>().is_none(), "half of the third");
+        assert_eq!(
+            rd.next::<ServerFrame>().await.unwrap().as_ref(),
+            Some(&frames[2])
+        );
+        assert_eq!(rd.try_next::<ServerFrame>().unwrap().unwrap(), frames[3]);
+        assert_eq!(rd.try_next::<ServerFrame>().unwrap().unwrap(), frames[4]);
+        assert!(rd.try_next::<ServerFrame>().is_none());
+        assert!(rd.next::<ServerFrame>().await.unwrap().is_none());
+        // A bad length in the buffer is an error at once.
+        let huge = u32::MAX.to_be_bytes();
+        let mut rd = FrameReader::new(&huge[..], DEFAULT_MAX_FRAME_BYTES);
+        assert!(rd.try_next::<ServerFrame>().is_none());
+        let _ = rd.next::<ServerFrame>().await.unwrap_err();
     }
 }

@@ -1,0 +1,165 @@
+//! Single writes that a client sends without waiting reach the node together, and the
+//! node takes them as one run (one lock, one forward message per owner). Each still
+//! gets its own answer, a refused one its own error, and they apply in the order sent.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use shoal_proto::{ClientFrame, ErrorCode, Request, Response, ServerFrame};
+use shoal_storage::ServiceKey;
+use shoal_tests::*;
+
+/// Generous bound for answers and replication.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// What a request of the burst must be answered.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    Applied,
+    Refused(ErrorCode),
+    View,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_sent_together_are_answered_one_by_one_in_order() {
+    let cluster = Cluster::start(3).await;
+    cluster.wait_until_converged().await;
+    // Owned by the node the client talks to, and by each of the two others.
+    let services: Vec<ServiceKey> = vec![
+        cluster.service_owned_by(0, "run-here").await,
+        cluster.service_owned_by(1, "run-there").await,
+        cluster.service_owned_by(2, "run-far").await,
+    ];
+    let (mut client, _) = RawClient::session(cluster.node(0)).await;
+
+    let mut requests: Vec<(Request, Expect)> = Vec::new();
+    for i in 0..60u16 {
+        let service = services[i as usize % 3].clone();
+        let ip = format!("10.1.0.{i}");
+        let (instance, expect) = if i % 10 == 7 {
+            // Refused by the owner (here, or at the end of a forward).
+            let mut bad = inst(&ip, 8080);
+            bad.port = 0;
+            (bad, Expect::Refused(ErrorCode::InvalidPort))
+        } else {
+            (inst(&ip, 8080), Expect::Applied)
+        };
+        requests.push((Request::Register { service, instance }, expect));
+        if i == 30 {
+            // A query in the middle ends one run; the next starts after it.
+            requests.push((
+                Request::Query {
+                    service: services[0].clone(),
+                    clusters: vec![],
+                    healthy_only: false,
+                },
+                Expect::View,
+            ));
+        }
+    }
+    // Registered, then deregistered in the same burst, on each owner: gone at the end.
+    for (i, service) in services.iter().enumerate() {
+        let instance = inst(&format!("10.2.0.{i}"), 9090);
+        let key = instance.key();
+        requests.push((
+            Request::Register {
+                service: service.clone(),
+                instance,
+            },
+            Expect::Applied,
+        ));
+        requests.push((
+            Request::Deregister {
+                service: service.clone(),
+                instance: key,
+            },
+            Expect::Applied,
+        ));
+    }
+
+    // One buffer, one write: the node reads many of them at once.
+    let mut bytes = Vec::new();
+    let mut expected: HashMap<u64, Expect> = HashMap::new();
+    for (i, (body, expect)) in requests.iter().enumerate() {
+        let id = 1_000 + i as u64;
+        expected.insert(id, *expect);
+        let frame = ClientFrame::Request {
+            id,
+            body: body.clone(),
+        };
+        bytes.extend(shoal_proto::encode_frame(&frame, 1 << 20).unwrap());
+    }
+    client.send_raw(&bytes).await;
+
+    let writes = requests.iter().filter(|(_, e)| *e != Expect::View).count();
+    while !expected.is_empty() {
+        let (id, result) = match client.next_event(PATIENCE).await {
+            Event::Frame(ServerFrame::Response { id, result }) => (id, result),
+            other => panic!("expected answers, got {other:?}"),
+        };
+        let expect = expected
+            .remove(&id)
+            .unwrap_or_else(|| panic!("a second answer, or one to no request: {id}"));
+        match (expect, &result) {
+            (Expect::Applied, Ok(Response::Applied { revision })) => assert!(*revision > 0),
+            (Expect::Refused(code), Err(e)) => {
+                assert_eq!(e.code, code, "request {id}: {e}");
+                assert!(!e.message.is_empty());
+            }
+            (Expect::View, Ok(Response::View(_))) => {}
+            _ => panic!("request {id}: expected {expect:?}, got {result:?}"),
+        }
+    }
+
+    // Every node ends with the applied registrations and nothing else.
+    let mut want: Vec<Vec<(String, u16)>> = vec![Vec::new(); 3];
+    for i in 0..60u16 {
+        if i % 10 != 7 {
+            want[i as usize % 3].push(addr(&format!("10.1.0.{i}"), 8080));
+        }
+    }
+    for w in &mut want {
+        w.sort();
+    }
+    for node in cluster.nodes() {
+        for (service, want) in services.iter().zip(&want) {
+            wait_for(
+                &format!(
+                    "{} holds exactly the applied instances of {service}",
+                    node.id()
+                ),
+                PATIENCE,
+                || async {
+                    let mut got: Vec<(String, u16)> = node
+                        .instances(service)
+                        .await
+                        .iter()
+                        .map(|i| {
+                            (
+                                i["ip"].as_str().unwrap().to_string(),
+                                i["port"].as_u64().unwrap() as u16,
+                            )
+                        })
+                        .collect();
+                    got.sort();
+                    got == *want
+                },
+            )
+            .await;
+        }
+    }
+
+    // The writes went as runs, not one by one: fewer runs than writes.
+    let metrics = cluster.node(0).get("/metrics").await.body;
+    let runs = counter(&metrics, "shoal_write_run_ops_count");
+    let ops = counter(&metrics, "shoal_write_run_ops_sum");
+    assert_eq!(ops, writes as f64, "every write went through a run");
+    assert!(
+        runs < writes as f64,
+        "{writes} writes sent together went as {runs} runs"
+    );
+
+    // The session still works one request at a time.
+    let revision = client.register(&services[1], inst("10.3.0.1", 80)).await;
+    assert!(revision > 0);
+}

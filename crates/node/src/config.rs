@@ -44,6 +44,11 @@ pub struct Config {
     pub heartbeat_interval_ms: u64,
     /// Largest frame accepted or sent (bytes).
     pub max_frame_bytes: usize,
+    /// Receive and send buffer the node asks the kernel for on its one UDP socket,
+    /// which every client and peer connection shares (bytes; 0: the system default).
+    /// The kernel caps it at `net.core.rmem_max` / `wmem_max`; the node logs a warning
+    /// when it got less.
+    pub udp_buffer_bytes: usize,
     /// Frames queued towards one client before the node gives up on it as too slow
     /// and closes its connection (the client then resumes and re-subscribes).
     pub outbound_queue_frames: usize,
@@ -162,6 +167,7 @@ impl Default for Config {
             keep_alive_interval_ms: 8_000,
             heartbeat_interval_ms: 5_000,
             max_frame_bytes: shoal_proto::DEFAULT_MAX_FRAME_BYTES,
+            udp_buffer_bytes: 4 << 20,
             outbound_queue_frames: 4_096,
             query_cache_bytes: 64 << 20,
             shutdown_timeout_ms: 3_000,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use shoal_proto::{read_frame, write_frame};
+use shoal_proto::{read_frame, write_frame, FrameReader};
 use shoal_storage::NodeId;
 use tokio::sync::mpsc;
 
@@ -323,8 +323,10 @@ where
                 }
             }
         });
+        // One buffer for the link: a read takes every message that has arrived.
+        let mut frames = FrameReader::new(&mut recv, max);
         let result = loop {
-            match read_frame::<M, _>(&mut recv, max).await {
+            match frames.next::<M>().await {
                 Ok(Some(msg)) => {
                     self.note_activity(&peer);
                     let _ = self.events.send(LinkEvent::Message {

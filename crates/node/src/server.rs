@@ -176,8 +176,16 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> Result<
         .max_concurrent_uni_streams(VarInt::from_u32(2));
     server_config.transport_config(Arc::new(transport));
 
-    let endpoint = quinn::Endpoint::server(server_config, config.listen_addr)
+    let socket = udp_socket(config.listen_addr, config.udp_buffer_bytes)
         .with_context(|| format!("binding QUIC on {}", config.listen_addr))?;
+    let runtime = quinn::default_runtime().context("no async runtime found")?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        socket,
+        runtime,
+    )
+    .with_context(|| format!("starting QUIC on {}", config.listen_addr))?;
     let quic_addr = endpoint.local_addr()?;
     let my_addr = format!(
         "{}:{}",
@@ -498,5 +506,61 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The node's UDP socket, bound to `addr`, with receive and send buffers of `bytes`
+/// (0: the system's). Every client and peer connection shares it: with the system's
+/// default (about 200 KB) a burst from a few thousand clients overflows it, and each
+/// datagram dropped there costs its sender a QUIC loss-recovery round.
+fn udp_socket(addr: std::net::SocketAddr, bytes: usize) -> Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if bytes > 0 {
+        let _ = socket.set_recv_buffer_size(bytes);
+        let _ = socket.set_send_buffer_size(bytes);
+        // Linux reports twice what it grants (it counts its own overhead).
+        let got = socket.recv_buffer_size().unwrap_or(0);
+        if got < bytes {
+            tracing::warn!(
+                asked = bytes,
+                got,
+                "the UDP receive buffer is smaller than udp_buffer_bytes; raise net.core.rmem_max"
+            );
+        }
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::udp_socket;
+
+    /// What Linux grants a socket that asks for `bytes`: up to `rmem_max`, reported
+    /// doubled.
+    fn granted(bytes: usize) -> usize {
+        let max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(bytes);
+        bytes.min(max) * 2
+    }
+
+    #[test]
+    fn the_node_socket_gets_the_buffer_it_asks_for_within_the_system_limit() {
+        let addr = "127.0.0.1:0".parse().unwrap();
+        let default = udp_socket(addr, 0).unwrap();
+        let asked = udp_socket(addr, 1 << 20).unwrap();
+        let size = |s: &std::net::UdpSocket| socket2::SockRef::from(s).recv_buffer_size().unwrap();
+        if cfg!(target_os = "linux") {
+            assert_eq!(size(&asked), granted(1 << 20));
+        }
+        assert!(size(&asked) >= size(&default));
+        // Bound, and usable.
+        assert_ne!(asked.local_addr().unwrap().port(), 0);
+        asked.send_to(b"x", default.local_addr().unwrap()).unwrap();
+        let mut buf = [0u8; 4];
+        assert_eq!(default.recv(&mut buf).unwrap(), 1);
     }
 }

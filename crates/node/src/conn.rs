@@ -158,8 +158,9 @@ async fn request_loop(
     let mut subscriptions: HashSet<ServiceKey> = HashSet::new();
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS_IN_FLIGHT));
     let era = shared.stall_epoch(shared.now_ms());
-    // One buffer for the stream: a read takes every frame that has arrived.
-    let mut frames = FrameReader::new(recv, max);
+    // One buffer for the stream: a read takes every frame that has arrived, up to
+    // SESSION_READ_BYTES (a node may hold tens of thousands of sessions).
+    let mut frames = FrameReader::with_read_bytes(recv, max, SESSION_READ_BYTES);
     // A frame read while gathering a run of writes, served next.
     let mut held: Option<Result<ClientFrame, FrameError>> = None;
     let end = loop {
@@ -295,6 +296,11 @@ async fn request_loop(
     shared.unsubscribe_all(conn_id, &subscriptions);
     end
 }
+
+/// What a session's reader keeps between frames: a page, so that 10 000 sessions keep
+/// at most 40 MB (with the SDK's 64 KiB, up to 640 MB once their clients had sent that
+/// much). A larger frame (a RegisterMany) grows it until that frame is taken.
+const SESSION_READ_BYTES: usize = 4 << 10;
 
 /// Forwarded writes of one session that may wait for their owners' answers at once.
 const MAX_FORWARDS_IN_FLIGHT: usize = 1024;

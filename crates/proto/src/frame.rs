@@ -194,6 +194,9 @@ pub struct FrameReader<R> {
     /// Bytes `start..end` of `buf` are read and not yet returned.
     start: usize,
     end: usize,
+    /// The buffer's size between frames: it grows for a larger frame and shrinks back
+    /// once that frame is taken.
+    read_bytes: usize,
 }
 
 /// What a [`FrameReader`] asks of its stream at least, when it has room.
@@ -202,14 +205,22 @@ const READ_BYTES: usize = 64 << 10;
 
 #[cfg(feature = "tokio")]
 impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
-    /// Reads frames of at most `max` bytes from `inner`.
+    /// Reads frames of at most `max` bytes from `inner`, 64 KiB at a time.
     pub fn new(inner: R, max: usize) -> Self {
+        Self::with_read_bytes(inner, max, READ_BYTES)
+    }
+
+    /// Reads frames of at most `max` bytes from `inner`, `read_bytes` at a time: the
+    /// memory it keeps between frames. A node reading ten thousand sessions keeps this
+    /// small; a larger frame grows the buffer until it is taken.
+    pub fn with_read_bytes(inner: R, max: usize, read_bytes: usize) -> Self {
         FrameReader {
             inner,
             max,
             buf: Vec::new(),
             start: 0,
             end: 0,
+            read_bytes: read_bytes.max(LEN_PREFIX_BYTES),
         }
     }
 
@@ -270,14 +281,25 @@ impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
                 Ok(body) => return Ok(Some(body)),
                 Err(need) => need,
             };
+            let size = need.max(self.read_bytes);
+            if have == 0 {
+                // Every frame read so far was taken: start over at the front, and give
+                // back the room a larger frame took.
+                self.start = 0;
+                self.end = 0;
+                if self.buf.len() > size {
+                    self.buf.truncate(size);
+                    self.buf.shrink_to_fit();
+                }
+            }
             // Room for the whole frame after `start`, and something to read into.
             if self.buf.len() - self.start < need || self.end == self.buf.len() {
                 self.buf.copy_within(self.start..self.end, 0);
                 self.start = 0;
                 self.end = have;
             }
-            if self.buf.len() < need.max(READ_BYTES) {
-                self.buf.resize(need.max(READ_BYTES), 0);
+            if self.buf.len() < size {
+                self.buf.resize(size, 0);
             }
             let n = self.inner.read(&mut self.buf[self.end..]).await?;
             if n == 0 {
@@ -549,6 +571,21 @@ mod tests {
                 rd.next_server_frame().await.unwrap().is_none(),
                 "step {step}"
             );
+            // A small buffer grows for the large frame and shrinks back after it.
+            let data = Trickle {
+                data: bytes.clone(),
+                pos: 0,
+                step,
+            };
+            let mut rd = FrameReader::with_read_bytes(data, DEFAULT_MAX_FRAME_BYTES, 4096);
+            let mut largest = 0;
+            for f in &frames {
+                assert_eq!(rd.next_server_frame().await.unwrap().as_ref(), Some(f));
+                largest = largest.max(rd.buf.len());
+            }
+            assert!(largest > READ_BYTES, "step {step}: grew to {largest}");
+            assert!(rd.next_server_frame().await.unwrap().is_none());
+            assert!(rd.buf.len() <= 4096, "step {step}: kept {}", rd.buf.len());
             // The generic decoding, same frames.
             let mut rd = FrameReader::new(&bytes[..], DEFAULT_MAX_FRAME_BYTES);
             for f in &frames {

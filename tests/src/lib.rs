@@ -2040,6 +2040,38 @@ pub fn addr(ip: &str, port: u16) -> (String, u16) {
     (ip.to_string(), port)
 }
 
+/// Waits, at most `patience`, until `node` lists exactly `expected` as the
+/// `(ip, port)`s of `service` (in any order).
+pub async fn wait_for_listing(
+    node: &Node,
+    patience: Duration,
+    service: &ServiceKey,
+    expected: &[(String, u16)],
+) {
+    let mut expected = expected.to_vec();
+    expected.sort();
+    wait_for(
+        &format!("{} to list {expected:?} in {}", node.id(), service.service),
+        patience,
+        || async {
+            let mut got: Vec<(String, u16)> = node
+                .instances(service)
+                .await
+                .iter()
+                .map(|i| {
+                    (
+                        i["ip"].as_str().unwrap_or_default().to_string(),
+                        i["port"].as_u64().unwrap_or_default() as u16,
+                    )
+                })
+                .collect();
+            got.sort();
+            got == expected
+        },
+    )
+    .await;
+}
+
 /// The value of an unlabelled counter, gauge or histogram series (`name` with its
 /// suffix, e.g. `_count`) in Prometheus text; 0 when absent.
 pub fn counter(metrics: &str, name: &str) -> f64 {

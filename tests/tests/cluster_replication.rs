@@ -37,36 +37,6 @@ async fn view_until(
     }
 }
 
-/// Waits until node `i` lists exactly `expected` as the `(ip, port)`s of `service`.
-async fn wait_for_listing(
-    cluster: &Cluster,
-    i: usize,
-    service: &ServiceKey,
-    expected: &[(String, u16)],
-) {
-    let node = cluster.node(i);
-    wait_for(
-        &format!("{} to list {expected:?} in {}", node.id(), service.service),
-        PATIENCE,
-        || async {
-            let mut got: Vec<(String, u16)> = node
-                .instances(service)
-                .await
-                .iter()
-                .map(|i| {
-                    (
-                        i["ip"].as_str().unwrap_or_default().to_string(),
-                        i["port"].as_u64().unwrap_or_default() as u16,
-                    )
-                })
-                .collect();
-            got.sort();
-            got == expected
-        },
-    )
-    .await;
-}
-
 fn code_of(result: Result<u64, ClientError>) -> Option<ErrorCode> {
     match result {
         Err(e) => e.code(),
@@ -107,7 +77,7 @@ async fn a_write_through_any_node_is_read_on_every_node() {
 
     // Every node serves all three from its own copy, with every field intact.
     for i in 0..3 {
-        wait_for_listing(&cluster, i, &orders, &expected).await;
+        wait_for_listing(cluster.node(i), PATIENCE, &orders, &expected).await;
         for (k, (ip, port)) in expected.iter().enumerate() {
             let got = cluster
                 .node(i)
@@ -169,7 +139,7 @@ async fn a_subscriber_on_one_node_is_pushed_the_writes_made_through_another() {
         .expect("deregister through n1");
     view_until(&mut sub, "no instance", |v| v.instances.is_empty()).await;
     for i in 0..3 {
-        wait_for_listing(&cluster, i, &payments, &[]).await;
+        wait_for_listing(cluster.node(i), PATIENCE, &payments, &[]).await;
     }
     cluster.wait_until_converged().await;
 }
@@ -248,7 +218,13 @@ async fn bad_input_through_a_node_that_does_not_own_the_service_gets_the_typed_e
         .await
         .expect("a valid write after the refused ones");
     for i in 0..3 {
-        wait_for_listing(&cluster, i, &inventory, &[addr("10.0.2.1", 80)]).await;
+        wait_for_listing(
+            cluster.node(i),
+            PATIENCE,
+            &inventory,
+            &[addr("10.0.2.1", 80)],
+        )
+        .await;
     }
 
     // Nothing refused left a trace on any node: every dump holds that one instance only.
@@ -366,7 +342,7 @@ async fn register_many_spreads_over_owners_and_refuses_bad_items_alone() {
             let expected: Vec<(String, u16)> = (0..10u16)
                 .map(|j| (format!("10.9.{k}.1"), 9000 + j))
                 .collect();
-            wait_for_listing(&cluster, i, s, &expected).await;
+            wait_for_listing(cluster.node(i), PATIENCE, s, &expected).await;
         }
     }
     // Another client reads them, without the session's id: a session id resumes a
@@ -390,7 +366,7 @@ async fn register_many_spreads_over_owners_and_refuses_bad_items_alone() {
     client.close().await.unwrap();
     for i in 0..3 {
         for s in &services {
-            wait_for_listing(&cluster, i, s, &[]).await;
+            wait_for_listing(cluster.node(i), PATIENCE, s, &[]).await;
         }
     }
 }

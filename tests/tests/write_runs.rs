@@ -118,34 +118,9 @@ async fn writes_sent_together_are_answered_one_by_one_in_order() {
             want[i as usize % 3].push(addr(&format!("10.1.0.{i}"), 8080));
         }
     }
-    for w in &mut want {
-        w.sort();
-    }
     for node in cluster.nodes() {
         for (service, want) in services.iter().zip(&want) {
-            wait_for(
-                &format!(
-                    "{} holds exactly the applied instances of {service}",
-                    node.id()
-                ),
-                PATIENCE,
-                || async {
-                    let mut got: Vec<(String, u16)> = node
-                        .instances(service)
-                        .await
-                        .iter()
-                        .map(|i| {
-                            (
-                                i["ip"].as_str().unwrap().to_string(),
-                                i["port"].as_u64().unwrap() as u16,
-                            )
-                        })
-                        .collect();
-                    got.sort();
-                    got == *want
-                },
-            )
-            .await;
+            wait_for_listing(node, PATIENCE, service, want).await;
         }
     }
 

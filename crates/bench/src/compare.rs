@@ -38,6 +38,10 @@
 //!    Failover time = from the kill to the end of the first round after which every
 //!    round passed both checks, within `--failover-window`.
 //!
+//! Between keepalive and visibility, **register-batch** (Shoal only; the Nacos v1 HTTP
+//! API registers one instance per request): `--batch-rounds` times the register
+//! population, with RegisterMany, `--batch` per request; then closed again.
+//!
 //! Before each scenario the benchmark waits for a quiet machine (`--quiet-share`), and
 //! records what other processes used during it.
 
@@ -113,6 +117,12 @@ pub struct CompareArgs {
     /// Register-batch (Shoal): instances per RegisterMany request (at most 1024).
     #[arg(long, default_value_t = 100)]
     pub batch: usize,
+    /// Register-batch (Shoal): each session registers this many times the register
+    /// scenario's instances. The default's 14 000 took RegisterMany about 0.15 s, too
+    /// short for the count poller to time "visible on every node" (it pauses up to
+    /// 200 ms between rounds); 10 makes it 140 000.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_rounds: u64,
     /// Register (Shoal): use RegisterMany (`--batch` per request) for the register
     /// scenario too, e.g. to load a million instances for keepalive quickly. The table
     /// says so.
@@ -586,10 +596,10 @@ fn retryable(e: &shoal_client::ClientError) -> bool {
     )
 }
 
-/// Shoal only: the register scenario's population once more, in a group of its own,
-/// registered with RegisterMany (`--batch` instances per request, `--concurrency`
-/// requests in flight per session); then closed again, so that the later scenarios
-/// see the cluster as the register scenario left it.
+/// Shoal only: `--batch-rounds` times the register scenario's population, in a group
+/// of its own, registered with RegisterMany (`--batch` instances per request,
+/// `--concurrency` requests in flight per session); then closed again, so that the
+/// later scenarios see the cluster as the register scenario left it.
 async fn register_batch(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> Result<()> {
     const S: &str = "register-batch";
     if matches!(h.nodes, Nodes::Rnacos(_)) {
@@ -609,7 +619,7 @@ async fn register_batch(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun
         .await
         .context("connecting the sessions")?;
     let counters = h.counters().await?;
-    let per = args.instances_per_session;
+    let per = args.instances_per_session * args.batch_rounds as usize;
     let total = (args.sessions * per) as u64;
     let batch = args.batch.clamp(1, shoal_proto::MAX_BATCH_ITEMS);
     eprintln!(

@@ -520,7 +520,12 @@ fn udp_socket(addr: std::net::SocketAddr, bytes: usize) -> Result<std::net::UdpS
         let _ = socket.set_recv_buffer_size(bytes);
         let _ = socket.set_send_buffer_size(bytes);
         // Linux reports twice what it grants (it counts its own overhead).
-        let got = socket.recv_buffer_size().unwrap_or(0);
+        let reported = socket.recv_buffer_size().unwrap_or(0);
+        let got = if cfg!(target_os = "linux") {
+            reported / 2
+        } else {
+            reported
+        };
         if got < bytes {
             tracing::warn!(
                 asked = bytes,

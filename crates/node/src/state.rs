@@ -132,6 +132,10 @@ pub struct Shared {
     last_tick_ms: AtomicU64,
     /// How many stalls this process came out of (see [`Shared::stall_epoch`]).
     stalls: AtomicU64,
+    /// Set while the tick loop waits at its idle pace; whoever leaves operations
+    /// in a peer's batch then wakes it through `tick_wake` (see [`Shared::execute`]).
+    pub tick_idle: AtomicBool,
+    pub tick_wake: tokio::sync::Notify,
     /// Encoded query answers by service revision.
     pub query_cache: crate::query_cache::QueryCache,
 }
@@ -178,6 +182,8 @@ impl Shared {
             started_ms: wall_ms(),
             last_tick_ms: AtomicU64::new(0),
             stalls: AtomicU64::new(0),
+            tick_idle: AtomicBool::new(false),
+            tick_wake: tokio::sync::Notify::new(),
             query_cache: crate::query_cache::QueryCache::new(config.query_cache_bytes),
             config,
         });
@@ -321,7 +327,13 @@ impl Shared {
     /// Does what the engine asked. Call with the replica's write lock held (pass the
     /// guarded replica), so that every change is noted for a push before another
     /// reader (a Subscribe, the push thread) can see it.
-    pub fn execute(&self, _replica: &Replica, actions: Vec<Action>) {
+    ///
+    /// When operations now wait in a peer's batch and the tick loop waits at its idle
+    /// pace, it is woken, so that the batch leaves within `batch_window_ms`.
+    pub fn execute(&self, replica: &Replica, actions: Vec<Action>) {
+        if self.tick_idle.load(Ordering::Acquire) && replica.has_queued() {
+            self.tick_wake.notify_one();
+        }
         for action in actions {
             match action {
                 Action::Send { to, msg } => {

@@ -299,6 +299,12 @@ impl Replica {
         self.ready
     }
 
+    /// Whether operations wait in some peer's batch: the caller's timer must then run
+    /// [`Replica::tick`] every `batch_window_ms`, or they stay there.
+    pub fn has_queued(&self) -> bool {
+        self.queues.values().any(|q| q.len() > 0)
+    }
+
     /// Whether liveness deletions are suspended because too many members are Down.
     pub fn self_preservation_active(&self) -> bool {
         self.self_preservation

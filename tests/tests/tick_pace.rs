@@ -36,8 +36,8 @@ async fn an_idle_node_ticks_at_its_idle_pace_and_a_write_wakes_it() {
         "an idle node ran its timer {idle_ticks} times in {window:?} (idle pace: about 40)"
     );
 
-    // A write on the service's owner queues operations for both peers: it wakes the
-    // timer, and the batch reaches them.
+    // Opening a session (its announcement) and a write on the service's owner queue
+    // operations for both peers: they wake the timer, and the batches reach them.
     let service = cluster.service_owned_by(0, "tick-pace").await;
     let wakes = metric(node, "shoal_engine_tick_wakes_total").await;
     let (mut client, _) = RawClient::session(node).await;
@@ -52,5 +52,8 @@ async fn an_idle_node_ticks_at_its_idle_pace_and_a_write_wakes_it() {
         .await;
     }
     let woken = metric(node, "shoal_engine_tick_wakes_total").await - wakes;
-    assert!(woken >= 1.0, "the write did not wake the timer");
+    assert!(
+        woken >= 1.0,
+        "neither the session's opening nor the write woke the timer"
+    );
 }

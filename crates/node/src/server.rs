@@ -327,14 +327,14 @@ fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
 /// Drives the engine's timers: batches, probes, anti-entropy, leases.
 ///
 /// While operations wait in a peer's batch it runs every `batch_window_ms`; otherwise
-/// at an idle pace ([`idle_tick`]), and a write that queues operations wakes it at
+/// at an idle pace (`Config::idle_tick_ms`), and a write that queues operations wakes it at
 /// once ([`crate::state::Shared::execute`]). An idle node (one holding sessions but
 /// taking no writes) thus runs it a tenth as often, and the engine's other timers
 /// (probes every `probe_interval_ms`, suspicion, anti-entropy, leases) are late by
 /// at most that pace.
 async fn tick_loop(shared: Arc<Shared>) {
     let busy = Duration::from_millis(shared.config.replication.batch_window_ms.max(1));
-    let idle = idle_tick(&shared.config.replication);
+    let idle = Duration::from_millis(shared.config.replication.idle_tick_ms());
     loop {
         // Idle unless a batch waits. The flag goes up before the check, so a write
         // that queues after the check sees it and leaves a wake (a permit, if it comes
@@ -370,13 +370,6 @@ async fn tick_loop(shared: Arc<Shared>) {
         let actions = replica.tick(now);
         shared.execute(&replica, actions);
     }
-}
-
-/// The tick loop's pace while no batch waits: a tenth of `probe_interval_ms`, at most
-/// 50 ms and at least `batch_window_ms` (50 ms with the defaults).
-fn idle_tick(config: &shoal_replication::Config) -> Duration {
-    let window = config.batch_window_ms.max(1);
-    Duration::from_millis((config.probe_interval_ms / 10).clamp(window, 50.max(window)))
 }
 
 /// Feeds what the peer links report into the engine.

@@ -85,3 +85,33 @@ impl Default for Config {
         }
     }
 }
+
+impl Config {
+    /// How often the caller's timer must run [`crate::Replica::tick`] while no batch
+    /// waits ([`crate::Replica::has_queued`]): a tenth of `probe_interval_ms`, at most
+    /// 50 ms and at least `batch_window_ms`. The engine's other timers (probes,
+    /// suspicion, anti-entropy, leases, snapshot retries) are then late by at most that.
+    pub fn idle_tick_ms(&self) -> u64 {
+        let window = self.batch_window_ms.max(1);
+        (self.probe_interval_ms / 10).clamp(window, 50.max(window))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_idle_tick_is_a_tenth_of_the_probe_interval_within_its_bounds() {
+        let mut c = Config::default();
+        assert_eq!(c.idle_tick_ms(), 50);
+        c.probe_interval_ms = 100;
+        assert_eq!(c.idle_tick_ms(), 10);
+        c.probe_interval_ms = 10;
+        assert_eq!(c.idle_tick_ms(), 5, "never below the batch window");
+        c.probe_interval_ms = 5_000;
+        assert_eq!(c.idle_tick_ms(), 50, "never above 50 ms");
+        c.batch_window_ms = 80;
+        assert_eq!(c.idle_tick_ms(), 80, "never below the batch window");
+    }
+}

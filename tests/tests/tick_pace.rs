@@ -1,7 +1,7 @@
 //! The replication engine's timer: a node that takes no writes runs it at the idle pace
-//! (a tenth of `probe_interval_ms`, at most 50 ms), not every `batch_window_ms`; a
-//! write that queues operations for the peers wakes it, and the write still reaches
-//! every node.
+//! (a tenth of `probe_interval_ms`, at most 50 ms), not every `batch_window_ms`; what
+//! queues operations for the peers (a session's opening, a write) wakes it, and the
+//! write still reaches every node.
 
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ async fn metric(node: &Node, name: &str) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_node_ticks_at_its_idle_pace_and_a_write_wakes_it() {
+async fn an_idle_node_ticks_at_its_idle_pace_and_queued_operations_wake_it() {
     let cluster = Cluster::start(3).await;
     cluster.wait_until_converged().await;
     let node = cluster.node(0);

@@ -336,12 +336,9 @@ async fn tick_loop(shared: Arc<Shared>) {
     let busy = Duration::from_millis(shared.config.replication.batch_window_ms.max(1));
     let idle = Duration::from_millis(shared.config.replication.idle_tick_ms());
     loop {
-        // Idle unless a batch waits. The flag goes up before the check, so a write
-        // that queues after the check sees it and leaves a wake (a permit, if it comes
-        // before the wait starts).
-        shared.tick_idle.store(true, Ordering::Release);
+        // Idle unless a batch waits. A write that queues one after the check leaves
+        // a wake (Notify keeps one if nobody waits yet): none is lost.
         if read(&shared.replica).has_queued() {
-            shared.tick_idle.store(false, Ordering::Release);
             tokio::time::sleep(busy).await;
         } else {
             tokio::select! {
@@ -350,7 +347,6 @@ async fn tick_loop(shared: Arc<Shared>) {
                     metrics::counter!("shoal_engine_tick_wakes_total").increment(1);
                 }
             }
-            shared.tick_idle.store(false, Ordering::Release);
         }
         metrics::counter!("shoal_engine_ticks_total").increment(1);
         let now = shared.now_ms();

@@ -132,9 +132,8 @@ pub struct Shared {
     last_tick_ms: AtomicU64,
     /// How many stalls this process came out of (see [`Shared::stall_epoch`]).
     stalls: AtomicU64,
-    /// Set while the tick loop waits at its idle pace; whoever leaves operations
-    /// in a peer's batch then wakes it through `tick_wake` (see [`Shared::execute`]).
-    pub tick_idle: AtomicBool,
+    /// Wakes the tick loop from its idle pace when operations wait in a peer's batch
+    /// (see [`Shared::execute`]).
     pub tick_wake: tokio::sync::Notify,
     /// Encoded query answers by service revision.
     pub query_cache: crate::query_cache::QueryCache,
@@ -182,7 +181,6 @@ impl Shared {
             started_ms: wall_ms(),
             last_tick_ms: AtomicU64::new(0),
             stalls: AtomicU64::new(0),
-            tick_idle: AtomicBool::new(false),
             tick_wake: tokio::sync::Notify::new(),
             query_cache: crate::query_cache::QueryCache::new(config.query_cache_bytes),
             config,
@@ -328,10 +326,11 @@ impl Shared {
     /// guarded replica), so that every change is noted for a push before another
     /// reader (a Subscribe, the push thread) can see it.
     ///
-    /// When operations now wait in a peer's batch and the tick loop waits at its idle
-    /// pace, it is woken, so that the batch leaves within `batch_window_ms`.
+    /// When operations now wait in a peer's batch, the tick loop is woken if it waits
+    /// at its idle pace (else the wake is kept for its next wait, and costs one early
+    /// run), so that the batch leaves within `batch_window_ms`.
     pub fn execute(&self, replica: &Replica, actions: Vec<Action>) {
-        if self.tick_idle.load(Ordering::Acquire) && replica.has_queued() {
+        if replica.has_queued() {
             self.tick_wake.notify_one();
         }
         for action in actions {

@@ -12,6 +12,11 @@
 //!    `--services` services. Timed until the last acknowledgement and until every
 //!    node counts every instance (polled every 20 ms). Resident memory of the nodes
 //!    before and after, per instance held.
+//!    **roundtrip** then sends as many requests, on the same sessions with the same
+//!    concurrency, that the server answers without touching the registry (Shoal: Ping;
+//!    rnacos: `GET /health`, which asks its health actor): what the transport, the
+//!    server's request path and the load generator alone allow on this machine, the
+//!    ceiling of one registration per request.
 //!    From here on rnacos instances are kept alive by beats (`PUT .../beat`, every
 //!    `--beat-interval-ms` per instance, from `--beat-lanes` connections per node), as
 //!    a Nacos 1.x client does; Shoal's stay with their sessions.
@@ -76,6 +81,7 @@ use crate::{compare_report, visibility, ClusterArgs, Phase};
 #[serde(rename_all = "kebab-case")]
 pub enum Scenario {
     Register,
+    Roundtrip,
     RegisterBatch,
     Query,
     Keepalive,
@@ -95,7 +101,7 @@ pub struct CompareArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "register,query,keepalive,register-batch,visibility,push,churn,failover"
+        default_value = "register,roundtrip,query,keepalive,register-batch,visibility,push,churn,failover"
     )]
     pub scenarios: Vec<Scenario>,
     /// Nodes per cluster.
@@ -429,7 +435,11 @@ async fn quiet(args: &CompareArgs, h: &Harness, phase: &str) -> QuietWait {
 /// Runs the scenarios asked for on one target.
 async fn scenarios(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> Result<()> {
     let has = |s: Scenario| args.scenarios.contains(&s);
-    let reg = register(args, h, run).await?;
+    let mut reg = register(args, h, run).await?;
+    if has(Scenario::Roundtrip) {
+        // Before rnacos's beats start, as register ran without them.
+        roundtrip(args, h, run, &mut reg).await?;
+    }
     let beater = Beater::start(args, h, &reg).await?;
     if has(Scenario::Query) {
         query(args, h, run, &reg).await?;
@@ -1067,6 +1077,108 @@ async fn finish_register(
         total,
         rss_before,
     })
+}
+
+/// Empty round trips: the register scenario's sessions and lanes send as many requests
+/// as it registered, each one the server answers without touching the registry.
+async fn roundtrip(
+    args: &CompareArgs,
+    h: &mut Harness,
+    run: &mut TargetRun,
+    reg: &mut Registered,
+) -> Result<()> {
+    const S: &str = "roundtrip";
+    let q = quiet(args, h, S).await;
+    let per = args.instances_per_session;
+    let total = reg.total;
+    eprintln!(
+        "[{S}] {} sessions x {per} empty requests, {} in flight per session",
+        reg.sessions.len(),
+        args.concurrency
+    );
+    let done = Arc::new(AtomicU64::new(0));
+    let progress = Progress::start(S, done.clone(), Some(total));
+    let mark = CpuMark::now(&h.pids());
+    let mut tasks = JoinSet::new();
+    for (s, lanes) in std::mem::take(&mut reg.sessions).into_iter().enumerate() {
+        let next = Arc::new(AtomicUsize::new(0));
+        for mut lane in lanes {
+            let (next, done) = (next.clone(), done.clone());
+            tasks.spawn(async move {
+                let mut samples = Samples::default();
+                let mut first_error = None;
+                while next.fetch_add(1, Ordering::Relaxed) < per {
+                    let t = Instant::now();
+                    match lane.ping().await {
+                        Ok(()) => {
+                            samples.record(t.elapsed());
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            first_error.get_or_insert(format!("{e:#}"));
+                        }
+                    }
+                }
+                (s, lane, samples, first_error)
+            });
+        }
+    }
+    let mut by_session: Vec<Vec<Lane>> = (0..args.sessions).map(|_| Vec::new()).collect();
+    let mut samples = Samples::with_capacity(total as usize);
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        let (s, lane, part, first) = joined?;
+        by_session[s].push(lane);
+        samples.merge(part);
+        if first_error.is_none() {
+            first_error = first;
+        }
+    }
+    reg.sessions = by_session;
+    let seconds = mark.at().elapsed().as_secs_f64();
+    drop(progress);
+    let cpu = mark.since();
+    h.check_alive()?;
+    if let Some(e) = first_error {
+        bail!("empty requests failed; the first: {e}");
+    }
+    let latency = samples.summarize();
+    run.fig(
+        S,
+        "empty requests/s, answered",
+        "/s",
+        Better::Higher,
+        Some(total as f64 / seconds),
+    );
+    run.fig(S, "latency p50", "ms", Better::Lower, Some(latency.p50_ms));
+    run.fig(S, "latency p99", "ms", Better::Lower, Some(latency.p99_ms));
+    run.fig(
+        S,
+        "CPU of all nodes per 1000 requests",
+        "ms",
+        Better::Lower,
+        Some(cpu.nodes_seconds * 1e6 / total as f64),
+    );
+    run.cpu_figures(S, &cpu);
+    run.latencies.insert(S.into(), latency);
+    run.detail(
+        S,
+        RoundtripDetail {
+            quiet: q,
+            requests: total,
+            seconds,
+            cpu,
+        },
+    );
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct RoundtripDetail {
+    quiet: QuietWait,
+    requests: u64,
+    seconds: f64,
+    cpu: PhaseCpu,
 }
 
 /// rnacos: beats every held instance every `--beat-interval-ms` (Shoal: nothing).

@@ -387,6 +387,11 @@ pub async fn deregister(
     conn.request("DELETE", &path, None).await?.ok().map(drop)
 }
 
+/// `GET /health`: rnacos asks its health actor and answers `success`.
+pub async fn health(conn: &mut HttpConn) -> Result<()> {
+    conn.request("GET", "/health", None).await?.ok().map(drop)
+}
+
 /// `PUT /nacos/v1/ns/instance/beat` (light beat).
 pub async fn beat(
     conn: &mut HttpConn,

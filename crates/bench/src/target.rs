@@ -176,6 +176,21 @@ impl Lane {
         }
     }
 
+    /// A request the server answers without touching the registry: Ping for Shoal,
+    /// `GET /health` for rnacos.
+    pub async fn ping(&mut self) -> Result<()> {
+        match self {
+            Lane::Shoal(c) => c.ping().await.map(drop).map_err(Into::into),
+            // A keep-alive connection that rnacos closed while it sat idle (after the
+            // register scenario) fails its next request; the request is idempotent and
+            // goes once more, on a new connection, as an HTTP client would send it.
+            Lane::Rnacos(h) => match rnacos::health(h).await {
+                Ok(()) => Ok(()),
+                Err(_) => rnacos::health(h).await,
+            },
+        }
+    }
+
     /// Keeps an instance alive: a beat for rnacos; nothing for Shoal, whose session
     /// does it.
     pub async fn beat(&mut self, names: &Names, k: usize, inst: &Inst) -> Result<()> {

@@ -134,6 +134,11 @@ pub struct CompareArgs {
     /// says so.
     #[arg(long)]
     pub batch_register: bool,
+    /// Register (Shoal, an experiment): each session registers only in services that
+    /// its home node owns (asked of the ring before the timing starts), so that no
+    /// registration is forwarded. Measures what forwarding costs; the table says so.
+    #[arg(long)]
+    pub home_owned: bool,
     /// RegisterMany (Shoal): requests in flight over all sessions together. A fleet
     /// that starts at once paces itself like this; without a bound, 10 000 sessions
     /// offer the cluster a million registrations in one go and the owners shed the
@@ -863,11 +868,21 @@ async fn register(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> R
         )
         .await;
     }
+    let home_owned = if args.home_owned {
+        Some(home_owned_services(&sessions, &names).await?)
+    } else {
+        None
+    };
     let mut tasks = JoinSet::new();
     for (s, lanes) in sessions.into_iter().enumerate() {
         let next = Arc::new(AtomicUsize::new(0));
+        // The services session s registers in: all of them, or its home's own.
+        let services: Arc<Vec<usize>> = home_owned
+            .as_ref()
+            .map_or_else(|| Arc::new((0..names.len()).collect()), |h| h[s].clone());
         for mut lane in lanes {
             let (next, done, names) = (next.clone(), done.clone(), names.clone());
+            let services = services.clone();
             tasks.spawn(async move {
                 let mut samples = Samples::default();
                 let mut errors = 0u64;
@@ -879,10 +894,8 @@ async fn register(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> R
                     }
                     let g = s * per + i;
                     let t = Instant::now();
-                    match lane
-                        .register(&names, g % names.len(), &Inst::numbered(g))
-                        .await
-                    {
+                    let k = services[g % services.len()];
+                    match lane.register(&names, k, &Inst::numbered(g)).await {
                         Ok(()) => {
                             samples.record(t.elapsed());
                             done.fetch_add(1, Ordering::Relaxed);
@@ -928,6 +941,46 @@ async fn register(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> R
         },
     )
     .await
+}
+
+/// For `--home-owned`: for each session, the services its home node owns (asked of
+/// the ring through the first session).
+async fn home_owned_services(
+    sessions: &[Vec<Lane>],
+    names: &Names,
+) -> Result<Vec<Arc<Vec<usize>>>> {
+    let clients: Vec<&shoal_client::Client> = sessions
+        .iter()
+        .map(|lanes| match lanes.first() {
+            Some(Lane::Shoal(c)) => Ok(c),
+            _ => Err(anyhow!("--home-owned is for Shoal sessions only")),
+        })
+        .collect::<Result<_>>()?;
+    let first = clients.first().ok_or_else(|| anyhow!("no session"))?;
+    let mut owned: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (k, key) in names.keys.iter().enumerate() {
+        let owner = first
+            .ring(Some(key))
+            .await?
+            .owner
+            .ok_or_else(|| anyhow!("no owner of {key}"))?;
+        owned.entry(owner.0).or_default().push(k);
+    }
+    let owned: BTreeMap<String, Arc<Vec<usize>>> =
+        owned.into_iter().map(|(n, ks)| (n, Arc::new(ks))).collect();
+    clients
+        .iter()
+        .map(|c| {
+            let home = c
+                .welcome()
+                .map(|w| w.node_id.0)
+                .ok_or_else(|| anyhow!("a session has no home"))?;
+            owned
+                .get(&home)
+                .cloned()
+                .ok_or_else(|| anyhow!("{home} owns no service"))
+        })
+        .collect()
 }
 
 /// Watches, in the background, until every node counts `total` instances in `group`
@@ -1000,6 +1053,13 @@ async fn finish_register(
                 "RegisterMany, {} per request (--batch-register)",
                 args.batch
             ),
+        );
+    }
+    if args.home_owned && matches!(h.nodes, Nodes::Shoal(_)) {
+        run.na(
+            S,
+            "registered in",
+            "services the session's home node owns (--home-owned): none forwarded",
         );
     }
     let ack_seconds = started.elapsed().as_secs_f64();

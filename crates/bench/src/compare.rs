@@ -306,6 +306,19 @@ impl TargetRun {
         );
     }
 
+    /// "CPU of all nodes per 1000 `what`" (milliseconds of the nodes' CPU per thousand
+    /// of `count`), then the CPU figures common to every scenario.
+    fn cpu_per_thousand(&mut self, scenario: &'static str, what: &str, cpu: &PhaseCpu, count: u64) {
+        self.fig(
+            scenario,
+            &format!("CPU of all nodes per 1000 {what}"),
+            "ms",
+            Better::Lower,
+            (count > 0).then(|| cpu.nodes_seconds * 1e6 / count as f64),
+        );
+        self.cpu_figures(scenario, cpu);
+    }
+
     /// CPU figures common to every scenario.
     fn cpu_figures(&mut self, scenario: &'static str, cpu: &PhaseCpu) {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
@@ -692,14 +705,7 @@ async fn register_batch(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun
         Better::Lower,
         Some(latency.p99_ms),
     );
-    run.fig(
-        S,
-        "CPU of all nodes per 1000 registrations",
-        "ms",
-        Better::Lower,
-        Some(cpu.nodes_seconds * 1e6 / total as f64),
-    );
-    run.cpu_figures(S, &cpu);
+    run.cpu_per_thousand(S, "registrations", &cpu, total);
     run.detail(
         S,
         RegisterDetail {
@@ -868,21 +874,80 @@ async fn register(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> R
         )
         .await;
     }
-    let home_owned = if args.home_owned {
-        Some(home_owned_services(&sessions, &names).await?)
+    // The services each session registers in: all of them, or its home's own.
+    let services: Vec<Arc<Vec<usize>>> = if args.home_owned {
+        home_owned_services(&sessions, &names).await?
     } else {
-        None
+        let all = Arc::new((0..names.len()).collect());
+        (0..sessions.len()).map(|_| Arc::clone(&all)).collect()
     };
+    let registering = names.clone();
+    let ran = each_lane(sessions, per, &done, move |lane, s, i| {
+        let g = s * per + i;
+        let k = services[s][g % services[s].len()];
+        let names = registering.clone();
+        Box::pin(async move { lane.register(&names, k, &Inst::numbered(g)).await })
+    })
+    .await?;
+    finish_register(
+        args,
+        h,
+        run,
+        Finish {
+            q,
+            names,
+            sessions: ran.sessions,
+            samples: ran.samples,
+            errors: ran.errors,
+            first_error: ran.first_error,
+            progress,
+            poller,
+            mark,
+            rss_before,
+            total,
+        },
+    )
+    .await
+}
+
+/// What [`each_lane`] gives back.
+struct LaneRun {
+    /// The lanes again, by session.
+    sessions: Vec<Vec<Lane>>,
+    /// Latencies of the requests that succeeded.
+    samples: Samples,
+    /// Requests that failed, and the first failure.
+    errors: u64,
+    first_error: Option<String>,
+}
+
+/// The lanes of each session `s` make `op(lane, s, i)` for `i` in `0..per` between
+/// them, each lane one request at a time, all sessions at once; each success counts in
+/// `done`.
+async fn each_lane<F>(
+    sessions: Vec<Vec<Lane>>,
+    per: usize,
+    done: &Arc<AtomicU64>,
+    op: F,
+) -> Result<LaneRun>
+where
+    F: for<'a> Fn(
+            &'a mut Lane,
+            usize,
+            usize,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>
+        + Send
+        + Sync
+        + 'static,
+{
+    let n = sessions.len();
+    let op = Arc::new(op);
     let mut tasks = JoinSet::new();
     for (s, lanes) in sessions.into_iter().enumerate() {
         let next = Arc::new(AtomicUsize::new(0));
-        // The services session s registers in: all of them, or its home's own.
-        let services: Arc<Vec<usize>> = home_owned
-            .as_ref()
-            .map_or_else(|| Arc::new((0..names.len()).collect()), |h| h[s].clone());
         for mut lane in lanes {
-            let (next, done, names) = (next.clone(), done.clone(), names.clone());
-            let services = services.clone();
+            let (next, done, op) = (next.clone(), done.clone(), op.clone());
             tasks.spawn(async move {
                 let mut samples = Samples::default();
                 let mut errors = 0u64;
@@ -892,10 +957,8 @@ async fn register(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> R
                     if i >= per {
                         return (s, lane, samples, errors, first_error);
                     }
-                    let g = s * per + i;
                     let t = Instant::now();
-                    let k = services[g % services.len()];
-                    match lane.register(&names, k, &Inst::numbered(g)).await {
+                    match op(&mut lane, s, i).await {
                         Ok(()) => {
                             samples.record(t.elapsed());
                             done.fetch_add(1, Ordering::Relaxed);
@@ -909,38 +972,22 @@ async fn register(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> R
             });
         }
     }
-    let mut by_session: Vec<Vec<Lane>> = (0..args.sessions).map(|_| Vec::new()).collect();
-    let mut samples = Samples::with_capacity(total as usize);
-    let mut errors = 0;
-    let mut first_error = None;
+    let mut ran = LaneRun {
+        sessions: (0..n).map(|_| Vec::new()).collect(),
+        samples: Samples::with_capacity(n * per),
+        errors: 0,
+        first_error: None,
+    };
     while let Some(joined) = tasks.join_next().await {
         let (s, lane, part, e, first) = joined?;
-        by_session[s].push(lane);
-        samples.merge(part);
-        errors += e;
-        if first_error.is_none() {
-            first_error = first;
+        ran.sessions[s].push(lane);
+        ran.samples.merge(part);
+        ran.errors += e;
+        if ran.first_error.is_none() {
+            ran.first_error = first;
         }
     }
-    finish_register(
-        args,
-        h,
-        run,
-        Finish {
-            q,
-            names,
-            sessions: by_session,
-            samples,
-            errors,
-            first_error,
-            progress,
-            poller,
-            mark,
-            rss_before,
-            total,
-        },
-    )
-    .await
+    Ok(ran)
 }
 
 /// For `--home-owned`: for each session, the services its home node owns (asked of
@@ -1099,14 +1146,7 @@ async fn finish_register(
         Better::Lower,
         Some(latency.p99_ms),
     );
-    run.fig(
-        S,
-        "CPU of all nodes per 1000 registrations",
-        "ms",
-        Better::Lower,
-        Some(cpu.nodes_seconds * 1e6 / total as f64),
-    );
-    run.cpu_figures(S, &cpu);
+    run.cpu_per_thousand(S, "registrations", &cpu, total);
     run.fig(
         S,
         "RSS per instance per node, after register",
@@ -1159,50 +1199,17 @@ async fn roundtrip(
     let done = Arc::new(AtomicU64::new(0));
     let progress = Progress::start(S, done.clone(), Some(total));
     let mark = CpuMark::now(&h.pids());
-    let mut tasks = JoinSet::new();
-    for (s, lanes) in std::mem::take(&mut reg.sessions).into_iter().enumerate() {
-        let next = Arc::new(AtomicUsize::new(0));
-        for mut lane in lanes {
-            let (next, done) = (next.clone(), done.clone());
-            tasks.spawn(async move {
-                let mut samples = Samples::default();
-                let mut first_error = None;
-                while next.fetch_add(1, Ordering::Relaxed) < per {
-                    let t = Instant::now();
-                    match lane.ping().await {
-                        Ok(()) => {
-                            samples.record(t.elapsed());
-                            done.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            first_error.get_or_insert(format!("{e:#}"));
-                        }
-                    }
-                }
-                (s, lane, samples, first_error)
-            });
-        }
-    }
-    let mut by_session: Vec<Vec<Lane>> = (0..args.sessions).map(|_| Vec::new()).collect();
-    let mut samples = Samples::with_capacity(total as usize);
-    let mut first_error = None;
-    while let Some(joined) = tasks.join_next().await {
-        let (s, lane, part, first) = joined?;
-        by_session[s].push(lane);
-        samples.merge(part);
-        if first_error.is_none() {
-            first_error = first;
-        }
-    }
-    reg.sessions = by_session;
+    let sessions = std::mem::take(&mut reg.sessions);
+    let ran = each_lane(sessions, per, &done, |lane, _, _| Box::pin(lane.ping())).await?;
+    reg.sessions = ran.sessions;
     let seconds = mark.at().elapsed().as_secs_f64();
     drop(progress);
     let cpu = mark.since();
     h.check_alive()?;
-    if let Some(e) = first_error {
-        bail!("empty requests failed; the first: {e}");
+    if let Some(e) = ran.first_error {
+        bail!("{} empty requests failed; the first: {e}", ran.errors);
     }
-    let latency = samples.summarize();
+    let latency = ran.samples.summarize();
     run.fig(
         S,
         "empty requests/s, answered",
@@ -1212,14 +1219,7 @@ async fn roundtrip(
     );
     run.fig(S, "latency p50", "ms", Better::Lower, Some(latency.p50_ms));
     run.fig(S, "latency p99", "ms", Better::Lower, Some(latency.p99_ms));
-    run.fig(
-        S,
-        "CPU of all nodes per 1000 requests",
-        "ms",
-        Better::Lower,
-        Some(cpu.nodes_seconds * 1e6 / total as f64),
-    );
-    run.cpu_figures(S, &cpu);
+    run.cpu_per_thousand(S, "requests", &cpu, total);
     run.latencies.insert(S.into(), latency);
     run.detail(
         S,
@@ -1433,14 +1433,7 @@ async fn query(
         Some(per_answer),
     );
     run.fig(S, "query errors", "", Better::Lower, Some(errors as f64));
-    run.fig(
-        S,
-        "CPU of all nodes per 1000 queries",
-        "ms",
-        Better::Lower,
-        (queries > 0).then(|| cpu.nodes_seconds * 1e6 / queries as f64),
-    );
-    run.cpu_figures(S, &cpu);
+    run.cpu_per_thousand(S, "queries", &cpu, queries);
     run.latencies.insert(S.into(), latency);
     run.detail(
         S,
@@ -2220,14 +2213,7 @@ async fn churn(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> Resu
         Better::Lower,
         settled_all,
     );
-    run.fig(
-        S,
-        "CPU of all nodes per 1000 operations",
-        "ms",
-        Better::Lower,
-        Some(cpu.nodes_seconds * 1e6 / (latency.count as f64).max(1.0)),
-    );
-    run.cpu_figures(S, &cpu);
+    run.cpu_per_thousand(S, "operations", &cpu, latency.count as u64);
     run.latencies.insert(S.into(), latency.clone());
     run.detail(
         S,

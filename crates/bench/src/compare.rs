@@ -12,11 +12,11 @@
 //!    `--services` services. Timed until the last acknowledgement and until every
 //!    node counts every instance (polled every 20 ms). Resident memory of the nodes
 //!    before and after, per instance held.
-//!    **roundtrip** then sends as many requests, on the same sessions with the same
-//!    concurrency, that the server answers without touching the registry (Shoal: Ping;
-//!    rnacos: `GET /health`, which asks its health actor): what the transport, the
-//!    server's request path and the load generator alone allow on this machine, the
-//!    ceiling of one registration per request.
+//!    **roundtrip** then sends `--roundtrip-requests` requests, on the same sessions
+//!    with the same concurrency, that the server answers without touching the registry
+//!    (Shoal: Ping; rnacos: `GET /health`, which asks its health actor): what the
+//!    transport, the server's request path and the load generator alone allow on this
+//!    machine, the ceiling of one registration per request.
 //!    From here on rnacos instances are kept alive by beats (`PUT .../beat`, every
 //!    `--beat-interval-ms` per instance, from `--beat-lanes` connections per node), as
 //!    a Nacos 1.x client does; Shoal's stay with their sessions.
@@ -129,6 +129,13 @@ pub struct CompareArgs {
     /// 200 ms between rounds); 10 makes it 140 000.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_rounds: u64,
+    /// Roundtrip: empty requests in all, spread evenly over the register scenario's
+    /// sessions (at least one each). The register scenario's default 14 000 would take
+    /// Shoal about 75 ms, too short to measure; 140 000 take it about 1 s and rnacos
+    /// about 3 s (its instances get no beats meanwhile, and rnacos marks them unhealthy
+    /// only after 15 s).
+    #[arg(long, default_value_t = 140_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub roundtrip_requests: u64,
     /// Register (Shoal): use RegisterMany (`--batch` per request) for the register
     /// scenario too, e.g. to load a million instances for keepalive quickly. The table
     /// says so.
@@ -1179,8 +1186,9 @@ async fn finish_register(
     })
 }
 
-/// Empty round trips: the register scenario's sessions and lanes send as many requests
-/// as it registered, each one the server answers without touching the registry.
+/// Empty round trips: the register scenario's sessions and lanes send
+/// `--roundtrip-requests` requests between them, each one the server answers without
+/// touching the registry.
 async fn roundtrip(
     args: &CompareArgs,
     h: &mut Harness,
@@ -1189,17 +1197,19 @@ async fn roundtrip(
 ) -> Result<()> {
     const S: &str = "roundtrip";
     let q = quiet(args, h, S).await;
-    let per = args.instances_per_session;
-    let total = reg.total;
+    let sessions = std::mem::take(&mut reg.sessions);
+    let per = (args.roundtrip_requests as usize)
+        .div_ceil(sessions.len().max(1))
+        .max(1);
+    let total = (per * sessions.len()) as u64;
     eprintln!(
         "[{S}] {} sessions x {per} empty requests, {} in flight per session",
-        reg.sessions.len(),
+        sessions.len(),
         args.concurrency
     );
     let done = Arc::new(AtomicU64::new(0));
     let progress = Progress::start(S, done.clone(), Some(total));
     let mark = CpuMark::now(&h.pids());
-    let sessions = std::mem::take(&mut reg.sessions);
     let ran = each_lane(sessions, per, &done, |lane, _, _| Box::pin(lane.ping())).await?;
     reg.sessions = ran.sessions;
     let seconds = mark.at().elapsed().as_secs_f64();

@@ -67,7 +67,7 @@ enum Command {
     /// Run the same scenarios against a 3-node rnacos cluster (Nacos v1 HTTP API) and
     /// a 3-node Shoal cluster, one after the other; print both figures and their ratio,
     /// write JSON and an SVG of the latency distributions.
-    Compare(compare::CompareArgs),
+    Compare(Box<compare::CompareArgs>),
 }
 
 /// Options of `shoal-bench cluster`.
@@ -223,7 +223,7 @@ fn main() -> anyhow::Result<()> {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
-                result = compare::run(args) => result,
+                result = compare::run(*args) => result,
                 _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the nodes were stopped"),
                 _ = term.recv() => anyhow::bail!("terminated; the nodes were stopped"),
             }

@@ -388,8 +388,17 @@ pub async fn deregister(
 }
 
 /// `GET /health`: rnacos asks its health actor and answers `success`.
+///
+/// A keep-alive connection that rnacos closed while it sat idle fails the next
+/// request sent on it; this one is idempotent, so after a failure to send or read it
+/// goes once more, on a new connection, as an HTTP client would send it. An answer
+/// other than 200 is not sent again.
 pub async fn health(conn: &mut HttpConn) -> Result<()> {
-    conn.request("GET", "/health", None).await?.ok().map(drop)
+    let response = match conn.request("GET", "/health", None).await {
+        Ok(response) => response,
+        Err(_) => conn.request("GET", "/health", None).await?,
+    };
+    response.ok().map(drop)
 }
 
 /// `PUT /nacos/v1/ns/instance/beat` (light beat).

@@ -181,13 +181,7 @@ impl Lane {
     pub async fn ping(&mut self) -> Result<()> {
         match self {
             Lane::Shoal(c) => c.ping().await.map(drop).map_err(Into::into),
-            // A keep-alive connection that rnacos closed while it sat idle (after the
-            // register scenario) fails its next request; the request is idempotent and
-            // goes once more, on a new connection, as an HTTP client would send it.
-            Lane::Rnacos(h) => match rnacos::health(h).await {
-                Ok(()) => Ok(()),
-                Err(_) => rnacos::health(h).await,
-            },
+            Lane::Rnacos(h) => rnacos::health(h).await,
         }
     }
 

@@ -8,7 +8,6 @@
 //! before replicating it), subscribes again to every subscribed service, and only
 //! then lets requests through the new link. Requests made meanwhile wait for it, up to the request timeout.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -29,6 +28,7 @@ use crate::addr::{resolve, split_host_port};
 use crate::balance::choose_weighted;
 use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
+use crate::held::Slots;
 use crate::link::{
     Dial, Link, CLOSE_ABRUPT, CLOSE_GOODBYE, CLOSE_STREAM_FAILED, CLOSE_UNRESPONSIVE,
 };
@@ -145,12 +145,12 @@ struct Shared {
     session: Mutex<SessionId>,
     /// Session-bound registrations to re-assert after a reconnect, by service and
     /// instance key.
-    registrations: Mutex<BTreeMap<(ServiceKey, InstanceKey), InstanceSpec>>,
+    registrations: Mutex<Slots<InstanceSpec>>,
     /// Deregistrations of the last [`RECENT_DEREGISTRATIONS`], sent again after a
     /// reconnect: a node that acknowledged one and died before replicating it (its
     /// batch leaves a few ms after the answer) would otherwise leave the instance
     /// registered, under this live session, for good.
-    deregistered: Mutex<BTreeMap<(ServiceKey, InstanceKey), Instant>>,
+    deregistered: Mutex<Slots<Instant>>,
     subscriptions: Arc<SubscriptionCache>,
 }
 
@@ -187,8 +187,8 @@ impl Client {
             state: watch::channel(LinkState::default()).0,
             generation: watch::channel(0).0,
             session: Mutex::new(SessionId(0)),
-            registrations: Mutex::new(BTreeMap::new()),
-            deregistered: Mutex::new(BTreeMap::new()),
+            registrations: Mutex::new(Slots::default()),
+            deregistered: Mutex::new(Slots::default()),
             subscriptions: Arc::new(SubscriptionCache::default()),
             config,
         });
@@ -292,10 +292,16 @@ impl Client {
     }
 
     /// The session-bound registrations this client re-asserts after a reconnect.
+    /// In order of service, then instance key.
     pub fn registrations(&self) -> Vec<(ServiceKey, InstanceSpec)> {
-        lock(&self.shared().registrations)
-            .iter()
-            .map(|((service, _), spec)| (service.clone(), spec.clone()))
+        let mut held: Vec<(ServiceKey, InstanceKey, InstanceSpec)> =
+            lock(&self.shared().registrations)
+                .iter()
+                .map(|(service, key, spec)| (service.clone(), key.clone(), spec.clone()))
+                .collect();
+        held.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        held.into_iter()
+            .map(|(service, _, spec)| (service, spec))
             .collect()
     }
 
@@ -311,16 +317,16 @@ impl Client {
     /// reconnect. With a Ttl it must be kept alive with [`Client::beat`].
     pub async fn register(&self, service: &ServiceKey, instance: InstanceSpec) -> Result<u64> {
         let shared = self.shared();
-        let slot = (service.clone(), instance.key());
+        let key = instance.key();
         // Remember it before sending, so that a reconnect racing with this request
         // re-asserts it; undo on failure.
-        lock(&shared.deregistered).remove(&slot);
+        lock(&shared.deregistered).remove(service, &key);
         let before = {
             let mut regs = lock(&shared.registrations);
             if instance.ttl.is_none() {
-                regs.insert(slot.clone(), instance.clone())
+                regs.insert(service, key.clone(), instance.clone())
             } else {
-                regs.remove(&slot)
+                regs.remove(service, &key)
             }
         };
         let result = shared
@@ -333,8 +339,8 @@ impl Client {
         if result.is_err() {
             let mut regs = lock(&shared.registrations);
             match before {
-                Some(spec) => regs.insert(slot, spec),
-                None => regs.remove(&slot),
+                Some(spec) => regs.insert(service, key, spec),
+                None => regs.remove(service, &key),
             };
         }
         result
@@ -357,31 +363,32 @@ impl Client {
                 items.len()
             )));
         }
-        let slots: Vec<(ServiceKey, InstanceKey)> =
-            items.iter().map(|(s, i)| (s.clone(), i.key())).collect();
+        let keys: Vec<InstanceKey> = items.iter().map(|(_, i)| i.key()).collect();
         // Remember them before sending, as `register` does; undo those that fail.
         let before: Vec<Option<InstanceSpec>> = {
             let mut regs = lock(&shared.registrations);
             let mut recent = lock(&shared.deregistered);
             items
                 .iter()
-                .zip(&slots)
-                .map(|((_, spec), slot)| {
-                    recent.remove(slot);
+                .zip(&keys)
+                .map(|((service, spec), key)| {
+                    recent.remove(service, key);
                     if spec.ttl.is_none() {
-                        regs.insert(slot.clone(), spec.clone())
+                        regs.insert(service, key.clone(), spec.clone())
                     } else {
-                        regs.remove(slot)
+                        regs.remove(service, key)
                     }
                 })
                 .collect()
         };
+        // The services, for undo (the items themselves go into the request).
+        let services: Vec<ServiceKey> = items.iter().map(|(s, _)| s.clone()).collect();
         let undo = |which: &[usize]| {
             let mut regs = lock(&shared.registrations);
             for &k in which {
                 match &before[k] {
-                    Some(spec) => regs.insert(slots[k].clone(), spec.clone()),
-                    None => regs.remove(&slots[k]),
+                    Some(spec) => regs.insert(&services[k], keys[k].clone(), spec.clone()),
+                    None => regs.remove(&services[k], &keys[k]),
                 };
             }
         };
@@ -409,10 +416,10 @@ impl Client {
     /// lease. `(cluster, ip, port)` of `instance` says which. Returns the new revision.
     pub async fn update(&self, service: &ServiceKey, instance: InstanceSpec) -> Result<u64> {
         let shared = self.shared();
-        let slot = (service.clone(), instance.key());
+        let key = instance.key();
         let before = {
             let mut regs = lock(&shared.registrations);
-            match regs.get_mut(&slot) {
+            match regs.get_mut(service, &key) {
                 Some(held) => {
                     let mut spec = instance.clone();
                     spec.ttl = None;
@@ -430,7 +437,7 @@ impl Client {
             .and_then(applied);
         if result.is_err() {
             if let Some(spec) = before {
-                lock(&shared.registrations).insert(slot, spec);
+                lock(&shared.registrations).insert(service, key, spec);
             }
         }
         result
@@ -443,15 +450,14 @@ impl Client {
     /// (revision unknown) rather than [`ErrorCode::NotFound`].
     pub async fn deregister(&self, service: &ServiceKey, instance: &InstanceKey) -> Result<u64> {
         let shared = self.shared();
-        let slot = (service.clone(), instance.clone());
         // Forget it first, so that a reconnect meanwhile does not register it again
         // (and deregisters it again instead).
-        let before = lock(&shared.registrations).remove(&slot);
+        let before = lock(&shared.registrations).remove(service, instance);
         {
             // Only the last RECENT_DEREGISTRATIONS are kept, also without reconnects.
             let mut recent = lock(&shared.deregistered);
-            recent.retain(|_, at| at.elapsed() < RECENT_DEREGISTRATIONS);
-            recent.insert(slot.clone(), Instant::now());
+            recent.retain(|at| at.elapsed() < RECENT_DEREGISTRATIONS);
+            recent.insert(service, instance.clone(), Instant::now());
         }
         let (result, retried) = shared
             .request_tracked(Request::Deregister {
@@ -463,9 +469,9 @@ impl Client {
             Err(ClientError::Server(body)) if retried && body.code == ErrorCode::NotFound => Ok(0),
             Err(ClientError::Server(body)) => {
                 if body.code != ErrorCode::NotFound {
-                    lock(&shared.deregistered).remove(&slot);
+                    lock(&shared.deregistered).remove(service, instance);
                     if let Some(spec) = before {
-                        lock(&shared.registrations).insert(slot, spec);
+                        lock(&shared.registrations).insert(service, instance.clone(), spec);
                     }
                 }
                 Err(ClientError::Server(body))
@@ -903,7 +909,7 @@ impl Shared {
     async fn restore(&self, link: &Link) -> Result<()> {
         let mut todo: Vec<(String, Request)> = lock(&self.registrations)
             .iter()
-            .map(|((service, key), spec)| {
+            .map(|(service, key, spec)| {
                 (
                     format!("registration of {service} {key}"),
                     Request::Register {
@@ -916,8 +922,8 @@ impl Shared {
         {
             // After the registrations: a slot is in one map or the other, never both.
             let mut recent = lock(&self.deregistered);
-            recent.retain(|_, at| at.elapsed() < RECENT_DEREGISTRATIONS);
-            for (service, key) in recent.keys() {
+            recent.retain(|at| at.elapsed() < RECENT_DEREGISTRATIONS);
+            for (service, key, _) in recent.iter() {
                 todo.push((
                     format!("deregistration of {service} {key}"),
                     Request::Deregister {

@@ -58,6 +58,7 @@ mod balance;
 mod client;
 mod config;
 mod error;
+mod held;
 mod link;
 mod subscription;
 mod tls;

@@ -294,14 +294,11 @@ impl Client {
     /// The session-bound registrations this client re-asserts after a reconnect.
     /// In order of service, then instance key.
     pub fn registrations(&self) -> Vec<(ServiceKey, InstanceSpec)> {
-        let mut held: Vec<(ServiceKey, InstanceKey, InstanceSpec)> =
-            lock(&self.shared().registrations)
-                .iter()
-                .map(|(service, key, spec)| (service.clone(), key.clone(), spec.clone()))
-                .collect();
-        held.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        let regs = lock(&self.shared().registrations);
+        let mut held: Vec<_> = regs.iter().collect();
+        held.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
         held.into_iter()
-            .map(|(service, _, spec)| (service, spec))
+            .map(|(service, _, spec)| (service.clone(), spec.clone()))
             .collect()
     }
 

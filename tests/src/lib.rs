@@ -591,13 +591,19 @@ fn tail(path: &Path, lines: usize) -> String {
     }
 }
 
-/// SIGTERM by pid, via `kill(1)` (no FFI for one signal).
+/// SIGTERM by pid.
 pub fn send_sigterm(pid: u32) {
+    send_signal("TERM", pid);
+}
+
+/// Sends signal `sig` (`TERM`, `STOP`, `CONT`, ...) by pid, via `kill(1)` (no FFI
+/// for a few signals).
+pub fn send_signal(sig: &str, pid: u32) {
     let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+        .args([&format!("-{sig}"), &pid.to_string()])
         .status()
         .unwrap_or_else(|e| panic!("cannot run kill: {e}"));
-    assert!(status.success(), "kill -TERM {pid} failed: {status}");
+    assert!(status.success(), "kill -{sig} {pid} failed: {status}");
 }
 
 /// The instances of `service` in a `/v1/dump` document.

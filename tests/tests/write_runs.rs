@@ -138,3 +138,113 @@ async fn writes_sent_together_are_answered_one_by_one_in_order() {
     let revision = client.register(&services[1], inst("10.3.0.1", 80)).await;
     assert!(revision > 0);
 }
+
+/// Writes forwarded to an owner that stalls (SIGSTOP) but stays in the ring (its peers
+/// are told to wait minutes before they call it Down) are answered as a whole within
+/// about two forward timeouts: a burst of single writes and a RegisterMany of 100 each
+/// get `Unavailable` for every write (retry), none waits for the others one by one.
+/// The node keeps serving its other sessions meanwhile, and once the owner runs again
+/// writes to it are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_forwarded_to_a_stalled_owner_are_answered_unavailable_within_two_timeouts() {
+    const FORWARD_TIMEOUT_MS: u64 = 1_000;
+    const WRITES: usize = 100;
+    let dir = unique_temp_dir("shoal-test-stall-config");
+    let config = dir.join("shoal.toml");
+    std::fs::write(
+        &config,
+        "[replication]\nsuspect_after_ms = 120000\ndown_after_ms = 240000\n",
+    )
+    .unwrap();
+    let cluster = Cluster::start_with(
+        3,
+        NodeOptions::default()
+            .arg("--config")
+            .arg(&config.display().to_string())
+            .arg("--forward-timeout-ms")
+            .arg(&FORWARD_TIMEOUT_MS.to_string()),
+    )
+    .await;
+    cluster.wait_until_converged().await;
+    let stalled = cluster.service_owned_by(1, "stalled").await;
+    let here = cluster.service_owned_by(0, "unstalled").await;
+    let (mut client, _) = RawClient::session(cluster.node(0)).await;
+    let (mut other, _) = RawClient::session(cluster.node(0)).await;
+
+    send_signal("STOP", cluster.node(1).pid());
+    let instance = |i: usize| inst(&format!("10.5.{}.{}", i / 200, i % 200), 8080);
+    // Ids 1..=WRITES: single writes; id 0: one RegisterMany of WRITES more.
+    let mut bytes = Vec::new();
+    let mut frames = vec![ClientFrame::Request {
+        id: 0,
+        body: Request::RegisterMany {
+            items: (0..WRITES)
+                .map(|i| (stalled.clone(), instance(WRITES + i)))
+                .collect(),
+        },
+    }];
+    for i in 0..WRITES {
+        frames.push(ClientFrame::Request {
+            id: 1 + i as u64,
+            body: Request::Register {
+                service: stalled.clone(),
+                instance: instance(i),
+            },
+        });
+    }
+    for frame in &frames {
+        bytes.extend(shoal_proto::encode_frame(frame, 1 << 20).unwrap());
+    }
+    client.send_raw(&bytes).await;
+
+    // Another session of the same node is served while they wait.
+    other.register(&here, inst("10.6.0.1", 8080)).await;
+
+    // Together the writes take two forward timeouts. Routed again one by one, each
+    // with its own attempts, they took 13-17 s here. The bound: five forward timeouts.
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_millis(5 * FORWARD_TIMEOUT_MS);
+    let mut answered = [false; WRITES + 1];
+    for _ in 0..=WRITES {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let (id, result) = match client.next_event(left).await {
+            Event::Frame(ServerFrame::Response { id, result }) => (id, result),
+            other => panic!("expected answers, got {other:?}"),
+        };
+        assert!(!answered[id as usize], "a second answer to {id}");
+        answered[id as usize] = true;
+        let outcomes = match (id, result) {
+            (0, Ok(Response::AppliedMany(outcomes))) => outcomes,
+            (0, r) => panic!("the RegisterMany: {r:?}"),
+            (_, r) => vec![r.map(|_| 0)],
+        };
+        for r in outcomes {
+            let e = r.expect_err("the owner is stalled: no write can be applied");
+            assert_eq!(e.code, ErrorCode::Unavailable, "request {id}: {e}");
+        }
+    }
+    println!("{} writes answered in {:?}", 2 * WRITES, started.elapsed());
+
+    // The owner runs again: the link carries its answers again.
+    send_signal("CONT", cluster.node(1).pid());
+    let thawed = tokio::time::Instant::now();
+    loop {
+        match other
+            .request(Request::Register {
+                service: stalled.clone(),
+                instance: inst("10.6.0.2", 8080),
+            })
+            .await
+        {
+            Ok(Response::Applied { revision }) => {
+                assert!(revision > 0);
+                break;
+            }
+            Err(e) if e.code == ErrorCode::Unavailable && thawed.elapsed() < PATIENCE => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            r => panic!("a write to the thawed owner: {r:?}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

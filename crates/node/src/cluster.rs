@@ -1,9 +1,12 @@
 //! The write path of a client request, and the cluster views the CLI asks for.
 //!
 //! A write goes to the owner of its service (answered with the service's revision
-//! there): applied here when this node owns it, else forwarded once over the peer link. If the owner does not answer in
-//! `forward_timeout_ms` (it may just have died), the route is looked up again, once:
-//! by then the ring may name another owner, possibly this node.
+//! there): applied here when this node owns it, else forwarded over the peer link, the
+//! writes of one run that share an owner in one message. If an owner does not answer
+//! in `forward_timeout_ms` (it may just have died, or be stalled), the writes it was
+//! sent are routed again, once and together: by then the ring may name another owner,
+//! possibly this node. What is still unanswered after that is `Unavailable`, so a run
+//! is answered within about two forward timeouts however many writes it holds.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,86 +16,6 @@ use shoal_replication::{ForwardOutcome, MemberState, Route, Write};
 use shoal_storage::ServiceKey;
 
 use crate::state::{read, write as write_lock, Shared};
-
-/// A write under way: answered already (applied here or refused), or forwarded to its
-/// owner and waiting for the answer.
-pub enum Started {
-    /// The answer.
-    Done(Result<Response, ErrorBody>),
-    /// Forwarded: [`finish_write`] awaits the owner's answer.
-    Forwarded(Pending),
-}
-
-/// A forwarded write waiting for its owner's answer.
-pub struct Pending {
-    id: u64,
-    owner: shoal_storage::NodeId,
-    rx: tokio::sync::oneshot::Receiver<ForwardOutcome>,
-    write: Write,
-}
-
-/// The part of a write that runs at once and in the order the requests came: route,
-/// then apply here or send to the owner. A session's writes leave in its order (a
-/// forward goes over the one ordered link to the owner), while the answers of
-/// forwarded writes are awaited concurrently.
-pub fn start_write(shared: &Arc<Shared>, w: Write) -> Started {
-    let route = read(&shared.replica).route(w.service());
-    match route {
-        Route::Local => Started::Done(apply_here(shared, w)),
-        Route::Unavailable => Started::Done(Err(ErrorBody::new(
-            ErrorCode::NotReady,
-            "no ready node owns services yet",
-        ))),
-        Route::Forward(owner) => {
-            metrics::counter!("shoal_forwarded_writes_total").increment(1);
-            let mut replica = write_lock(&shared.replica);
-            let (id, actions) = replica.forward(&owner, w.clone(), shared.now_ms());
-            let rx = shared.expect_forward(id);
-            shared.execute(&replica, actions);
-            Started::Forwarded(Pending {
-                id,
-                owner,
-                rx,
-                write: w,
-            })
-        }
-    }
-}
-
-/// Awaits a forwarded write's answer. If the owner does not answer in
-/// `forward_timeout_ms` (it may just have died), the route is looked up again, once.
-pub async fn finish_write(shared: &Arc<Shared>, p: Pending) -> Result<Response, ErrorBody> {
-    let timeout = Duration::from_millis(shared.config.forward_timeout_ms);
-    let mut pending = p;
-    for attempt in 0..2 {
-        match tokio::time::timeout(timeout, &mut pending.rx).await {
-            Ok(Ok(ForwardOutcome::Applied { revision })) => {
-                return Ok(Response::Applied { revision })
-            }
-            Ok(Ok(ForwardOutcome::Rejected { code, message })) => {
-                return Err(ErrorBody::new(code_of(&code), message))
-            }
-            // Dropped (no link to the owner) or timed out: look again.
-            Ok(Err(_)) | Err(_) => {
-                shared.forget_forward(pending.id);
-                metrics::counter!("shoal_forward_failures_total").increment(1);
-                tracing::debug!(owner = %pending.owner, "forwarded write got no answer; routing again");
-                if attempt == 1 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                match start_write(shared, pending.write.clone()) {
-                    Started::Done(r) => return r,
-                    Started::Forwarded(next) => pending = next,
-                }
-            }
-        }
-    }
-    Err(ErrorBody::new(
-        ErrorCode::Unavailable,
-        "the owner of this service did not answer; retry",
-    ))
-}
 
 /// A batch of writes under way (a client's RegisterMany): those this node owns are
 /// answered already, the others were forwarded, one message per owner.
@@ -110,8 +33,10 @@ struct ForwardedGroup {
     rx: tokio::sync::oneshot::Receiver<Vec<ForwardOutcome>>,
 }
 
-/// Like [`start_write`] for several writes at once, in their order: applied here under
-/// one lock where this node owns the service, else sent to each owner in one message.
+/// Starts the writes of a run, in their order: applied here under one lock where this
+/// node owns the service, else sent to each owner in one message. A session's writes
+/// leave in its order (a forward goes over the one ordered link to the owner), while
+/// the owners' answers are awaited concurrently ([`finish_forwarded`]).
 pub fn start_many(shared: &Arc<Shared>, writes: Vec<Write>) -> PendingMany {
     let now = shared.now_ms();
     let mut results: Vec<Option<Result<u64, ErrorBody>>> = Vec::with_capacity(writes.len());
@@ -187,20 +112,62 @@ impl PendingMany {
 }
 
 /// Awaits the owners' answers of a batch: the outcomes of its forwarded writes, with
-/// their places in the batch. A group whose owner does not answer in
-/// `forward_timeout_ms` is routed again write by write, as [`finish_write`] does.
+/// their places in the batch. The groups share one deadline, `forward_timeout_ms`
+/// from now. The writes of the groups not answered by then are routed again together
+/// ([`start_many`]; the ring may have changed), with a second deadline; those still
+/// unanswered after it are `Unavailable` (the client may retry them).
 pub async fn finish_forwarded(
     shared: &Arc<Shared>,
     p: PendingMany,
 ) -> Vec<(usize, Result<u64, ErrorBody>)> {
     let timeout = Duration::from_millis(shared.config.forward_timeout_ms);
     let mut out = Vec::with_capacity(p.results.len());
-    for group in p.groups {
-        match tokio::time::timeout(timeout, group.rx).await {
+    let unanswered = await_groups(shared, p.groups, timeout, &mut out, |place| place).await;
+    if unanswered.is_empty() {
+        return out;
+    }
+    tracing::debug!(
+        writes = unanswered.len(),
+        "forwarded writes got no answer; routing them again"
+    );
+    // A moment for the failure detector and the ring to catch up.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (places, writes): (Vec<usize>, Vec<Write>) = unanswered.into_iter().unzip();
+    let mut again = start_many(shared, writes);
+    for (i, r) in again.take_settled() {
+        out.push((places[i], r));
+    }
+    let still = await_groups(shared, again.groups, timeout, &mut out, |i| places[i]).await;
+    for (i, _) in still {
+        out.push((
+            places[i],
+            Err(ErrorBody::new(
+                ErrorCode::Unavailable,
+                "the owner of this service did not answer; retry",
+            )),
+        ));
+    }
+    out
+}
+
+/// Awaits `groups` until one deadline `timeout` from now: the outcomes of those
+/// answered go to `out` (their places mapped by `place_of`); the writes of the others
+/// are returned with their places in the groups' batch.
+async fn await_groups(
+    shared: &Arc<Shared>,
+    groups: Vec<ForwardedGroup>,
+    timeout: Duration,
+    out: &mut Vec<(usize, Result<u64, ErrorBody>)>,
+    place_of: impl Fn(usize) -> usize,
+) -> Vec<(usize, Write)> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut unanswered = Vec::new();
+    for group in groups {
+        match tokio::time::timeout_at(deadline, group.rx).await {
             Ok(Ok(outcomes)) if outcomes.len() == group.places.len() => {
                 for (place, outcome) in group.places.into_iter().zip(outcomes) {
                     out.push((
-                        place,
+                        place_of(place),
                         match outcome {
                             ForwardOutcome::Applied { revision } => Ok(revision),
                             ForwardOutcome::Rejected { code, message } => {
@@ -210,30 +177,15 @@ pub async fn finish_forwarded(
                     ));
                 }
             }
+            // Dropped (no link to the owner), a malformed answer, or the deadline.
             _ => {
                 shared.forget_forward_many(group.id);
                 metrics::counter!("shoal_forward_failures_total").increment(1);
-                tracing::debug!("forwarded batch got no answer; routing its writes again");
-                for (place, w) in group.places.into_iter().zip(group.writes) {
-                    let r = match start_write(shared, w) {
-                        Started::Done(r) => r,
-                        Started::Forwarded(next) => finish_write(shared, next).await,
-                    };
-                    out.push((
-                        place,
-                        r.and_then(|resp| match resp {
-                            Response::Applied { revision } => Ok(revision),
-                            other => Err(ErrorBody::new(
-                                ErrorCode::Internal,
-                                format!("unexpected answer to a write: {other:?}"),
-                            )),
-                        }),
-                    ));
-                }
+                unanswered.extend(group.places.into_iter().zip(group.writes));
             }
         }
     }
-    out
+    unanswered
 }
 
 /// Awaits the owners' answers of a batch (see [`finish_forwarded`]): the answer to a
@@ -252,21 +204,6 @@ pub async fn finish_many(shared: &Arc<Shared>, mut p: PendingMany) -> Result<Res
             .map(|r| r.unwrap_or_else(|| Err(ErrorBody::new(ErrorCode::Internal, "no outcome"))))
             .collect(),
     ))
-}
-
-fn apply_here(shared: &Arc<Shared>, w: Write) -> Result<Response, ErrorBody> {
-    let now = shared.now_ms();
-    let service = unchanging_key(&w);
-    let mut replica = write_lock(&shared.replica);
-    let (change, actions) = replica.apply_write(w, now).map_err(ErrorBody::from)?;
-    shared.execute(&replica, actions);
-    let revision = match change {
-        Some(c) => c.revision,
-        None => service
-            .and_then(|s| replica.registry().service_revision(&s))
-            .unwrap_or(0),
-    };
-    Ok(Response::Applied { revision })
 }
 
 /// The service of a write that may change nothing visible (a beat that only refreshes

@@ -116,8 +116,7 @@ pub struct Shared {
     subscribers: Mutex<HashMap<ServiceKey, HashMap<ConnId, Subscriber>>>,
     /// Services changed and waiting for the push thread (see [`crate::push`]).
     pushes: Arc<crate::push::PushQueue>,
-    pending_forwards: Mutex<HashMap<u64, oneshot::Sender<ForwardOutcome>>>,
-    /// Forwarded batches of writes (a client's RegisterMany) waiting for their owner.
+    /// Forwarded runs of client writes (one message per owner) waiting for their owner.
     pending_batches: Mutex<HashMap<u64, oneshot::Sender<Vec<ForwardOutcome>>>>,
     /// Whether the node answers clients (false while loading its snapshot, and while
     /// stopping).
@@ -173,7 +172,6 @@ impl Shared {
             sessions: Mutex::new(HashMap::new()),
             subscribers: Mutex::new(HashMap::new()),
             pushes: Arc::default(),
-            pending_forwards: Mutex::new(HashMap::new()),
             pending_batches: Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
@@ -344,18 +342,15 @@ impl Shared {
                         metrics::counter!("shoal_peer_messages_dropped_total").increment(1);
                         if let Some(id) = forward_id {
                             // The owner is unreachable: fail the forward now.
-                            lock(&self.pending_forwards).remove(&id);
                             lock(&self.pending_batches).remove(&id);
                         }
                     }
                 }
                 Action::Connect { addr, .. } => self.links.dial(addr),
                 Action::Publish(changes) => self.publish(&changes),
-                Action::ForwardDone { id, outcome } => {
-                    if let Some(tx) = lock(&self.pending_forwards).remove(&id) {
-                        let _ = tx.send(outcome);
-                    }
-                }
+                // Only the engine's own single forwards (registrations it asserts
+                // again for a live session here after a partition): nobody awaits them.
+                Action::ForwardDone { .. } => {}
                 Action::ForwardManyDone { id, outcomes } => {
                     if let Some(tx) = lock(&self.pending_batches).remove(&id) {
                         let _ = tx.send(outcomes);
@@ -394,18 +389,6 @@ impl Shared {
     /// Gives up on a pending batch forward (timed out).
     pub fn forget_forward_many(&self, id: u64) {
         lock(&self.pending_batches).remove(&id);
-    }
-
-    /// Registers a pending forward; the answer arrives through [`Action::ForwardDone`].
-    pub fn expect_forward(&self, id: u64) -> oneshot::Receiver<ForwardOutcome> {
-        let (tx, rx) = oneshot::channel();
-        lock(&self.pending_forwards).insert(id, tx);
-        rx
-    }
-
-    /// Forgets a forward that timed out.
-    pub fn forget_forward(&self, id: u64) {
-        lock(&self.pending_forwards).remove(&id);
     }
 
     /// Notes each changed service that has subscribers here for the push thread,

@@ -324,7 +324,7 @@ impl ChaosCluster {
     /// `kill -STOP` node `i`.
     pub fn freeze(&mut self, i: usize) {
         if let Some(pid) = self.pid(i) {
-            signal("STOP", pid);
+            crate::send_signal("STOP", pid);
             self.nodes[i].frozen = true;
         }
     }
@@ -332,7 +332,7 @@ impl ChaosCluster {
     /// `kill -CONT` node `i`.
     pub fn thaw(&mut self, i: usize) {
         if let Some(pid) = self.pid(i) {
-            signal("CONT", pid);
+            crate::send_signal("CONT", pid);
             self.nodes[i].frozen = false;
         }
     }
@@ -441,14 +441,6 @@ impl ChaosCluster {
         }
         Ok(())
     }
-}
-
-fn signal(sig: &str, pid: u32) {
-    let status = Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run kill: {e}"));
-    assert!(status.success(), "kill -{sig} {pid} failed: {status}");
 }
 
 impl Drop for ChaosCluster {

@@ -149,23 +149,7 @@ async fn writes_sent_together_are_answered_one_by_one_in_order() {
 async fn writes_forwarded_to_a_stalled_owner_are_answered_unavailable_within_two_timeouts() {
     const FORWARD_TIMEOUT_MS: u64 = 1_000;
     const WRITES: usize = 100;
-    let dir = unique_temp_dir("shoal-test-stall-config");
-    let config = dir.join("shoal.toml");
-    std::fs::write(
-        &config,
-        "[replication]\nsuspect_after_ms = 120000\ndown_after_ms = 240000\n",
-    )
-    .unwrap();
-    let cluster = Cluster::start_with(
-        3,
-        NodeOptions::default()
-            .arg("--config")
-            .arg(&config.display().to_string())
-            .arg("--forward-timeout-ms")
-            .arg(&FORWARD_TIMEOUT_MS.to_string()),
-    )
-    .await;
-    cluster.wait_until_converged().await;
+    let (cluster, dir) = stall_tolerant_cluster(FORWARD_TIMEOUT_MS).await;
     let stalled = cluster.service_owned_by(1, "stalled").await;
     let here = cluster.service_owned_by(0, "unstalled").await;
     let (mut client, _) = RawClient::session(cluster.node(0)).await;
@@ -245,6 +229,92 @@ async fn writes_forwarded_to_a_stalled_owner_are_answered_unavailable_within_two
             }
             r => panic!("a write to the thawed owner: {r:?}"),
         }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Three nodes that wait minutes before they suspect a silent peer (so a stalled owner
+/// stays in the ring), with this forward timeout. Returns the directory of their
+/// configuration file too.
+async fn stall_tolerant_cluster(forward_timeout_ms: u64) -> (Cluster, std::path::PathBuf) {
+    let dir = unique_temp_dir("shoal-test-stall-config");
+    let config = dir.join("shoal.toml");
+    std::fs::write(
+        &config,
+        "[replication]\nsuspect_after_ms = 120000\ndown_after_ms = 240000\n",
+    )
+    .unwrap();
+    let cluster = Cluster::start_with(
+        3,
+        NodeOptions::default()
+            .arg("--config")
+            .arg(&config.display().to_string())
+            .arg("--forward-timeout-ms")
+            .arg(&forward_timeout_ms.to_string()),
+    )
+    .await;
+    cluster.wait_until_converged().await;
+    (cluster, dir)
+}
+
+/// A run of writes to three owners, one of them stalled (SIGSTOP): the writes applied
+/// here and those the live owner applied are answered at once, while the stalled
+/// owner's still wait (the forward timeout is a minute). Once it runs again it answers
+/// them, applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_owner_does_not_hold_up_the_answers_of_the_others() {
+    const WRITES: u64 = 30;
+    let (cluster, dir) = stall_tolerant_cluster(60_000).await;
+    let here = cluster.service_owned_by(0, "mixed-here").await;
+    let stalled = cluster.service_owned_by(1, "mixed-stalled").await;
+    let live = cluster.service_owned_by(2, "mixed-live").await;
+    let (mut client, _) = RawClient::session(cluster.node(0)).await;
+
+    send_signal("STOP", cluster.node(1).pid());
+    // Interleaved, in one buffer: ids 1000.. here, 2000.. to the stalled owner, 3000..
+    // to the live one.
+    let mut bytes = Vec::new();
+    for i in 0..WRITES {
+        for (base, service) in [(1_000, &here), (2_000, &stalled), (3_000, &live)] {
+            let frame = ClientFrame::Request {
+                id: base + i,
+                body: Request::Register {
+                    service: service.clone(),
+                    instance: inst(&format!("10.7.0.{i}"), 8080),
+                },
+            };
+            bytes.extend(shoal_proto::encode_frame(&frame, 1 << 20).unwrap());
+        }
+    }
+    client.send_raw(&bytes).await;
+
+    let answer = async |client: &mut RawClient| match client.next_event(PATIENCE).await {
+        Event::Frame(ServerFrame::Response { id, result }) => (id, result),
+        other => panic!("expected answers, got {other:?}"),
+    };
+    let mut seen = HashMap::new();
+    for _ in 0..2 * WRITES {
+        let (id, result) = answer(&mut client).await;
+        assert!(
+            !(2_000..3_000).contains(&id),
+            "write {id} to the stalled owner was answered ({result:?}) before the others"
+        );
+        assert!(
+            matches!(result, Ok(Response::Applied { .. })),
+            "{id}: {result:?}"
+        );
+        assert!(seen.insert(id, ()).is_none(), "a second answer to {id}");
+    }
+
+    send_signal("CONT", cluster.node(1).pid());
+    for _ in 0..WRITES {
+        let (id, result) = answer(&mut client).await;
+        assert!((2_000..3_000).contains(&id), "{id} answered twice");
+        assert!(
+            matches!(result, Ok(Response::Applied { revision }) if revision > 0),
+            "{id}: {result:?}"
+        );
+        assert!(seen.insert(id, ()).is_none(), "a second answer to {id}");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

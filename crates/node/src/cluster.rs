@@ -8,6 +8,7 @@
 //! possibly this node. What is still unanswered after that is `Unavailable`, so a run
 //! is answered within about two forward timeouts however many writes it holds.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +37,7 @@ struct ForwardedGroup {
 /// Starts the writes of a run, in their order: applied here under one lock where this
 /// node owns the service, else sent to each owner in one message. A session's writes
 /// leave in its order (a forward goes over the one ordered link to the owner), while
-/// the owners' answers are awaited concurrently ([`finish_forwarded`]).
+/// the owners' answers are awaited concurrently ([`Answers`]).
 pub fn start_many(shared: &Arc<Shared>, writes: Vec<Write>) -> PendingMany {
     let now = shared.now_ms();
     let mut results: Vec<Option<Result<u64, ErrorBody>>> = Vec::with_capacity(writes.len());
@@ -111,63 +112,165 @@ impl PendingMany {
     }
 }
 
-/// Awaits the owners' answers of a batch: the outcomes of its forwarded writes, with
-/// their places in the batch. The groups share one deadline, `forward_timeout_ms`
-/// from now. The writes of the groups not answered by then are routed again together
-/// ([`start_many`]; the ring may have changed), with a second deadline; those still
+/// The owners' answers to the forwarded writes of a batch, as they arrive
+/// ([`PendingMany::answers`]).
+///
+/// The groups sent share one deadline, `forward_timeout_ms` after the answers are first
+/// awaited; each group's outcomes are handed out as soon as its owner answers, so a
+/// stalled owner does not hold up the answers of the others. The writes of the groups
+/// not answered by the deadline (or whose link dropped) are routed again together
+/// ([`start_many`]; the ring may have changed), under a second deadline; those still
 /// unanswered after it are `Unavailable` (the client may retry them).
-pub async fn finish_forwarded(
-    shared: &Arc<Shared>,
-    p: PendingMany,
-) -> Vec<(usize, Result<u64, ErrorBody>)> {
-    let timeout = Duration::from_millis(shared.config.forward_timeout_ms);
-    let mut out = Vec::with_capacity(p.results.len());
-    let unanswered = await_groups(shared, p.groups, timeout, &mut out, |place| place).await;
-    if unanswered.is_empty() {
-        return out;
-    }
-    tracing::debug!(
-        writes = unanswered.len(),
-        "forwarded writes got no answer; routing them again"
-    );
-    // A moment for the failure detector and the ring to catch up.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let (places, writes): (Vec<usize>, Vec<Write>) = unanswered.into_iter().unzip();
-    let mut again = start_many(shared, writes);
-    for (i, r) in again.take_settled() {
-        out.push((places[i], r));
-    }
-    let still = await_groups(shared, again.groups, timeout, &mut out, |i| places[i]).await;
-    for (i, _) in still {
-        out.push((
-            places[i],
-            Err(ErrorBody::new(
-                ErrorCode::Unavailable,
-                "the owner of this service did not answer; retry",
-            )),
-        ));
-    }
-    out
+pub struct Answers {
+    shared: Arc<Shared>,
+    timeout: Duration,
+    /// The groups awaited (`None` once answered or given up).
+    groups: Vec<Option<ForwardedGroup>>,
+    deadline: Option<tokio::time::Instant>,
+    /// Places in the original batch of the places of the batch now awaited (empty:
+    /// the same; set once the writes were routed again).
+    places: Vec<usize>,
+    /// The writes not answered, with their places in the batch now awaited.
+    unanswered: Vec<(usize, Write)>,
+    /// Whether the unanswered writes were routed again already.
+    retried: bool,
 }
 
-/// Awaits `groups` until one deadline `timeout` from now: the outcomes of those
-/// answered go to `out` (their places mapped by `place_of`); the writes of the others
-/// are returned with their places in the groups' batch.
-async fn await_groups(
-    shared: &Arc<Shared>,
-    groups: Vec<ForwardedGroup>,
-    timeout: Duration,
-    out: &mut Vec<(usize, Result<u64, ErrorBody>)>,
-    place_of: impl Fn(usize) -> usize,
-) -> Vec<(usize, Write)> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut unanswered = Vec::new();
-    for group in groups {
-        match tokio::time::timeout_at(deadline, group.rx).await {
-            Ok(Ok(outcomes)) if outcomes.len() == group.places.len() => {
+impl PendingMany {
+    /// The answers to come of the forwarded writes.
+    pub fn answers(self, shared: &Arc<Shared>) -> Answers {
+        Answers {
+            shared: shared.clone(),
+            timeout: Duration::from_millis(shared.config.forward_timeout_ms),
+            groups: self.groups.into_iter().map(Some).collect(),
+            deadline: None,
+            places: Vec::new(),
+            unanswered: Vec::new(),
+            retried: false,
+        }
+    }
+}
+
+impl Answers {
+    /// The next outcomes known, with their places in the batch; `None` once every
+    /// forwarded write has its outcome.
+    pub async fn next(&mut self) -> Option<Vec<(usize, Result<u64, ErrorBody>)>> {
+        loop {
+            if self.groups.iter().all(Option::is_none) {
+                if self.unanswered.is_empty() {
+                    return None;
+                }
+                let unanswered = std::mem::take(&mut self.unanswered);
+                if self.retried {
+                    return Some(
+                        unanswered
+                            .into_iter()
+                            .map(|(place, _)| {
+                                (
+                                    self.place(place),
+                                    Err(ErrorBody::new(
+                                        ErrorCode::Unavailable,
+                                        "the owner of this service did not answer; retry",
+                                    )),
+                                )
+                            })
+                            .collect(),
+                    );
+                }
+                tracing::debug!(
+                    writes = unanswered.len(),
+                    "forwarded writes got no answer; routing them again"
+                );
+                // A moment for the failure detector and the ring to catch up.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let (places, writes): (Vec<usize>, Vec<Write>) = unanswered
+                    .into_iter()
+                    .map(|(place, w)| (self.place(place), w))
+                    .unzip();
+                let mut again = start_many(&self.shared, writes);
+                self.places = places;
+                self.retried = true;
+                self.deadline = None;
+                self.groups = again.groups.drain(..).map(Some).collect();
+                let settled: Vec<_> = again
+                    .take_settled()
+                    .into_iter()
+                    .map(|(i, r)| (self.place(i), r))
+                    .collect();
+                if !settled.is_empty() {
+                    return Some(settled);
+                }
+                continue;
+            }
+            let deadline = *self
+                .deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + self.timeout);
+            let ready = tokio::time::timeout_at(
+                deadline,
+                std::future::poll_fn(|cx| {
+                    let mut ready = Vec::new();
+                    for (i, g) in self.groups.iter_mut().enumerate() {
+                        if let Some(g) = g {
+                            if let std::task::Poll::Ready(r) =
+                                std::pin::Pin::new(&mut g.rx).poll(cx)
+                            {
+                                ready.push((i, r.ok()));
+                            }
+                        }
+                    }
+                    if ready.is_empty() {
+                        std::task::Poll::Pending
+                    } else {
+                        std::task::Poll::Ready(ready)
+                    }
+                }),
+            )
+            .await;
+            let mut out = Vec::new();
+            match ready {
+                Ok(ready) => {
+                    for (i, outcomes) in ready {
+                        let group = self.groups[i].take().expect("a group polled once");
+                        self.settle(group, outcomes, &mut out);
+                    }
+                }
+                // The deadline: give up on every group still awaited.
+                Err(_) => {
+                    for i in 0..self.groups.len() {
+                        if let Some(group) = self.groups[i].take() {
+                            self.settle(group, None, &mut out);
+                        }
+                    }
+                }
+            }
+            if !out.is_empty() {
+                return Some(out);
+            }
+        }
+    }
+
+    /// The place in the original batch of place `i` of the batch now awaited.
+    fn place(&self, i: usize) -> usize {
+        if self.places.is_empty() {
+            i
+        } else {
+            self.places[i]
+        }
+    }
+
+    /// A group's answer (`None`: none, or its link dropped): its outcomes go to `out`,
+    /// or, without a well-formed answer, its writes to those to route again.
+    fn settle(
+        &mut self,
+        group: ForwardedGroup,
+        outcomes: Option<Vec<ForwardOutcome>>,
+        out: &mut Vec<(usize, Result<u64, ErrorBody>)>,
+    ) {
+        match outcomes {
+            Some(outcomes) if outcomes.len() == group.places.len() => {
                 for (place, outcome) in group.places.into_iter().zip(outcomes) {
                     out.push((
-                        place_of(place),
+                        self.place(place),
                         match outcome {
                             ForwardOutcome::Applied { revision } => Ok(revision),
                             ForwardOutcome::Rejected { code, message } => {
@@ -177,26 +280,28 @@ async fn await_groups(
                     ));
                 }
             }
-            // Dropped (no link to the owner), a malformed answer, or the deadline.
             _ => {
-                shared.forget_forward_many(group.id);
+                self.shared.forget_forward_many(group.id);
                 metrics::counter!("shoal_forward_failures_total").increment(1);
-                unanswered.extend(group.places.into_iter().zip(group.writes));
+                self.unanswered
+                    .extend(group.places.into_iter().zip(group.writes));
             }
         }
     }
-    unanswered
 }
 
-/// Awaits the owners' answers of a batch (see [`finish_forwarded`]): the answer to a
-/// client's RegisterMany, every outcome in its place.
+/// Awaits the owners' answers of a batch (see [`Answers`]): the answer to a client's
+/// RegisterMany, every outcome in its place.
 pub async fn finish_many(shared: &Arc<Shared>, mut p: PendingMany) -> Result<Response, ErrorBody> {
     let mut results: Vec<Option<Result<u64, ErrorBody>>> = vec![None; p.results.len()];
     for (place, r) in p.take_settled() {
         results[place] = Some(r);
     }
-    for (place, r) in finish_forwarded(shared, p).await {
-        results[place] = Some(r);
+    let mut answers = p.answers(shared);
+    while let Some(outcomes) = answers.next().await {
+        for (place, r) in outcomes {
+            results[place] = Some(r);
+        }
     }
     Ok(Response::AppliedMany(
         results

@@ -485,7 +485,7 @@ fn write_kind(w: &Write) -> &'static str {
 
 /// Starts a run of single writes that arrived together, in their order, as one batch
 /// ([`crate::cluster::start_many`]), and answers each with its own id: those applied
-/// here at once, the forwarded ones when their owners answer, from a task of their own
+/// here at once, the forwarded ones as each owner answers, from a task of their own
 /// (at most [`MAX_FORWARDS_IN_FLIGHT`] runs wait at once). False when the session's
 /// outbox is gone.
 async fn write_run(
@@ -520,16 +520,18 @@ async fn write_run(
     let Ok(permit) = in_flight.clone().acquire_owned().await else {
         return false;
     };
-    let shared = shared.clone();
+    let mut answers = pending.answers(shared);
     let tx = outbox.tx.clone();
     tokio::spawn(async move {
-        for (place, result) in crate::cluster::finish_forwarded(&shared, pending).await {
-            let (id, kind) = ids[place];
-            let result = result.map(|revision| Response::Applied { revision });
-            observe(kind, started, &result);
-            let frame = ServerFrame::Response { id, result };
-            if tx.send(frame.into()).await.is_err() {
-                break;
+        'answers: while let Some(outcomes) = answers.next().await {
+            for (place, result) in outcomes {
+                let (id, kind) = ids[place];
+                let result = result.map(|revision| Response::Applied { revision });
+                observe(kind, started, &result);
+                let frame = ServerFrame::Response { id, result };
+                if tx.send(frame.into()).await.is_err() {
+                    break 'answers;
+                }
             }
         }
         drop(permit);

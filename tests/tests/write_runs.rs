@@ -133,6 +133,32 @@ async fn writes_sent_together_are_answered_one_by_one_in_order() {
         runs < writes as f64,
         "{writes} writes sent together went as {runs} runs"
     );
+    // Each answer counted by its kind and outcome: 54 + 3 registrations applied, 6
+    // refused, 3 deregistrations, the query; the forwarded ones came back in replies.
+    for (series, want) in [
+        (
+            r#"shoal_requests_total{kind="register",outcome="ok"}"#,
+            57.0,
+        ),
+        (
+            r#"shoal_requests_total{kind="register",outcome="error"}"#,
+            6.0,
+        ),
+        (
+            r#"shoal_requests_total{kind="deregister",outcome="ok"}"#,
+            3.0,
+        ),
+        (r#"shoal_requests_total{kind="query",outcome="ok"}"#, 1.0),
+    ] {
+        assert_eq!(counter(&metrics, series), want, "{series}");
+    }
+    assert!(
+        counter(
+            &metrics,
+            r#"shoal_peer_messages_received_total{kind="forward_many_reply"}"#
+        ) >= 2.0,
+        "the writes forwarded to the two other owners were answered"
+    );
 
     // The session still works one request at a time.
     let revision = client.register(&services[1], inst("10.3.0.1", 80)).await;

@@ -80,7 +80,9 @@ pub fn start_many(shared: &Arc<Shared>, writes: Vec<Write>) -> PendingMany {
         }
     }
     for (owner, places, ws) in by_owner {
-        metrics::counter!("shoal_forwarded_writes_total").increment(ws.len() as u64);
+        crate::metrics::hot()
+            .forwarded_writes
+            .increment(ws.len() as u64);
         let (id, more) = replica.forward_many(&owner, ws.clone(), now);
         let rx = shared.expect_forward_many(id);
         actions.extend(more);

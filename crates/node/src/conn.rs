@@ -13,6 +13,7 @@ use shoal_storage::{ServiceKey, SessionId};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::metrics::Kind;
 use crate::query_cache::{cacheable, QueryKey};
 use crate::server::{CLOSE_NORMAL, CLOSE_PROTOCOL, CLOSE_STALLED};
 use crate::state::{lock, read, ConnId, Outbox, Outgoing, Shared};
@@ -286,8 +287,7 @@ async fn request_loop(
                 break SessionEnd::Lost;
             }
         } else {
-            metrics::counter!("shoal_requests_total", "kind" => kind, "outcome" => "ok")
-                .increment(1);
+            crate::metrics::request(kind).ok.increment(1);
         }
         if goodbye {
             break SessionEnd::Goodbye;
@@ -315,19 +315,19 @@ enum Handled {
     Encoded(crate::query_cache::EncodedAnswer),
 }
 
-fn observe(kind: &'static str, started: std::time::Instant, result: &Result<Response, ErrorBody>) {
+fn observe(kind: Kind, started: std::time::Instant, result: &Result<Response, ErrorBody>) {
     if result.is_ok() {
         return observe_ok(kind, started);
     }
-    metrics::counter!("shoal_requests_total", "kind" => kind, "outcome" => "error").increment(1);
-    metrics::histogram!("shoal_request_duration_seconds", "kind" => kind)
-        .record(started.elapsed().as_secs_f64());
+    let m = crate::metrics::request(kind);
+    m.error.increment(1);
+    m.duration.record(started.elapsed().as_secs_f64());
 }
 
-fn observe_ok(kind: &'static str, started: std::time::Instant) {
-    metrics::counter!("shoal_requests_total", "kind" => kind, "outcome" => "ok").increment(1);
-    metrics::histogram!("shoal_request_duration_seconds", "kind" => kind)
-        .record(started.elapsed().as_secs_f64());
+fn observe_ok(kind: Kind, started: std::time::Instant) {
+    let m = crate::metrics::request(kind);
+    m.ok.increment(1);
+    m.duration.record(started.elapsed().as_secs_f64());
 }
 
 /// Serves one request, in the order they came. Writes are applied or sent to their
@@ -473,13 +473,13 @@ fn write_of(body: Request, session: SessionId) -> Result<Write, Request> {
 }
 
 /// The metrics label of a write, as [`request_kind`] names its request.
-fn write_kind(w: &Write) -> &'static str {
+fn write_kind(w: &Write) -> Kind {
     match w {
-        Write::Register { .. } => "register",
-        Write::Update { .. } => "update",
-        Write::Deregister { .. } => "deregister",
-        Write::Beat { .. } => "beat",
-        Write::SetServiceMeta { .. } => "set_service_meta",
+        Write::Register { .. } => Kind::Register,
+        Write::Update { .. } => Kind::Update,
+        Write::Deregister { .. } => Kind::Deregister,
+        Write::Beat { .. } => Kind::Beat,
+        Write::SetServiceMeta { .. } => Kind::SetServiceMeta,
     }
 }
 
@@ -495,7 +495,7 @@ async fn write_run(
     run: Vec<(u64, Write)>,
 ) -> bool {
     let started = std::time::Instant::now();
-    metrics::histogram!("shoal_write_run_ops").record(run.len() as f64);
+    crate::metrics::hot().write_run_ops.record(run.len() as f64);
     let mut ids = Vec::with_capacity(run.len());
     let writes = run
         .into_iter()
@@ -539,22 +539,22 @@ async fn write_run(
     true
 }
 
-fn request_kind(body: &Request) -> &'static str {
+fn request_kind(body: &Request) -> Kind {
     match body {
-        Request::Register { .. } => "register",
-        Request::RegisterMany { .. } => "register_many",
-        Request::Update { .. } => "update",
-        Request::Deregister { .. } => "deregister",
-        Request::Beat { .. } => "beat",
-        Request::SetServiceMeta { .. } => "set_service_meta",
-        Request::Query { .. } => "query",
-        Request::ListServices { .. } => "list_services",
-        Request::Subscribe { .. } => "subscribe",
-        Request::Unsubscribe { .. } => "unsubscribe",
-        Request::Members => "members",
-        Request::Ring { .. } => "ring",
-        Request::Ping => "ping",
-        Request::Goodbye => "goodbye",
+        Request::Register { .. } => Kind::Register,
+        Request::RegisterMany { .. } => Kind::RegisterMany,
+        Request::Update { .. } => Kind::Update,
+        Request::Deregister { .. } => Kind::Deregister,
+        Request::Beat { .. } => Kind::Beat,
+        Request::SetServiceMeta { .. } => Kind::SetServiceMeta,
+        Request::Query { .. } => Kind::Query,
+        Request::ListServices { .. } => Kind::ListServices,
+        Request::Subscribe { .. } => Kind::Subscribe,
+        Request::Unsubscribe { .. } => Kind::Unsubscribe,
+        Request::Members => Kind::Members,
+        Request::Ring { .. } => Kind::Ring,
+        Request::Ping => Kind::Ping,
+        Request::Goodbye => Kind::Goodbye,
     }
 }
 

@@ -390,22 +390,7 @@ async fn link_loop(
 
 /// Counts what crosses the peer links, for the dashboards.
 fn count_peer_message(msg: &PeerMsg) {
-    let kind = match msg {
-        PeerMsg::Ping(_) => "ping",
-        PeerMsg::Ack(_) => "ack",
-        PeerMsg::Batch(_) => "batch",
-        PeerMsg::Forward { .. } => "forward",
-        PeerMsg::ForwardReply { .. } => "forward_reply",
-        PeerMsg::ForwardMany { .. } => "forward_many",
-        PeerMsg::ForwardManyReply { .. } => "forward_many_reply",
-        PeerMsg::SnapshotRequest { .. } => "snapshot_request",
-        PeerMsg::SnapshotChunk(_) => "snapshot_chunk",
-        PeerMsg::Digest { .. } => "digest",
-        PeerMsg::DigestReply { .. } => "digest_reply",
-        PeerMsg::Repair { .. } => "repair",
-        PeerMsg::RepairRequest { .. } => "repair_request",
-    };
-    metrics::counter!("shoal_peer_messages_received_total", "kind" => kind).increment(1);
+    crate::metrics::peer_received(msg).increment(1);
     if let PeerMsg::Repair { records } = msg {
         metrics::counter!("shoal_anti_entropy_repairs_total").increment(records.len() as u64);
     }

@@ -359,9 +359,9 @@ impl Shared {
                 Action::BatchApplied {
                     ops, max_lag_ms, ..
                 } => {
-                    metrics::histogram!("shoal_replication_batch_ops").record(ops as f64);
-                    metrics::histogram!("shoal_replication_lag_seconds")
-                        .record(max_lag_ms as f64 / 1000.0);
+                    let hot = crate::metrics::hot();
+                    hot.batch_ops.record(ops as f64);
+                    hot.replication_lag.record(max_lag_ms as f64 / 1000.0);
                 }
                 Action::Ready => {
                     let took = self.now_ms().saturating_sub(self.started_ms);

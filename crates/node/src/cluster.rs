@@ -18,8 +18,9 @@ use shoal_storage::ServiceKey;
 
 use crate::state::{read, write as write_lock, Shared};
 
-/// A batch of writes under way (a client's RegisterMany): those this node owns are
-/// answered already, the others were forwarded, one message per owner.
+/// A batch of writes under way (a client's RegisterMany, or a run of single writes):
+/// those this node owns are answered already, the others were forwarded, one message
+/// per owner.
 pub struct PendingMany {
     results: Vec<Option<Result<u64, ErrorBody>>>,
     groups: Vec<ForwardedGroup>,
@@ -149,6 +150,16 @@ impl PendingMany {
             places: Vec::new(),
             unanswered: Vec::new(),
             retried: false,
+        }
+    }
+}
+
+/// Dropped before every answer came (the client went away): nothing waits for the
+/// rest any more.
+impl Drop for Answers {
+    fn drop(&mut self) {
+        for group in self.groups.iter().flatten() {
+            self.shared.forget_forward_many(group.id);
         }
     }
 }

@@ -130,13 +130,11 @@ pub struct Answers {
     /// The groups awaited (`None` once answered or given up).
     groups: Vec<Option<ForwardedGroup>>,
     deadline: Option<tokio::time::Instant>,
-    /// Places in the original batch of the places of the batch now awaited (empty:
-    /// the same; set once the writes were routed again).
-    places: Vec<usize>,
+    /// Once the unanswered writes were routed again (a batch of their own): the place
+    /// in the original batch of each place in that one.
+    rerouted: Option<Vec<usize>>,
     /// The writes not answered, with their places in the batch now awaited.
     unanswered: Vec<(usize, Write)>,
-    /// Whether the unanswered writes were routed again already.
-    retried: bool,
 }
 
 impl PendingMany {
@@ -147,9 +145,8 @@ impl PendingMany {
             timeout: Duration::from_millis(shared.config.forward_timeout_ms),
             groups: self.groups.into_iter().map(Some).collect(),
             deadline: None,
-            places: Vec::new(),
+            rerouted: None,
             unanswered: Vec::new(),
-            retried: false,
         }
     }
 }
@@ -174,7 +171,7 @@ impl Answers {
                     return None;
                 }
                 let unanswered = std::mem::take(&mut self.unanswered);
-                if self.retried {
+                if self.rerouted.is_some() {
                     return Some(
                         unanswered
                             .into_iter()
@@ -196,13 +193,10 @@ impl Answers {
                 );
                 // A moment for the failure detector and the ring to catch up.
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                let (places, writes): (Vec<usize>, Vec<Write>) = unanswered
-                    .into_iter()
-                    .map(|(place, w)| (self.place(place), w))
-                    .unzip();
+                // Not routed again yet: the places are those of the original batch.
+                let (places, writes): (Vec<usize>, Vec<Write>) = unanswered.into_iter().unzip();
                 let mut again = start_many(&self.shared, writes);
-                self.places = places;
-                self.retried = true;
+                self.rerouted = Some(places);
                 self.deadline = None;
                 self.groups = again.groups.drain(..).map(Some).collect();
                 let settled: Vec<_> = again
@@ -264,11 +258,7 @@ impl Answers {
 
     /// The place in the original batch of place `i` of the batch now awaited.
     fn place(&self, i: usize) -> usize {
-        if self.places.is_empty() {
-            i
-        } else {
-            self.places[i]
-        }
+        self.rerouted.as_ref().map_or(i, |places| places[i])
     }
 
     /// A group's answer (`None`: none, or its link dropped): its outcomes go to `out`,

@@ -219,8 +219,11 @@ pub struct Registry {
     /// Tombstones, by service (the key shared with `tomb_gc`). Instance tombstones
     /// are keyed by compact key; their cluster names count as uses in `clusters`.
     pub(crate) tombs: BTreeMap<Arc<ServiceKey>, Tombs>,
-    /// `(deleted_at_ms, service, instance or None for settings)` of every tombstone.
-    pub(crate) tomb_gc: BTreeSet<(u64, Arc<ServiceKey>, Option<Key>)>,
+    /// `(deleted_at_ms, instance or None for settings, service)` of every tombstone.
+    /// The service comes last: tombstones made at the same millisecond (a session's
+    /// end deletes all its instances at once) are told apart by their compact keys
+    /// first, not by comparing service names.
+    pub(crate) tomb_gc: BTreeSet<(u64, Option<Key>, Arc<ServiceKey>)>,
     /// `(ring position, service)` of every service with live data or tombstones.
     pub(crate) placed: BTreeSet<(u64, ServiceKey)>,
     /// Operations recorded by local writes, for [`Registry::take_ops`].
@@ -441,8 +444,7 @@ impl Registry {
             stamp,
         };
         self.record_instance(service, &inst.key(), version, Some(&inst), None, false);
-        self.put_live(service, inst, version, None);
-        self.set_revision(service, stamp);
+        self.put_live(service, inst, version, None, stamp);
         Ok(Change {
             key: service.clone(),
             revision: stamp,
@@ -477,8 +479,7 @@ impl Registry {
         inst.healthy = lapsed.is_none() && spec.healthy;
         inst.stamp = stamp;
         self.record_instance(service, &key, version, Some(&inst), lapsed, false);
-        self.put_live(service, inst, version, lapsed);
-        self.set_revision(service, stamp);
+        self.put_live(service, inst, version, lapsed, stamp);
         Ok(Change {
             key: service.clone(),
             revision: stamp,
@@ -578,8 +579,7 @@ impl Registry {
             inst.stamp = stamp;
             inst.last_beat_ms = inst.last_beat_ms.max(now_ms);
             self.record_instance(service, &key, version, Some(&inst), None, false);
-            self.put_live(service, inst, version, None);
-            self.set_revision(service, stamp);
+            self.put_live(service, inst, version, None, stamp);
             return Ok(Some(Change {
                 key: service.clone(),
                 revision: stamp,
@@ -779,7 +779,8 @@ impl Registry {
                             Some(true),
                             false,
                         );
-                        self.put_live(&service, inst, version, Some(true));
+                        let revision = inst.stamp;
+                        self.put_live(&service, inst, version, Some(true), revision);
                     } else {
                         let slot = self
                             .services
@@ -851,20 +852,27 @@ impl Registry {
     }
 
     /// Stores `inst` live at `version` (lapsed with the declared health `lapsed`),
-    /// replacing what its key held, live or deleted. Keeps the indexes and the digest
-    /// sum; creates the service entry if needed. The caller sets the revision and
-    /// calls [`Registry::settle`] when the entry may have become disposable.
+    /// replacing what its key held, live or deleted, and sets the service's revision to
+    /// `revision`. Keeps the indexes and the digest sum; creates the service entry if
+    /// needed. A service that holds an instance is never disposable, so there is
+    /// nothing for [`Registry::settle`] to do after this.
+    ///
+    /// On the path of every write and every replicated operation: the service is looked
+    /// up once and the instance once (an entry, not a remove and an insert).
     pub(crate) fn put_live(
         &mut self,
         service: &ServiceKey,
         inst: Instance,
         version: Stamp,
         lapsed: Option<bool>,
+        revision: u64,
     ) {
         if self.tombs.contains_key(service) {
             self.drop_tomb(service, Some(&inst.key()));
         }
-        let id = self.ensure_entry(service);
+        if !self.services.contains_key(service) {
+            self.ensure_entry(service);
+        }
         let Instance {
             ip,
             port,
@@ -897,17 +905,25 @@ impl Registry {
             flags: Slot::flags_of(healthy, enabled, lapsed),
         };
         let entry = self.services.get_mut(service).expect("just ensured");
-        if let Some(old) = entry.instances.remove(&k) {
-            self.clusters.release(k.cluster);
-            self.index.remove(id, k, &old);
-            let old_hash = instance_hash(&cluster, &ip, port, old.version);
-            entry.sum = entry.sum.wrapping_sub(old_hash);
-        } else {
-            self.instance_total += 1;
+        let id = entry.id;
+        match entry.instances.entry(k) {
+            std::collections::hash_map::Entry::Occupied(mut held) => {
+                self.clusters.release(k.cluster);
+                self.index.remove(id, k, held.get());
+                let old_hash = instance_hash(&cluster, &ip, port, held.get().version);
+                entry.sum = entry.sum.wrapping_sub(old_hash);
+                self.index.add(id, k, &mut slot, session);
+                held.insert(slot);
+            }
+            std::collections::hash_map::Entry::Vacant(free) => {
+                self.instance_total += 1;
+                self.index.add(id, k, &mut slot, session);
+                free.insert(slot);
+            }
         }
-        self.index.add(id, k, &mut slot, session);
         entry.sum = entry.sum.wrapping_add(hash);
-        entry.instances.insert(k, slot);
+        entry.revision = revision;
+        entry.changed_ms = self.last_now_ms;
         self.content_generation = crate::next_generation();
     }
 
@@ -954,7 +970,7 @@ impl Registry {
             .expect("just ensured")
             .instances
             .insert(k, tomb);
-        self.tomb_gc.insert((now_ms, shared, Some(k)));
+        self.tomb_gc.insert((now_ms, Some(k), shared));
         self.place(service);
         if removed {
             self.content_generation = crate::next_generation();
@@ -986,7 +1002,7 @@ impl Registry {
                 deleted_at_ms: now_ms,
                 reaped: false,
             });
-            self.tomb_gc.insert((now_ms, shared, None));
+            self.tomb_gc.insert((now_ms, None, shared));
         } else {
             self.ensure_entry(service);
             let e = self.services.get_mut(service).expect("just ensured");
@@ -1036,7 +1052,7 @@ impl Registry {
             if let Some(k) = k {
                 self.clusters.release(k.cluster);
             }
-            self.tomb_gc.remove(&(tomb.deleted_at_ms, shared, k));
+            self.tomb_gc.remove(&(tomb.deleted_at_ms, k, shared));
         }
         if empty {
             self.tombs.remove(service);
@@ -1341,7 +1357,7 @@ impl Registry {
                     self.find_slot(service, &key).is_none(),
                     "{key} live and dead"
                 );
-                gc.insert((tomb.deleted_at_ms, service.clone(), Some(*k)));
+                gc.insert((tomb.deleted_at_ms, Some(*k), service.clone()));
             }
             if let Some(tomb) = t.meta {
                 assert_eq!(
@@ -1350,7 +1366,7 @@ impl Registry {
                         .map_or(Stamp::ZERO, |e| e.meta_stamp),
                     Stamp::ZERO
                 );
-                gc.insert((tomb.deleted_at_ms, service.clone(), None));
+                gc.insert((tomb.deleted_at_ms, None, service.clone()));
             }
         }
         assert_eq!(gc, self.tomb_gc);

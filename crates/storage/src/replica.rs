@@ -439,9 +439,7 @@ impl Registry {
                     Lease::Ttl(_) => op.lapsed,
                     Lease::Session(_) => None,
                 };
-                self.put_live(&service, inst, op.stamp, lapsed);
-                self.set_revision(&service, revision);
-                self.settle(&service);
+                self.put_live(&service, inst, op.stamp, lapsed, revision);
                 Some(Change {
                     key: service,
                     revision,
@@ -712,7 +710,7 @@ impl Registry {
             if at.saturating_add(ttl) > now_ms {
                 break;
             }
-            let (_, service, key) = self.tomb_gc.pop_first().expect("checked above");
+            let (_, key, service) = self.tomb_gc.pop_first().expect("checked above");
             if let Some(t) = self.tombs.get_mut(&*service) {
                 match key {
                     Some(k) => {

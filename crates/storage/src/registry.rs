@@ -323,7 +323,7 @@ impl Registry {
     pub(crate) fn public_key(&self, key: &Key) -> InstanceKey {
         InstanceKey {
             cluster: self.clusters.name(key.cluster).to_string(),
-            ip: key.ip.to_string(),
+            ip: crate::compact::ip_text(&key.ip),
             port: key.port,
         }
     }
@@ -331,7 +331,7 @@ impl Registry {
     /// The public form of a live instance.
     pub(crate) fn materialize(&self, key: &Key, slot: &Slot) -> Instance {
         Instance {
-            ip: key.ip.to_string(),
+            ip: crate::compact::ip_text(&key.ip),
             port: key.port,
             cluster: self.clusters.name(key.cluster).to_string(),
             weight: slot.weight,

@@ -329,12 +329,14 @@ impl Sessions {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// The digit-by-digit text of an IPv4 address is the standard one: every value of
     /// every octet, and addresses from a seeded generator (the seed is fixed: the
     /// check is exhaustive per octet, the rest is a spread).
     #[test]
     fn ip_text_is_the_standard_text() {
-        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        use std::net::{Ipv4Addr, Ipv6Addr};
         for v in 0..=255u8 {
             for at in 0..4 {
                 let mut o = [1u8, 20, 203, 9];
@@ -362,8 +364,6 @@ mod tests {
         }
         assert_eq!(super::ip_text(&IpAddr::V6(Ipv6Addr::UNSPECIFIED)), "::");
     }
-
-    use super::*;
 
     #[test]
     fn sizes() {

@@ -858,7 +858,8 @@ impl Registry {
     /// nothing for [`Registry::settle`] to do after this.
     ///
     /// On the path of every write and every replicated operation: the service is looked
-    /// up once and the instance once (an entry, not a remove and an insert).
+    /// up twice (whether it has an entry, then the entry) and the instance once (an
+    /// entry, not a remove and an insert); the revision is set on the entry at hand.
     pub(crate) fn put_live(
         &mut self,
         service: &ServiceKey,

@@ -465,24 +465,41 @@ async fn register_phase(
 }
 
 /// Checks that the node lists exactly the services and instances the run registered.
+/// A single node holds every write it acknowledged, so the first listing matches. With
+/// several `--servers` (a cluster), the listing node may hold a copy of writes that
+/// other nodes acknowledged, which lags by milliseconds: it is listed again until it
+/// matches, for up to [`CHECK_WAIT`].
 async fn check_registry(client: &Client, args: &SingleNodeArgs) -> Result<()> {
-    let listed = client
-        .list_services(NAMESPACE, Some(GROUP))
-        .await
-        .context("listing the services after registration")?;
-    let instances: usize = listed.iter().map(|s| s.instances).sum();
     let expected_instances = args.sessions * args.instances_per_session;
     let expected_services = args.services.min(expected_instances);
-    if listed.len() != expected_services || instances != expected_instances {
-        bail!(
-            "the node lists {} services with {instances} instances in group {GROUP}; \
-             expected {expected_services} services with {expected_instances} instances",
-            listed.len()
-        );
+    let deadline = Instant::now() + CHECK_WAIT;
+    loop {
+        let listed = client
+            .list_services(NAMESPACE, Some(GROUP))
+            .await
+            .context("listing the services after registration")?;
+        let instances: usize = listed.iter().map(|s| s.instances).sum();
+        if listed.len() == expected_services && instances == expected_instances {
+            eprintln!(
+                "checked: the node lists {expected_services} services with {instances} instances"
+            );
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the node lists {} services with {instances} instances in group {GROUP} \
+                 {} s after the last registration was acknowledged; expected \
+                 {expected_services} services with {expected_instances} instances",
+                listed.len(),
+                CHECK_WAIT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    eprintln!("checked: the node lists {expected_services} services with {instances} instances");
-    Ok(())
 }
+
+/// How long [`check_registry`] waits for the listing node to hold every registration.
+const CHECK_WAIT: Duration = Duration::from_secs(10);
 
 async fn query_phase(
     args: &SingleNodeArgs,

@@ -199,6 +199,14 @@ impl Names {
         id
     }
 
+    /// One more use of `id`, a name already held.
+    pub(crate) fn retain(&mut self, id: u32) {
+        match &mut self.names[id as usize] {
+            Some((_, uses)) => *uses += 1,
+            None => debug_assert!(false, "retained a free name id {id}"),
+        }
+    }
+
     /// One use of `id` fewer; the name goes with its last use.
     pub(crate) fn release(&mut self, id: u32) {
         let slot = &mut self.names[id as usize];

@@ -3,6 +3,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::ops::Bound;
 use std::sync::Arc;
 
 use crate::compact::{Key, Names, Sessions, Slot, NO_SESSION};
@@ -651,28 +652,38 @@ impl Registry {
         for (id, k) in &members.members {
             by_id.entry(*id).or_default().push(*k);
         }
-        let by_service: BTreeMap<ServiceKey, Vec<InstanceKey>> = by_id
+        // The services in key order, each with its instances in key order (by their
+        // public form, which the recorded operations carry).
+        let mut by_service: Vec<(ServiceKey, Vec<(InstanceKey, Key)>)> = by_id
             .into_iter()
             .filter(|(id, _)| filter(self.service_key(*id)))
             .map(|(id, keys)| {
-                let keys = keys.iter().map(|k| self.public_key(k)).collect();
+                let mut keys: Vec<(InstanceKey, Key)> =
+                    keys.into_iter().map(|k| (self.public_key(&k), k)).collect();
+                keys.sort_unstable_by(|a, b| a.0.cmp(&b.0));
                 (self.service_key(id).clone(), keys)
             })
             .collect();
+        by_service.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let now_ms = self.last_now_ms;
         let mut changes = Vec::with_capacity(by_service.len());
-        for (service, mut keys) in by_service {
-            keys.sort();
+        for (service, keys) in by_service {
             let mut removed = false;
-            for key in keys {
-                let owned = self.find_slot(&service, &key).is_some_and(|(_, _, slot)| {
-                    slot.session != NO_SESSION
-                        && self.index.sessions.session(slot.session) == session
-                });
+            for (key, k) in keys {
+                let owned = self
+                    .services
+                    .get(&service)
+                    .and_then(|e| e.instances.get(&k))
+                    .is_some_and(|slot| {
+                        slot.session != NO_SESSION
+                            && self.index.sessions.session(slot.session) == session
+                    });
                 debug_assert!(owned, "session index names {key} wrongly");
                 if owned {
                     let version = self.next_version(now_ms);
-                    self.kill(&service, &key, version, now_ms, true);
+                    // The tombstone's use of the cluster name (the live one's goes).
+                    self.clusters.retain(k.cluster);
+                    self.kill_at(&service, k, &key, version, now_ms, true);
                     self.record_instance(&service, &key, version, None, None, true);
                     removed = true;
                 }
@@ -938,7 +949,6 @@ impl Registry {
         now_ms: u64,
         reaped: bool,
     ) -> bool {
-        let mut removed = false;
         // The tombstone's use of the cluster name, taken first so that a name whose
         // last live use goes here is kept.
         let k = Key {
@@ -946,33 +956,67 @@ impl Registry {
             ip: key.ip.parse::<IpAddr>().expect("a canonical address"),
             port: key.port,
         };
-        {
-            if let Some(entry) = self.services.get_mut(service) {
-                if let Some(old) = entry.instances.remove(&k) {
-                    self.index.remove(entry.id, k, &old);
-                    self.clusters.release(k.cluster);
-                    let old_hash = instance_hash(&key.cluster, &key.ip, key.port, old.version);
-                    entry.sum = entry.sum.wrapping_sub(old_hash);
-                    self.instance_total -= 1;
-                    removed = true;
-                    shrink(&mut entry.instances);
-                }
+        self.kill_at(service, k, key, version, now_ms, reaped)
+    }
+
+    /// [`Registry::kill`] of the instance with compact key `k` (whose public form is
+    /// `key`), the tombstone's use of the cluster name already taken. Looks the
+    /// service's entry and its tombstones up once each; a tombstone already held for
+    /// the key is replaced (and its use of the name given back).
+    fn kill_at(
+        &mut self,
+        service: &ServiceKey,
+        k: Key,
+        key: &InstanceKey,
+        version: Stamp,
+        now_ms: u64,
+        reaped: bool,
+    ) -> bool {
+        let mut removed = false;
+        let entry = self.services.get_mut(service);
+        let has_entry = entry.is_some();
+        if let Some(entry) = entry {
+            if let Some(old) = entry.instances.remove(&k) {
+                self.index.remove(entry.id, k, &old);
+                self.clusters.release(k.cluster);
+                let old_hash = instance_hash(&key.cluster, &key.ip, key.port, old.version);
+                entry.sum = entry.sum.wrapping_sub(old_hash);
+                self.instance_total -= 1;
+                removed = true;
+                shrink(&mut entry.instances);
             }
         }
-        self.drop_tomb(service, Some(key));
         let tomb = Tomb {
             stamp: version,
             deleted_at_ms: now_ms,
             reaped,
         };
-        let shared = self.tombs_of(service);
-        self.tombs
-            .get_mut(service)
-            .expect("just ensured")
-            .instances
-            .insert(k, tomb);
+        let held = self
+            .tombs
+            .range_mut::<ServiceKey, _>((Bound::Included(service), Bound::Included(service)))
+            .next();
+        let shared = match held {
+            Some((shared, tombs)) => {
+                if let Some(before) = tombs.instances.insert(k, tomb) {
+                    self.clusters.release(k.cluster);
+                    self.tomb_gc
+                        .remove(&(before.deleted_at_ms, Some(k), shared.clone()));
+                }
+                shared.clone()
+            }
+            None => {
+                let shared = Arc::new(service.clone());
+                let mut tombs = Tombs::default();
+                tombs.instances.insert(k, tomb);
+                self.tombs.insert(shared.clone(), tombs);
+                shared
+            }
+        };
         self.tomb_gc.insert((now_ms, Some(k), shared));
-        self.place(service);
+        if !has_entry {
+            // (A service with an entry is placed already.)
+            self.place(service);
+        }
         if removed {
             self.content_generation = crate::next_generation();
         }

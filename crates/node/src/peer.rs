@@ -490,6 +490,39 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// A frame counts as activity of its sender as soon as the link has read it,
+    /// before the node takes the message from its queue: a node whose own queue is
+    /// behind still hears from its peers (`Replica::link_activity`).
+    #[tokio::test]
+    async fn a_frame_read_is_activity_before_the_node_takes_it() {
+        let dir = scratch_dir("activity");
+        let (a, _a_rx, _) = node::<Older>(&dir, "a", PEER_MESSAGE_SHAPE);
+        let (b, mut b_rx, b_addr) = node::<Older>(&dir, "b", PEER_MESSAGE_SHAPE);
+        assert!(b.activity().is_empty(), "nothing read yet");
+        a.dial(b_addr);
+        let msg = Older {
+            a: 7,
+            b: "queued".into(),
+        };
+        let sent = std::time::Instant::now();
+        send_when_linked(&a, "b", msg.clone()).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let heard = loop {
+            if let Some((_, at)) = b.activity().into_iter().find(|(id, _)| id.0 == "a") {
+                break at;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no activity of a noted"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(heard >= sent, "the activity is the frame's arrival");
+        // The message itself still waits for the node, which had not taken it.
+        assert_eq!(next_message(&mut b_rx).await, msg);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     /// Two nodes of the same shape talk in arrays: a reader whose message has a field
     /// less but announces the same shape cannot read them (which is why the shape must
     /// change with the fields), while one of the same fields reads them whole.

@@ -44,7 +44,7 @@ async fn owners_on(node: &Node, keys: &Arc<Vec<ServiceKey>>) -> Vec<String> {
     let mut owners = vec![String::new(); keys.len()];
     while let Some(found) = tasks.join_next().await {
         for (i, owner) in found.expect("an owner worker panicked") {
-            owners[i] = owner;
+            owners[i] = owner.to_string();
         }
     }
     let _ = client.close().await;

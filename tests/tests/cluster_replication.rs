@@ -58,7 +58,7 @@ async fn a_write_through_any_node_is_read_on_every_node() {
     for i in 0..3 {
         let client = cluster.node(i).client().await;
         assert_eq!(
-            client.welcome().expect("connected").node_id.0,
+            client.welcome().expect("connected").node_id.as_str(),
             cluster.node(i).id()
         );
         let ip = format!("10.0.0.{}", i + 1);
@@ -262,7 +262,7 @@ async fn a_write_waiting_for_a_frozen_owner_does_not_hold_up_the_session() {
             })
             .await
         {
-            if r.owner.as_ref().map(|o| o.0.as_str()) == Some(owner.as_str()) {
+            if r.owner.as_ref().map(|o| o.as_str()) == Some(owner.as_str()) {
                 service = Some(s);
                 break;
             }

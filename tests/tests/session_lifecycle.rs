@@ -29,7 +29,7 @@ async fn register_query_subscribe_push_deregister() {
 
     let (mut a, welcome) = RawClient::session(&node).await;
     assert!(!welcome.resumed);
-    assert_eq!(welcome.node_id.0, node.id());
+    assert_eq!(welcome.node_id.as_str(), node.id());
     assert_eq!(
         welcome.max_frame_bytes as usize,
         shoal_proto::DEFAULT_MAX_FRAME_BYTES

@@ -1018,7 +1018,7 @@ async fn home_owned_services(
             .await?
             .owner
             .ok_or_else(|| anyhow!("no owner of {key}"))?;
-        owned.entry(owner.0).or_default().push(k);
+        owned.entry(owner.0.to_string()).or_default().push(k);
     }
     let owned: BTreeMap<String, Arc<Vec<usize>>> =
         owned.into_iter().map(|(n, ks)| (n, Arc::new(ks))).collect();
@@ -1030,7 +1030,7 @@ async fn home_owned_services(
                 .map(|w| w.node_id.0)
                 .ok_or_else(|| anyhow!("a session has no home"))?;
             owned
-                .get(&home)
+                .get(&*home)
                 .cloned()
                 .ok_or_else(|| anyhow!("{home} owns no service"))
         })

@@ -120,7 +120,7 @@ async fn owners_from(client: &Client, keys: &Arc<Vec<ServiceKey>>) -> Result<Vec
                 let position = view
                     .position
                     .ok_or_else(|| anyhow!("no position for {}", key.service))?;
-                got.push((i, owner.0, position));
+                got.push((i, owner.0.to_string(), position));
             }
         });
     }

@@ -34,7 +34,7 @@ async fn register_query_list_deregister() {
     let client = Client::connect(config(&pki, &[&node])).await.unwrap();
     assert_eq!(client.home(), Some(node.address()));
     assert_eq!(client.generation(), 1);
-    assert_eq!(client.welcome().unwrap().node_id.0, "n1");
+    assert_eq!(client.welcome().unwrap().node_id.as_str(), "n1");
 
     let orders = ServiceKey::named("orders");
     let rev = client

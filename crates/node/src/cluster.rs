@@ -31,7 +31,8 @@ struct ForwardedGroup {
     id: u64,
     /// Their places in the batch.
     places: Vec<usize>,
-    writes: Vec<Write>,
+    /// Shared with the message that carried them, kept to route them again.
+    writes: Arc<Vec<Write>>,
     rx: tokio::sync::oneshot::Receiver<Vec<ForwardOutcome>>,
 }
 
@@ -84,6 +85,7 @@ pub fn start_many(shared: &Arc<Shared>, writes: Vec<Write>) -> PendingMany {
         crate::metrics::hot()
             .forwarded_writes
             .increment(ws.len() as u64);
+        let ws = Arc::new(ws);
         let (id, more) = replica.forward_many(&owner, ws.clone(), now);
         let rx = shared.expect_forward_many(id);
         actions.extend(more);
@@ -286,8 +288,12 @@ impl Answers {
             _ => {
                 self.shared.forget_forward_many(group.id);
                 metrics::counter!("shoal_forward_failures_total").increment(1);
-                self.unanswered
-                    .extend(group.places.into_iter().zip(group.writes));
+                self.unanswered.extend(
+                    group
+                        .places
+                        .into_iter()
+                        .zip(Arc::unwrap_or_clone(group.writes)),
+                );
             }
         }
     }
@@ -379,7 +385,7 @@ pub fn ring(shared: &Shared, service: Option<&ServiceKey>) -> Result<RingView, E
     let shares = ring
         .ownership_shares()
         .into_iter()
-        .map(|(id, share)| (shoal_storage::NodeId(id), share))
+        .map(|(id, share)| (shoal_storage::NodeId::new(id), share))
         .collect();
     Ok(RingView {
         vnodes: ring.vnodes_per_weight(),

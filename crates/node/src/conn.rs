@@ -566,11 +566,8 @@ async fn write_loop(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Outgoing
         let mut next = Some(frame);
         while let Some(frame) = next.take() {
             let (failed, id) = match frame {
-                Outgoing::Frame(frame) => match shoal_proto::encode_frame(&frame, max) {
-                    Ok(bytes) => {
-                        buf.extend_from_slice(&bytes);
-                        (None, None)
-                    }
+                Outgoing::Frame(frame) => match shoal_proto::append_frame(&mut buf, &frame, max) {
+                    Ok(()) => (None, None),
                     Err(e) => match frame {
                         ServerFrame::Response { id, .. } => (Some(e), Some(id)),
                         _ => (Some(e), None),

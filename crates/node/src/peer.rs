@@ -219,7 +219,7 @@ where
         let links = Arc::clone(self);
         tokio::spawn(async move {
             // The dialer is the remote; its id is learned from its hello.
-            if let Err(e) = links.run_link(conn, NodeId(String::new())).await {
+            if let Err(e) = links.run_link(conn, NodeId::new("")).await {
                 tracing::debug!("peer link ended: {e:#}");
             }
         });
@@ -299,10 +299,10 @@ where
         });
 
         let max = self.max_frame;
-        let encode = if compact {
-            shoal_proto::encode_frame_compact::<M>
+        let append = if compact {
+            shoal_proto::append_frame_compact::<M>
         } else {
-            shoal_proto::encode_frame::<M>
+            shoal_proto::append_frame::<M>
         };
         let writer = tokio::spawn(async move {
             let mut buf = Vec::with_capacity(64 * 1024);
@@ -310,9 +310,8 @@ where
                 buf.clear();
                 let mut next = Some(msg);
                 while let Some(msg) = next.take() {
-                    match encode(&msg, max) {
-                        Ok(bytes) => buf.extend_from_slice(&bytes),
-                        Err(e) => tracing::warn!("peer message not sent: {e}"),
+                    if let Err(e) = append(&mut buf, &msg, max) {
+                        tracing::warn!("peer message not sent: {e}");
                     }
                     if buf.len() < 256 * 1024 {
                         next = rx.try_recv().ok();
@@ -508,7 +507,7 @@ mod tests {
         send_when_linked(&a, "b", msg.clone()).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let heard = loop {
-            if let Some((_, at)) = b.activity().into_iter().find(|(id, _)| id.0 == "a") {
+            if let Some((_, at)) = b.activity().into_iter().find(|(id, _)| id.as_str() == "a") {
                 break at;
             }
             assert!(

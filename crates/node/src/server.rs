@@ -76,18 +76,18 @@ impl RunningNode {
 /// and keeps it there so it survives restarts.
 fn node_id(config: &Config) -> Result<NodeId> {
     if let Some(id) = &config.node_id {
-        return Ok(NodeId(id.clone()));
+        return Ok(NodeId::new(id));
     }
     let path = config.data_dir.join("node_id");
     if let Ok(id) = std::fs::read_to_string(&path) {
         let id = id.trim();
         if !id.is_empty() {
-            return Ok(NodeId(id.to_string()));
+            return Ok(NodeId::new(id));
         }
     }
     let id = format!("node-{:08x}", rand::random::<u32>());
     std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
-    Ok(NodeId(id))
+    Ok(NodeId::new(id))
 }
 
 fn tls_files(config: &Config, node_id: &NodeId) -> Result<TlsFiles> {

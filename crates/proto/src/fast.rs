@@ -112,11 +112,7 @@ fn service_key(c: &mut Cur<'_>) -> Option<ServiceKey> {
         }
         *slot = Some(c.string()?);
     }
-    Some(ServiceKey {
-        namespace: namespace?,
-        group: group?,
-        service: service?,
-    })
+    Some(ServiceKey::new(namespace?, group?, service?))
 }
 
 fn rows(c: &mut Cur<'_>) -> Option<Vec<Instance>> {

@@ -54,19 +54,56 @@ pub fn encode_frame_compact<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>
 }
 
 fn encode_with<T: Serialize>(msg: &T, max: usize, named: bool) -> Result<Vec<u8>, FrameError> {
-    let mut out = vec![0u8; LEN_PREFIX_BYTES];
+    let mut out = Vec::new();
+    append_with(&mut out, msg, max, named)?;
+    Ok(out)
+}
+
+/// Appends `msg` to `out` as one frame, as [`encode_frame`] encodes it, without a
+/// buffer of its own: a writer gathering queued messages into one write. On error
+/// `out` is left as it was.
+pub fn append_frame<T: Serialize>(
+    out: &mut Vec<u8>,
+    msg: &T,
+    max: usize,
+) -> Result<(), FrameError> {
+    append_with(out, msg, max, true)
+}
+
+/// Appends `msg` to `out` as one frame, as [`encode_frame_compact`] encodes it. On
+/// error `out` is left as it was.
+pub fn append_frame_compact<T: Serialize>(
+    out: &mut Vec<u8>,
+    msg: &T,
+    max: usize,
+) -> Result<(), FrameError> {
+    append_with(out, msg, max, false)
+}
+
+fn append_with<T: Serialize>(
+    out: &mut Vec<u8>,
+    msg: &T,
+    max: usize,
+    named: bool,
+) -> Result<(), FrameError> {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; LEN_PREFIX_BYTES]);
     let written = if named {
-        rmp_serde::encode::write_named(&mut out, msg)
+        rmp_serde::encode::write_named(out, msg)
     } else {
-        rmp_serde::encode::write(&mut out, msg)
+        rmp_serde::encode::write(out, msg)
     };
-    written.map_err(|e| FrameError::Encode(e.to_string()))?;
-    let len = out.len() - LEN_PREFIX_BYTES;
+    if let Err(e) = written {
+        out.truncate(start);
+        return Err(FrameError::Encode(e.to_string()));
+    }
+    let len = out.len() - start - LEN_PREFIX_BYTES;
     if len > max {
+        out.truncate(start);
         return Err(FrameError::TooLarge { len, max });
     }
-    out[..LEN_PREFIX_BYTES].copy_from_slice(&(len as u32).to_be_bytes());
-    Ok(out)
+    out[start..start + LEN_PREFIX_BYTES].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
 }
 
 /// Encodes the `result` of a [`ServerFrame::Response`](crate::ServerFrame::Response)
@@ -661,5 +698,55 @@ mod tests {
         let mut rd = FrameReader::new(&huge[..], DEFAULT_MAX_FRAME_BYTES);
         assert!(rd.try_next::<ServerFrame>().is_none());
         let _ = rd.next::<ServerFrame>().await.unwrap_err();
+    }
+
+    /// A service key and a node id are shared text in memory; on the wire they are
+    /// what they always were: the key a struct of three strings, the id a string.
+    #[test]
+    fn shared_keys_and_ids_keep_their_wire_form() {
+        #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+        struct PlainKey {
+            namespace: String,
+            group: String,
+            service: String,
+        }
+        #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+        struct PlainId(String);
+        let key = ServiceKey::new("prod", "payments", "orders");
+        let plain = PlainKey {
+            namespace: "prod".into(),
+            group: "payments".into(),
+            service: "orders".into(),
+        };
+        for named in [true, false] {
+            let (a, b) = (
+                encode_with(&key, DEFAULT_MAX_FRAME_BYTES, named).unwrap(),
+                encode_with(&plain, DEFAULT_MAX_FRAME_BYTES, named).unwrap(),
+            );
+            assert_eq!(a, b, "named: {named}");
+            assert_eq!(decode::<ServiceKey>(&b[4..]).unwrap(), key);
+            assert_eq!(decode::<PlainKey>(&a[4..]).unwrap(), plain);
+        }
+        let id = shoal_storage::NodeId::new("node-7");
+        let a = encode_frame_compact(&id, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        let b = encode_frame_compact(&PlainId("node-7".into()), DEFAULT_MAX_FRAME_BYTES).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(decode::<shoal_storage::NodeId>(&b[4..]).unwrap(), id);
+    }
+
+    #[test]
+    fn appended_frames_are_the_encoded_frames_and_a_refused_one_leaves_nothing() {
+        let frame = register_frame();
+        let mut out = vec![9u8; 3];
+        append_frame(&mut out, &frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        append_frame_compact(&mut out, &frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        let named = encode_frame(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        let compact = encode_frame_compact(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
+        assert_eq!(out, [&[9u8; 3][..], &named, &compact].concat());
+        // Too large: an error, and `out` as it was.
+        let before = out.clone();
+        let err = append_frame(&mut out, &frame, 8).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { max: 8, .. }), "{err}");
+        assert_eq!(out, before);
     }
 }

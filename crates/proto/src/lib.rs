@@ -24,8 +24,8 @@ mod messages;
 pub use error::{ErrorBody, ErrorCode};
 pub use fast::decode_server_frame;
 pub use frame::{
-    append_response_frame, decode, decode_len, encode_frame, encode_frame_compact, encode_result,
-    FrameError, DEFAULT_MAX_FRAME_BYTES, LEN_PREFIX_BYTES,
+    append_frame, append_frame_compact, append_response_frame, decode, decode_len, encode_frame,
+    encode_frame_compact, encode_result, FrameError, DEFAULT_MAX_FRAME_BYTES, LEN_PREFIX_BYTES,
 };
 #[cfg(feature = "tokio")]
 pub use frame::{read_frame, write_frame, FrameReader};

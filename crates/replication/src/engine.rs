@@ -331,9 +331,20 @@ impl Replica {
 
     /// The owner of a service on this node's ring (`None` while the ring is empty).
     pub fn owner(&self, service: &ServiceKey) -> Option<NodeId> {
-        self.ring
-            .owner(&service.placement_bytes())
-            .map(|id| NodeId(id.to_string()))
+        let id = service.with_placement_bytes(|b| self.ring.owner(b))?;
+        Some(self.member_id(id))
+    }
+
+    /// The id of a node on the ring, shared with the member table (a reference count,
+    /// not a copy of the text).
+    fn member_id(&self, id: &str) -> NodeId {
+        if id == self.me.as_str() {
+            return self.me.clone();
+        }
+        match self.members.get_key_value(id) {
+            Some((known, _)) => known.clone(),
+            None => NodeId::new(id),
+        }
     }
 
     /// How many services with live data this node owns (a walk over its ring ranges,
@@ -342,7 +353,7 @@ impl Replica {
         self.ring
             .ranges()
             .iter()
-            .filter(|r| r.owner == self.me.0)
+            .filter(|r| r.owner == self.me.as_str())
             .map(|r| self.registry.live_services_in(r.start, r.end))
             .sum()
     }
@@ -428,11 +439,12 @@ impl Replica {
     }
 
     /// Sends several client writes to `owner` in one message (they all route to it).
-    /// The answers come back together as [`Action::ForwardManyDone`].
+    /// The answers come back together as [`Action::ForwardManyDone`]. The writes are
+    /// shared: the caller may keep them, to route them again, without a copy.
     pub fn forward_many(
         &mut self,
         owner: &NodeId,
-        writes: Vec<Write>,
+        writes: Arc<Vec<Write>>,
         now_ms: u64,
     ) -> (u64, Vec<Action>) {
         self.send_forward(owner, |id| PeerMsg::ForwardMany {
@@ -658,7 +670,8 @@ impl Replica {
                 writes,
                 sent_ms,
             } => {
-                let outcomes = writes
+                // The only reference once decoded: taken, not copied.
+                let outcomes = Arc::unwrap_or_clone(writes)
                     .into_iter()
                     .map(|w| self.apply_forwarded(w, sent_ms, now_ms, &mut actions))
                     .collect();
@@ -1010,10 +1023,10 @@ impl Replica {
             .members
             .iter()
             .filter(|(_, m)| m.state != MemberState::Down && m.ready)
-            .map(|(id, _)| id.0.as_str())
+            .map(|(id, _)| id.as_str())
             .collect();
         if self.ready {
-            ids.push(self.me.0.as_str());
+            ids.push(self.me.as_str());
         }
         ids.sort_unstable();
         let current: Vec<&str> = self.ring.members().iter().map(|m| m.id.as_str()).collect();
@@ -1036,7 +1049,7 @@ impl Replica {
             self.ring
                 .members()
                 .iter()
-                .map(|m| NodeId(m.id.clone()))
+                .map(|m| NodeId::new(&m.id))
                 .collect(),
         )]
     }
@@ -1357,7 +1370,7 @@ impl Replica {
             .ring
             .ranges()
             .iter()
-            .filter(|r| r.owner == self.me.0)
+            .filter(|r| r.owner == self.me.as_str())
             .map(|r| RangeDigest {
                 start: r.start,
                 end: r.end,
@@ -1630,7 +1643,7 @@ impl Replica {
 }
 
 fn owns(ring: &Ring, me: &NodeId, service: &ServiceKey) -> bool {
-    ring.owner(&service.placement_bytes()) == Some(me.0.as_str())
+    service.with_placement_bytes(|b| ring.owner(b)) == Some(me.as_str())
 }
 
 fn valid_id(id: &NodeId) -> bool {

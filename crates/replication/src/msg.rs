@@ -47,8 +47,10 @@ pub enum PeerMsg {
     ForwardMany {
         /// Chosen by the sender, echoed in the reply.
         id: u64,
-        /// The writes, in the client's order.
-        writes: Vec<Write>,
+        /// The writes, in the client's order. Shared with the sender's record of
+        /// them, which it keeps to route them again if no answer comes.
+        #[serde(deserialize_with = "shared_writes")]
+        writes: Arc<Vec<Write>>,
         /// When the sender sent them (as in [`PeerMsg::Forward`]).
         sent_ms: u64,
     },
@@ -131,11 +133,42 @@ pub struct Ack {
 pub struct Batch {
     /// Record operations, each with its owner stamp. Shared with the batches of the
     /// other peers that carry them (on the wire each is just the operation).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "shared_ops")]
     pub ops: Vec<Arc<Op>>,
     /// Session announcements of sessions whose home is the sender.
     #[serde(default)]
     pub sessions: Vec<SessionAnnounce>,
+}
+
+/// Decodes forwarded writes into an `Arc` without serde's intermediate `Box`.
+fn shared_writes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Arc<Vec<Write>>, D::Error> {
+    Vec::<Write>::deserialize(d).map(Arc::new)
+}
+
+/// Decodes a batch's operations each straight into its `Arc` (serde's own `Arc<T>`
+/// decodes into a `Box<T>` first and copies it: two allocations an operation).
+fn shared_ops<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Arc<Op>>, D::Error> {
+    struct Ops;
+    impl<'de> serde::de::Visitor<'de> for Ops {
+        type Value = Vec<Arc<Op>>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a sequence of operations")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            // The length is the sender's word: trust it only up to a bound.
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+            while let Some(op) = seq.next_element::<Op>()? {
+                out.push(Arc::new(op));
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Ops)
 }
 
 /// The state of a client session as its home node announces it.

@@ -18,6 +18,7 @@
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use shoal_storage::{Change, NodeId, ReplicatedService, SessionId, StorageError};
 
@@ -166,7 +167,7 @@ impl Sim {
 
     /// Starts a node that dials the given seeds.
     pub fn add_node_with_seeds(&mut self, name: &str, seeds: Vec<NodeId>) -> NodeId {
-        let id = NodeId(name.to_string());
+        let id = NodeId::new(name);
         let seed = self.random();
         let replica = Replica::new(
             id.clone(),
@@ -242,7 +243,7 @@ impl Sim {
             for h in &groups[i + 1..] {
                 for a in g.iter() {
                     for b in h.iter() {
-                        let (a, b) = (NodeId(a.to_string()), NodeId(b.to_string()));
+                        let (a, b) = (NodeId::new(a), NodeId::new(b));
                         self.cut.insert(pair(&a, &b));
                         if self.links.remove(&pair(&a, &b)) {
                             let now = self.now_ms;
@@ -319,7 +320,9 @@ impl Sim {
     /// outcomes land in [`Sim::forward_many_outcomes`].
     pub fn forward_many(&mut self, via: &NodeId, owner: &NodeId, writes: Vec<Write>) -> u64 {
         let now = self.now_ms;
-        let (id, actions) = self.replica_mut(via).forward_many(owner, writes, now);
+        let (id, actions) = self
+            .replica_mut(via)
+            .forward_many(owner, Arc::new(writes), now);
         self.execute(via, actions);
         id
     }

@@ -17,7 +17,7 @@ fn seed(default: u64) -> u64 {
 }
 
 fn id(name: &str) -> NodeId {
-    NodeId(name.to_string())
+    NodeId::new(name)
 }
 
 fn svc(i: usize) -> ServiceKey {
@@ -322,7 +322,7 @@ fn ttl_instances_are_expired_by_their_owner_and_the_expiry_replicates() {
 fn anti_entropy_repairs_lost_batches() {
     let mut sim = cluster(seed(8), &["a", "b", "c"]);
     sim.set_filter(Box::new(|_, to, msg| {
-        to.0 == "c" && matches!(msg, PeerMsg::Batch(_))
+        to.as_str() == "c" && matches!(msg, PeerMsg::Batch(_))
     }));
     for i in 0..50 {
         sim.open_session(&id("a"), SessionId(1));
@@ -685,7 +685,7 @@ fn a_deregister_through_an_owner_that_just_resumed_deletes_everywhere() {
     // Anti-entropy would repair c within a round; cut it so that the Deregister
     // reaches c first, as it did in the chaos run.
     sim.set_filter(Box::new(|_, to, msg| {
-        to.0 == "c" && matches!(msg, PeerMsg::Repair { .. } | PeerMsg::Batch(_))
+        to.as_str() == "c" && matches!(msg, PeerMsg::Repair { .. } | PeerMsg::Batch(_))
     }));
     sim.thaw(&id("c"));
     sim.run_for(100);
@@ -873,7 +873,7 @@ fn a_node_that_becomes_ready_gets_deletions_it_missed_at_once() {
     // c restarts; batches to it are lost while it loads (the deletion below falls
     // between its snapshot and its being ready).
     sim.set_filter(Box::new(|_, to, msg| {
-        to.0 == "c" && matches!(msg, PeerMsg::Batch(_))
+        to.as_str() == "c" && matches!(msg, PeerMsg::Batch(_))
     }));
     sim.add_node_with_seeds("c", vec![id("b")]);
     let mut deleted = false;
@@ -965,7 +965,7 @@ fn snapshot_and_repair_messages_stay_within_the_operation_bound() {
             _ => 0,
         };
         seen.set(seen.get().max(ops));
-        to.0 == "c" && matches!(msg, PeerMsg::Batch(_))
+        to.as_str() == "c" && matches!(msg, PeerMsg::Batch(_))
     }));
     sim.add_node("c");
     sim.run_for(4_000);
@@ -1027,7 +1027,7 @@ fn anti_entropy_repairs_are_bounded_per_exchange() {
         if let PeerMsg::Repair { records } = msg {
             seen.set(seen.get().max(records.len()));
         }
-        to.0 == "b" && matches!(msg, PeerMsg::Batch(_))
+        to.as_str() == "b" && matches!(msg, PeerMsg::Batch(_))
     }));
     sim.open_session(&id("a"), SessionId(1));
     let mine = owned_by(&sim, "a", 200);
@@ -1176,7 +1176,7 @@ fn writes_on_their_way_are_not_repaired() {
     // c loses a's batches for a while, during the writes: it is repaired once the
     // services are quiet.
     sim.set_filter(Box::new(|from, to, msg| {
-        from.0 == "a" && to.0 == "c" && matches!(msg, PeerMsg::Batch(_))
+        from.as_str() == "a" && to.as_str() == "c" && matches!(msg, PeerMsg::Batch(_))
     }));
     for i in 0..2_000 {
         let s = &mine[i % mine.len()];

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -58,8 +59,31 @@ impl std::str::FromStr for SessionId {
 
 /// Identifies a Shoal node. Stable across restarts of the same node (it comes from
 /// configuration), and the input of ring placement.
+///
+/// Shared text: a node's id is copied into every routed write, queued batch and link,
+/// and each copy is a reference count.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct NodeId(pub String);
+pub struct NodeId(pub Arc<str>);
+
+impl NodeId {
+    /// A node id from its text.
+    pub fn new(id: impl AsRef<str>) -> Self {
+        NodeId(Arc::from(id.as_ref()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+// Hash, Eq and Ord of a `NodeId` are those of its text, so maps keyed by it can be
+// looked up by `&str`.
+impl std::borrow::Borrow<str> for NodeId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
 
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -68,14 +92,57 @@ impl fmt::Display for NodeId {
 }
 
 /// The key of a service: `(namespace, group, service)`.
+///
+/// Its parts are shared: a write's key is copied into the replication queue, the
+/// forwarded message, the change pushed to subscribers and the registry's indexes, and
+/// each copy is a reference count, not three strings. It reads as its parts
+/// (`key.service`), compares, hashes and orders as they do, and is on the wire exactly
+/// what [`ServiceKeyParts`] is.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct ServiceKey(Arc<ServiceKeyParts>);
+
+// By hand: serde's `Arc<T>` decodes into a `Box<T>` first and copies it into the `Arc`,
+// two allocations where one will do.
+impl<'de> Deserialize<'de> for ServiceKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        ServiceKeyParts::deserialize(d).map(ServiceKey::from)
+    }
+}
+
+/// The parts of a [`ServiceKey`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct ServiceKey {
+pub struct ServiceKeyParts {
     /// Namespace; `public` by default.
     pub namespace: String,
     /// Group; `DEFAULT_GROUP` by default.
     pub group: String,
     /// Service name.
     pub service: String,
+}
+
+impl std::ops::Deref for ServiceKey {
+    type Target = ServiceKeyParts;
+
+    fn deref(&self) -> &ServiceKeyParts {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServiceKey")
+            .field("namespace", &self.namespace)
+            .field("group", &self.group)
+            .field("service", &self.service)
+            .finish()
+    }
+}
+
+impl From<ServiceKeyParts> for ServiceKey {
+    fn from(parts: ServiceKeyParts) -> Self {
+        ServiceKey(Arc::new(parts))
+    }
 }
 
 impl ServiceKey {
@@ -85,11 +152,12 @@ impl ServiceKey {
         group: impl Into<String>,
         service: impl Into<String>,
     ) -> Self {
-        ServiceKey {
+        ServiceKeyParts {
             namespace: namespace.into(),
             group: group.into(),
             service: service.into(),
         }
+        .into()
     }
 
     /// A key in the default namespace and group.
@@ -107,6 +175,26 @@ impl ServiceKey {
             out.extend_from_slice(part.as_bytes());
         }
         out
+    }
+
+    /// Calls `f` with [`placement_bytes`](Self::placement_bytes), built on the stack
+    /// when they fit in 256 bytes: placing a service is part of every write's route and
+    /// of every session's end.
+    pub fn with_placement_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        const STACK: usize = 256;
+        let parts = [&self.namespace, &self.group, &self.service];
+        let len: usize = parts.iter().map(|p| 4 + p.len()).sum();
+        if len > STACK {
+            return f(&self.placement_bytes());
+        }
+        let mut buf = [0u8; STACK];
+        let mut at = 0;
+        for part in parts {
+            buf[at..at + 4].copy_from_slice(&(part.len() as u32).to_le_bytes());
+            buf[at + 4..at + 4 + part.len()].copy_from_slice(part.as_bytes());
+            at += 4 + part.len();
+        }
+        f(&buf[..at])
     }
 }
 
@@ -307,4 +395,47 @@ pub struct ServiceSummary {
     pub healthy: usize,
     /// The service's revision.
     pub revision: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_bytes_on_the_stack_are_the_placement_bytes() {
+        let long = "s".repeat(300);
+        for key in [
+            ServiceKey::named("orders"),
+            ServiceKey::new("", "", ""),
+            ServiceKey::new("ns", "g", "x".repeat(256 - 12 - 3)),
+            ServiceKey::new("ns", "g", "x".repeat(256 - 12 - 2)),
+            ServiceKey::new("ns", "g", long),
+        ] {
+            let on_stack = key.with_placement_bytes(|b| b.to_vec());
+            assert_eq!(on_stack, key.placement_bytes(), "{key}");
+        }
+    }
+
+    #[test]
+    fn a_shared_key_compares_and_orders_as_its_parts() {
+        let a = ServiceKey::new("public", "g", "a");
+        let b = ServiceKey::new("public", "g", "b");
+        assert_eq!(a.clone(), ServiceKey::new("public", "g", "a"));
+        assert!(a < b);
+        assert_eq!(a.service, "a");
+        assert_eq!(
+            format!("{a:?}"),
+            r#"ServiceKey { namespace: "public", group: "g", service: "a" }"#
+        );
+    }
+
+    #[test]
+    fn a_node_id_is_found_by_its_text() {
+        let mut m = BTreeMap::new();
+        m.insert(NodeId::new("node-1"), 1);
+        m.insert(NodeId::new("node-2"), 2);
+        let (k, v) = m.get_key_value("node-2").unwrap();
+        assert_eq!((k.as_str(), *v), ("node-2", 2));
+        assert!(!m.contains_key("node-3"));
+    }
 }

@@ -328,7 +328,7 @@ impl Registry {
 
     /// The ring position of a service under the configured placement.
     pub fn placement_of(&self, service: &ServiceKey) -> u64 {
-        (self.repl.placement)(&service.placement_bytes())
+        service.with_placement_bytes(|b| (self.repl.placement)(b))
     }
 
     /// The version of an instance here: live, deleted, or [`Stamp::ZERO`] if unknown.

@@ -120,7 +120,7 @@ async fn register(
     loop {
         match client.register(&service, spec.clone()).await {
             Ok(_) => {
-                let via = client.welcome().map(|w| w.node_id.0);
+                let via = client.welcome().map(|w| w.node_id.0.to_string());
                 let mut ledger = shared.ledger.lock().unwrap();
                 ledger.acked(key, via);
                 ledger.write_latencies.push(started.elapsed());
@@ -182,7 +182,7 @@ async fn deregister(
             }
         }
     }
-    let via = client.welcome().map(|w| w.node_id.0);
+    let via = client.welcome().map(|w| w.node_id.0.to_string());
     let mut ledger = shared.ledger.lock().unwrap();
     ledger.dereg_acked(key, via);
     ledger.write_latencies.push(sent.elapsed());

@@ -363,7 +363,7 @@ fn writer_of(version: &Value, world: &World, nodes: usize) -> String {
     let time = version[0].as_u64().unwrap_or(0);
     let origin = version[1].as_u64().unwrap_or(0);
     let who = (0..nodes)
-        .find(|i| shoal_storage::origin_of(&shoal_storage::NodeId(format!("n{i}"))) == origin)
+        .find(|i| shoal_storage::origin_of(&shoal_storage::NodeId::new(format!("n{i}"))) == origin)
         .map_or(format!("origin {origin}"), |i| format!("n{i}"));
     let at = (time >> 16) as i64 - world.t0_unix_ms as i64;
     format!("{who} at {at:+} ms")

@@ -346,7 +346,7 @@ impl FakeNode {
             quinn::Endpoint::server(pki.server_config(), "127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = endpoint.local_addr().unwrap();
         let conns = Arc::new(Mutex::new(Vec::new()));
-        let node_id = NodeId(name.to_string());
+        let node_id = NodeId::new(name);
         let ep = endpoint.clone();
         let reg = registry.clone();
         let cs = conns.clone();

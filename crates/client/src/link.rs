@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shoal_proto::{
-    encode_frame, read_frame, write_frame, ClientFrame, ErrorBody, FrameReader, Hello, Request,
-    RequestId, Response, ServerFrame, Welcome,
+    encode_frame, read_frame, write_frame, ClientFrame, ClientFrameRef, ErrorBody, FrameReader,
+    Hello, Request, RequestId, Response, ServerFrame, Welcome,
 };
 use shoal_storage::ServiceKey;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -215,11 +215,8 @@ impl Link {
         id: RequestId,
         body: &Request,
     ) -> Result<oneshot::Receiver<Answer>> {
-        let frame = ClientFrame::Request {
-            id,
-            body: body.clone(),
-        };
-        let bytes = encode_frame(&frame, self.max_frame_bytes)?;
+        // Encoded by reference: the caller keeps the request to retry it.
+        let bytes = encode_frame(&ClientFrameRef::Request { id, body }, self.max_frame_bytes)?;
         let kind = match body {
             Request::Subscribe { service } => CallKind::Subscribe(service.clone()),
             Request::Goodbye => CallKind::Goodbye,

@@ -749,4 +749,29 @@ mod tests {
         assert!(matches!(err, FrameError::TooLarge { max: 8, .. }), "{err}");
         assert_eq!(out, before);
     }
+
+    #[test]
+    fn a_frame_by_reference_is_the_frame() {
+        let frame = register_frame();
+        let ClientFrame::Request { id, body } = &frame else {
+            unreachable!()
+        };
+        let by_ref = ClientFrameRef::Request { id: *id, body };
+        for named in [true, false] {
+            assert_eq!(
+                encode_with(&by_ref, DEFAULT_MAX_FRAME_BYTES, named).unwrap(),
+                encode_with(&frame, DEFAULT_MAX_FRAME_BYTES, named).unwrap(),
+                "named: {named}"
+            );
+        }
+        let hello = Hello {
+            version: crate::PROTOCOL_VERSION,
+            client_name: "test".into(),
+            resume: None,
+        };
+        assert_eq!(
+            encode_frame(&ClientFrameRef::Hello(&hello), DEFAULT_MAX_FRAME_BYTES).unwrap(),
+            encode_frame(&ClientFrame::Hello(hello), DEFAULT_MAX_FRAME_BYTES).unwrap()
+        );
+    }
 }

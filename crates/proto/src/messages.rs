@@ -28,6 +28,23 @@ pub enum ClientFrame {
     },
 }
 
+/// A [`ClientFrame`] by reference, for encoding only: the same bytes as the owned
+/// frame, for a client that keeps its request (to send it again after a reconnect)
+/// and need not copy it to send it.
+#[derive(Debug, Serialize)]
+#[serde(rename = "ClientFrame")]
+pub enum ClientFrameRef<'a> {
+    /// [`ClientFrame::Hello`].
+    Hello(&'a Hello),
+    /// [`ClientFrame::Request`].
+    Request {
+        /// Chosen by the client, echoed in the response.
+        id: RequestId,
+        /// What to do.
+        body: &'a Request,
+    },
+}
+
 /// Opens or resumes a session.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Hello {

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shoal_proto::{
-    encode_frame, read_frame, write_frame, ClientFrame, ClientFrameRef, ErrorBody, FrameReader,
-    Hello, Request, RequestId, Response, ServerFrame, Welcome,
+    encode_frame, read_frame, write_frame, ClientFrameRef, ErrorBody, FrameReader, Hello, Request,
+    RequestId, Response, ServerFrame, Welcome,
 };
 use shoal_storage::ServiceKey;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -141,7 +141,7 @@ impl Link {
             .map_err(|e| ClientError::Connect(e.to_string()))?;
         write_frame(
             &mut send,
-            &ClientFrame::Hello(dial.hello.clone()),
+            &ClientFrameRef::Hello(&dial.hello),
             dial.max_frame_bytes,
         )
         .await

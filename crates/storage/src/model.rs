@@ -168,12 +168,8 @@ impl ServiceKey {
     /// The bytes that placement hashes: the three parts, each length-prefixed (u32 LE),
     /// so that `("a","bc")` and `("ab","c")` never collide. Stable across versions.
     pub fn placement_bytes(&self) -> Vec<u8> {
-        let mut out =
-            Vec::with_capacity(12 + self.namespace.len() + self.group.len() + self.service.len());
-        for part in [&self.namespace, &self.group, &self.service] {
-            out.extend_from_slice(&(part.len() as u32).to_le_bytes());
-            out.extend_from_slice(part.as_bytes());
-        }
+        let mut out = vec![0u8; self.placement_len()];
+        self.fill_placement(&mut out);
         out
     }
 
@@ -182,19 +178,27 @@ impl ServiceKey {
     /// of every session's end.
     pub fn with_placement_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
         const STACK: usize = 256;
-        let parts = [&self.namespace, &self.group, &self.service];
-        let len: usize = parts.iter().map(|p| 4 + p.len()).sum();
+        let len = self.placement_len();
         if len > STACK {
             return f(&self.placement_bytes());
         }
         let mut buf = [0u8; STACK];
+        self.fill_placement(&mut buf[..len]);
+        f(&buf[..len])
+    }
+
+    fn placement_len(&self) -> usize {
+        12 + self.namespace.len() + self.group.len() + self.service.len()
+    }
+
+    /// Writes the placement bytes into `out`, exactly [`Self::placement_len`] long.
+    fn fill_placement(&self, out: &mut [u8]) {
         let mut at = 0;
-        for part in parts {
-            buf[at..at + 4].copy_from_slice(&(part.len() as u32).to_le_bytes());
-            buf[at + 4..at + 4 + part.len()].copy_from_slice(part.as_bytes());
+        for part in [&self.namespace, &self.group, &self.service] {
+            out[at..at + 4].copy_from_slice(&(part.len() as u32).to_le_bytes());
+            out[at + 4..at + 4 + part.len()].copy_from_slice(part.as_bytes());
             at += 4 + part.len();
         }
-        f(&buf[..at])
     }
 }
 

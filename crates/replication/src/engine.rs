@@ -1049,7 +1049,7 @@ impl Replica {
             self.ring
                 .members()
                 .iter()
-                .map(|m| NodeId::new(&m.id))
+                .map(|m| self.member_id(&m.id))
                 .collect(),
         )]
     }

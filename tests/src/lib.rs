@@ -1050,6 +1050,9 @@ pub struct RawClient {
     pushes: VecDeque<ServiceView>,
     next_id: u64,
     ended: bool,
+    /// Requests are sent with structs as arrays, as the SDK sends them to a node of its
+    /// request shape.
+    compact: bool,
 }
 
 impl RawClient {
@@ -1094,7 +1097,14 @@ impl RawClient {
             pushes: VecDeque::new(),
             next_id: 1,
             ended: false,
+            compact: false,
         }
+    }
+
+    /// From now on sends requests with structs as arrays (`encode_frame_compact`), or
+    /// as maps again.
+    pub fn set_compact(&mut self, compact: bool) {
+        self.compact = compact;
     }
 
     /// The QUIC connection (to open extra streams, read close reasons...).
@@ -1110,10 +1120,15 @@ impl RawClient {
             .unwrap_or_else(|e| panic!("writing {} raw bytes: {e}", bytes.len()));
     }
 
-    /// Writes one frame.
+    /// Writes one frame (a request with structs as arrays after `set_compact(true)`).
     pub async fn send_frame(&mut self, frame: &ClientFrame) {
-        let bytes = shoal_proto::encode_frame(frame, CLIENT_MAX_FRAME_BYTES)
-            .unwrap_or_else(|e| panic!("encoding {frame:?}: {e}"));
+        let encoded = match frame {
+            ClientFrame::Request { .. } if self.compact => {
+                shoal_proto::encode_frame_compact(frame, CLIENT_MAX_FRAME_BYTES)
+            }
+            _ => shoal_proto::encode_frame(frame, CLIENT_MAX_FRAME_BYTES),
+        };
+        let bytes = encoded.unwrap_or_else(|e| panic!("encoding {frame:?}: {e}"));
         self.send_raw(&bytes).await;
     }
 

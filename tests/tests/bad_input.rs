@@ -603,3 +603,97 @@ async fn valid_names_at_the_limits_are_accepted() {
     }
     assert!(node.instances(&accepted[0]).await.is_empty());
 }
+
+/// docs/protocol.md, "Framing": a node states its request shape in Welcome, and a
+/// client of that shape may send requests with structs as arrays (the SDK does). They
+/// are read and checked as maps are: a valid one applies, an invalid value gets the same
+/// error, and a frame whose arrays do not fit the shape is malformed, refused on its own
+/// connection while everyone else is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_with_structs_as_arrays_are_read_and_checked_as_maps_are() {
+    let node = Node::start(NodeOptions::default()).await;
+    let orders = svc("orders");
+    let (mut good, welcome) = RawClient::session(&node).await;
+    assert_eq!(welcome.request_shape, shoal_proto::REQUEST_SHAPE);
+    good.register(&orders, inst("10.0.0.1", 8080)).await;
+
+    let (mut c, _) = RawClient::session(&node).await;
+    c.set_compact(true);
+    let mut spec = inst("10.0.0.2", 8081);
+    spec.metadata.insert("zone".into(), "b".into());
+    spec.weight = 2.5;
+    c.register(&orders, spec).await;
+    let view = good.query(&orders).await;
+    assert_eq!(
+        addrs(&view),
+        vec![addr("10.0.0.1", 8080), addr("10.0.0.2", 8081)]
+    );
+    let row = view
+        .instances
+        .iter()
+        .find(|i| i.port == 8081)
+        .expect("the compact registration");
+    assert_eq!(row.weight, 2.5);
+    assert_eq!(row.metadata.get("zone").map(String::as_str), Some("b"));
+    let refused = c
+        .request(Request::Register {
+            service: orders.clone(),
+            instance: inst("10.0.0.3", 0),
+        })
+        .await
+        .expect_err("port 0 must be refused");
+    assert_eq!(refused.code, ErrorCode::InvalidPort, "{refused}");
+    c.goodbye().await;
+
+    // Arrays that do not fit: the instance with one element too many, and with a port
+    // that is a string. Each refused on its own connection.
+    let valid = shoal_proto::encode_frame_compact(
+        &ClientFrame::Request {
+            id: 1,
+            body: Request::Register {
+                service: orders.clone(),
+                instance: inst("10.0.0.4", 8080),
+            },
+        },
+        1 << 20,
+    )
+    .expect("encoding");
+    // The instance is the frame's last value, an array of its 8 fields (0x98): make
+    // it 9 (0x99) and append a ninth.
+    let at = valid
+        .iter()
+        .rposition(|&b| b == 0x98)
+        .expect("the instance's array");
+    let mut nine = valid.clone();
+    nine[at] = 0x99;
+    nine.push(7);
+    let len = (nine.len() - 4) as u32;
+    nine[..4].copy_from_slice(&len.to_be_bytes());
+    // The port (a 16-bit integer after the ip's string) as the string "8080".
+    let port_at = at + 2 + "10.0.0.4".len();
+    assert_eq!(
+        valid[port_at..port_at + 3],
+        [0xcd, 0x1f, 0x90],
+        "the port 8080"
+    );
+    let mut text = valid[..port_at].to_vec();
+    text.extend_from_slice(b"\xa48080");
+    text.extend_from_slice(&valid[port_at + 3..]);
+    let len = (text.len() - 4) as u32;
+    text[..4].copy_from_slice(&len.to_be_bytes());
+    let cases = [
+        ("an instance array of nine elements", nine),
+        ("a port that is a string", text),
+    ];
+    for (case, bytes) in cases {
+        let mut c = connect(&node, true).await;
+        c.send_raw(&bytes).await;
+        expect_error(&mut c, ErrorCode::MalformedFrame, case).await;
+    }
+
+    // Nothing else changed, and the other session still works.
+    good.ping().await;
+    let view = good.query(&orders).await;
+    assert_eq!(addrs(&view), vec![addr("10.0.0.1", 8080)]);
+    assert_eq!(node.get("/readyz").await.status, 200);
+}

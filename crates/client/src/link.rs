@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shoal_proto::{
-    encode_frame, read_frame, write_frame, ClientFrameRef, ErrorBody, FrameReader, Hello, Request,
-    RequestId, Response, ServerFrame, Welcome,
+    encode_frame, encode_frame_compact, read_frame, write_frame, ClientFrameRef, ErrorBody,
+    FrameReader, Hello, Request, RequestId, Response, ServerFrame, Welcome, REQUEST_SHAPE,
 };
 use shoal_storage::ServiceKey;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -74,6 +74,9 @@ pub(crate) struct Link {
     pub(crate) welcome: Welcome,
     conn: quinn::Connection,
     max_frame_bytes: usize,
+    /// The node reads this SDK's requests with structs as arrays (the same
+    /// [`REQUEST_SHAPE`]): they are sent so, without field names.
+    compact: bool,
     outbox: mpsc::Sender<Vec<u8>>,
     calls: Mutex<Calls>,
     dead: watch::Sender<bool>,
@@ -180,8 +183,10 @@ impl Link {
             .max_frame_bytes
             .min(welcome.max_frame_bytes as usize)
             .max(1024);
+        let compact = welcome.request_shape == REQUEST_SHAPE;
         let link = Arc::new(Link {
             addr: dial.addr.to_string(),
+            compact,
             welcome,
             conn: conn.clone(),
             max_frame_bytes,
@@ -216,7 +221,12 @@ impl Link {
         body: &Request,
     ) -> Result<oneshot::Receiver<Answer>> {
         // Encoded by reference: the caller keeps the request to retry it.
-        let bytes = encode_frame(&ClientFrameRef::Request { id, body }, self.max_frame_bytes)?;
+        let frame = ClientFrameRef::Request { id, body };
+        let bytes = if self.compact {
+            encode_frame_compact(&frame, self.max_frame_bytes)?
+        } else {
+            encode_frame(&frame, self.max_frame_bytes)?
+        };
         let kind = match body {
             Request::Subscribe { service } => CallKind::Subscribe(service.clone()),
             Request::Goodbye => CallKind::Goodbye,

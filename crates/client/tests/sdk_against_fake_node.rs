@@ -65,6 +65,41 @@ async fn register_query_list_deregister() {
     client.close().await.unwrap();
 }
 
+/// docs/protocol.md, "Requests as arrays": the SDK sends structs as arrays only to a
+/// node that states the SDK's own request shape; to one that states none (an earlier
+/// node) or another, it keeps to maps.
+#[tokio::test]
+async fn requests_go_as_arrays_only_to_a_node_of_the_same_shape() {
+    let pki = TestPki::new("shape");
+    let orders = ServiceKey::named("orders");
+    for (shape, arrays) in [
+        (0, false),
+        (shoal_proto::REQUEST_SHAPE, true),
+        (shoal_proto::REQUEST_SHAPE + 1, false),
+    ] {
+        let registry = FakeRegistry::default();
+        registry.set_request_shape(shape);
+        let node = FakeNode::start(&pki, "n1", registry.clone());
+        let client = Client::connect(config(&pki, &[&node])).await.unwrap();
+        client
+            .register(&orders, InstanceSpec::new("10.0.0.1", 8080))
+            .await
+            .unwrap();
+        let view = client
+            .query(&orders, QueryOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(view.instances.len(), 1, "shape {shape}");
+        client.close().await.unwrap();
+        let forms = registry.request_forms();
+        assert!(forms.len() >= 2, "shape {shape}: {forms:?}");
+        assert!(
+            forms.iter().all(|&f| f == arrays),
+            "shape {shape}: arrays {forms:?}, expected all {arrays}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_refused_write_is_a_typed_error_and_not_remembered() {
     let pki = TestPki::new("refused");

@@ -127,6 +127,7 @@ fn open_session(
             node_id: shared.node_id.clone(),
             session_grace_ms: shared.config.session_grace_ms,
             max_frame_bytes: shared.config.max_frame_bytes as u32,
+            request_shape: shoal_proto::REQUEST_SHAPE,
         }),
     );
     session

@@ -1,5 +1,6 @@
 //! A hand-written decoder for the frames a client receives most: `View` answers and
-//! `Push` frames, whose instances are arrays (see [`crate::compact`]).
+//! `Push` frames, whose instances are arrays (see [`crate::compact`]), and the
+//! `Applied` answers to writes.
 //!
 //! It reads the MessagePack bytes directly: each string is checked as UTF-8 once and
 //! copied once into the `String` it becomes, and no field goes through serde's generic
@@ -44,26 +45,38 @@ fn server_frame(body: &[u8]) -> Option<ServerFrame> {
     }
     let frame = match c.key()? {
         b"Response" => {
-            let (mut id, mut view) = (None, None);
+            let (mut id, mut answer) = (None, None);
             for _ in 0..c.map_len()? {
                 match c.key()? {
                     b"id" if id.is_none() => id = Some(c.uint()?),
-                    b"result" if view.is_none() => {
-                        // Ok(View(view)): {"Ok": {"View": view}}.
+                    b"result" if answer.is_none() => {
+                        // Ok(View(view)): {"Ok": {"View": view}}, or
+                        // Ok(Applied{revision}): {"Ok": {"Applied": {"revision": n}}}.
                         if c.map_len()? != 1 || c.key()? != b"Ok" {
                             return None;
                         }
-                        if c.map_len()? != 1 || c.key()? != b"View" {
+                        if c.map_len()? != 1 {
                             return None;
                         }
-                        view = Some(service_view(&mut c)?);
+                        answer = Some(match c.key()? {
+                            b"View" => Response::View(service_view(&mut c)?),
+                            b"Applied" => {
+                                if c.map_len()? != 1 || c.key()? != b"revision" {
+                                    return None;
+                                }
+                                Response::Applied {
+                                    revision: c.uint()?,
+                                }
+                            }
+                            _ => return None,
+                        });
                     }
                     _ => return None,
                 }
             }
             ServerFrame::Response {
                 id: id?,
-                result: Ok(Response::View(view?)),
+                result: Ok(answer?),
             }
         }
         b"Push" => ServerFrame::Push(service_view(&mut c)?),
@@ -626,7 +639,7 @@ mod tests {
             },
             ServerFrame::Response {
                 id: 3,
-                result: Ok(Response::Applied { revision: 4 }),
+                result: Ok(Response::AppliedMany(vec![Ok(4)])),
             },
             ServerFrame::Error(ErrorBody::new(ErrorCode::MalformedFrame, "x")),
         ];
@@ -634,6 +647,69 @@ mod tests {
             let bytes = encode_frame(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
             assert!(server_frame(&bytes[4..]).is_none());
             assert_eq!(decode_server_frame(&bytes[4..]).unwrap(), frame);
+        }
+    }
+
+    #[test]
+    fn applied_answers_take_the_fast_path_and_equal_serde() {
+        for (id, revision) in [(0, 0), (1, 4), (300, 70_000), (u64::MAX, u64::MAX)] {
+            let frame = ServerFrame::Response {
+                id,
+                result: Ok(Response::Applied { revision }),
+            };
+            let bytes = encode_frame(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
+            assert_eq!(server_frame(&bytes[4..]).as_ref(), Some(&frame));
+            assert_eq!(decode::<ServerFrame>(&bytes[4..]).unwrap(), frame);
+            // As the node frames a write's answer.
+            let result = encode_result(&Ok(Response::Applied { revision })).unwrap();
+            let mut buf = Vec::new();
+            append_response_frame(&mut buf, id, &result, DEFAULT_MAX_FRAME_BYTES).unwrap();
+            assert_eq!(server_frame(&buf[4..]).as_ref(), Some(&frame));
+            mutated_bodies_agree_with_serde(&buf[4..]);
+        }
+        // Other shapes are serde's: as an array, with an unknown key, a revision that
+        // is not an integer.
+        #[derive(serde::Serialize)]
+        #[serde(rename = "ServerFrame")]
+        enum Odd<R> {
+            Response { id: u64, result: Result<R, ()> },
+        }
+        #[derive(serde::Serialize)]
+        enum Applied<T> {
+            Applied(T),
+        }
+        #[derive(serde::Serialize)]
+        struct Two {
+            revision: u64,
+            extra: u8,
+        }
+        #[derive(serde::Serialize)]
+        struct Text {
+            revision: &'static str,
+        }
+        let compact = rmp_serde::to_vec(&ServerFrame::Response {
+            id: 5,
+            result: Ok(Response::Applied { revision: 6 }),
+        })
+        .unwrap();
+        let extra = rmp_serde::to_vec_named(&Odd::Response {
+            id: 5,
+            result: Ok(Applied::Applied(Two {
+                revision: 6,
+                extra: 1,
+            })),
+        })
+        .unwrap();
+        let text = rmp_serde::to_vec_named(&Odd::Response {
+            id: 5,
+            result: Ok(Applied::Applied(Text { revision: "6" })),
+        })
+        .unwrap();
+        for body in [&compact, &extra, &text] {
+            assert!(server_frame(body).is_none());
+            let fast = decode_server_frame(body).map_err(|e| e.to_string());
+            let slow = decode::<ServerFrame>(body).map_err(|e| e.to_string());
+            assert_eq!(fast, slow);
         }
     }
 

@@ -774,4 +774,158 @@ mod tests {
             encode_frame(&ClientFrame::Hello(hello), DEFAULT_MAX_FRAME_BYTES).unwrap()
         );
     }
+
+    /// One request of every kind, every field set (options `Some`, lists and maps not
+    /// empty).
+    fn every_request() -> Vec<(&'static str, Request)> {
+        let service = ServiceKey::new("prod", "payments", "orders");
+        let mut spec = InstanceSpec::new("10.0.0.1", 8080);
+        spec.metadata.insert("zone".into(), "a".into());
+        spec.ttl = Some(shoal_storage::TtlLease::default());
+        let key = spec.key();
+        let meta = shoal_storage::ServiceMeta {
+            protect_threshold: 0.5,
+            metadata: [("team".to_string(), "x".to_string())].into(),
+        };
+        vec![
+            (
+                "RegisterMany",
+                Request::RegisterMany {
+                    items: vec![(service.clone(), spec.clone())],
+                },
+            ),
+            (
+                "Register",
+                Request::Register {
+                    service: service.clone(),
+                    instance: spec.clone(),
+                },
+            ),
+            (
+                "Update",
+                Request::Update {
+                    service: service.clone(),
+                    instance: spec,
+                },
+            ),
+            (
+                "Deregister",
+                Request::Deregister {
+                    service: service.clone(),
+                    instance: key.clone(),
+                },
+            ),
+            (
+                "Beat",
+                Request::Beat {
+                    service: service.clone(),
+                    instance: key,
+                },
+            ),
+            (
+                "SetServiceMeta",
+                Request::SetServiceMeta {
+                    service: service.clone(),
+                    meta,
+                },
+            ),
+            (
+                "Query",
+                Request::Query {
+                    service: service.clone(),
+                    clusters: vec!["DEFAULT".into()],
+                    healthy_only: true,
+                },
+            ),
+            (
+                "ListServices",
+                Request::ListServices {
+                    namespace: "prod".into(),
+                    group: Some("payments".into()),
+                },
+            ),
+            (
+                "Subscribe",
+                Request::Subscribe {
+                    service: service.clone(),
+                },
+            ),
+            (
+                "Unsubscribe",
+                Request::Unsubscribe {
+                    service: service.clone(),
+                },
+            ),
+            ("Members", Request::Members),
+            (
+                "Ring",
+                Request::Ring {
+                    service: Some(service),
+                },
+            ),
+            ("Ping", Request::Ping),
+            ("Goodbye", Request::Goodbye),
+        ]
+    }
+
+    /// Every request reads back the same from structs as arrays, as from maps.
+    #[test]
+    fn every_request_round_trips_with_structs_as_arrays() {
+        for (name, body) in every_request() {
+            let frame = ClientFrame::Request { id: 9, body };
+            for named in [true, false] {
+                let bytes = encode_with(&frame, DEFAULT_MAX_FRAME_BYTES, named).unwrap();
+                let back: ClientFrame = decode(&bytes[4..]).unwrap();
+                assert_eq!(back, frame, "{name}, named: {named}");
+            }
+        }
+    }
+
+    /// The array form of each request, pinned: when this fails, the shape of a request
+    /// type changed. Bump `REQUEST_SHAPE` (a client and a node of different shapes then
+    /// keep to maps), and update the sizes and the shape here.
+    #[test]
+    fn the_request_shape_is_pinned() {
+        let sizes: Vec<(&str, usize)> = every_request()
+            .into_iter()
+            .map(|(name, body)| {
+                let frame = ClientFrame::Request { id: 9, body };
+                (
+                    name,
+                    encode_frame_compact(&frame, DEFAULT_MAX_FRAME_BYTES)
+                        .unwrap()
+                        .len(),
+                )
+            })
+            .collect();
+        assert_eq!(crate::REQUEST_SHAPE, 1);
+        let pinned = vec![
+            ("RegisterMany", 101),
+            ("Register", 95),
+            ("Update", 93),
+            ("Deregister", 71),
+            ("Beat", 65),
+            ("SetServiceMeta", 72),
+            ("Query", 55),
+            ("ListServices", 44),
+            ("Subscribe", 49),
+            ("Unsubscribe", 51),
+            ("Members", 23),
+            ("Ring", 44),
+            ("Ping", 20),
+            ("Goodbye", 23),
+        ];
+        assert_eq!(
+            sizes, pinned,
+            "the request shape changed: bump REQUEST_SHAPE"
+        );
+        // A registration without metadata or Ttl: less than half the bytes of its map
+        // form (docs/protocol.md).
+        let frame = register_frame();
+        let named = encode_frame(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap().len();
+        let compact = encode_frame_compact(&frame, DEFAULT_MAX_FRAME_BYTES)
+            .unwrap()
+            .len();
+        assert_eq!((named, compact), (190, 89));
+    }
 }

@@ -40,3 +40,11 @@ pub const PEER_ALPN: &[u8] = b"shoal-peer/1";
 
 /// Version of the client protocol carried in [`Hello`].
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The shape of this version's requests: the fields of [`Request`] and of every type it
+/// carries, in their order. A node states it in [`Welcome::request_shape`]; a client
+/// whose own shape is the same may send its requests with structs as arrays
+/// ([`encode_frame_compact`]: no field names, so smaller and cheaper to decode). Bump it
+/// whenever a field is added to, removed from or moved in any of those types; a client
+/// and a node of different shapes then keep to maps, which both read.
+pub const REQUEST_SHAPE: u32 = 1;

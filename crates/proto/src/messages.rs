@@ -181,6 +181,10 @@ pub struct Welcome {
     pub session_grace_ms: u64,
     /// The largest frame the node accepts.
     pub max_frame_bytes: u32,
+    /// The [`crate::REQUEST_SHAPE`] of the node: a client of the same shape may send
+    /// requests with structs as arrays. 0 (a node that does not say) means maps only.
+    #[serde(default)]
+    pub request_shape: u32,
 }
 
 /// A successful answer.

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use shoal_proto::{
-    read_frame, write_frame, ClientFrame, ErrorBody, ErrorCode, Request, Response, ServerFrame,
-    Welcome, DEFAULT_MAX_FRAME_BYTES,
+    decode, read_frame, write_frame, ClientFrame, ErrorBody, ErrorCode, Request, Response,
+    ServerFrame, Welcome, DEFAULT_MAX_FRAME_BYTES,
 };
 use shoal_storage::{
     Instance, InstanceKey, Lease, NodeId, ServiceKey, ServiceSummary, ServiceView, SessionId,
@@ -107,6 +107,10 @@ struct State {
     /// Every request received, by kind name, for assertions.
     seen: Vec<(String, Request)>,
     hellos: Vec<Option<SessionId>>,
+    /// The request shape the nodes state in Welcome (0: none, as an earlier node).
+    request_shape: u32,
+    /// For each request received, in order: true if its structs were arrays.
+    compact: Vec<bool>,
     /// The next this many requests fail with this code (a failing owner).
     failures: Option<(usize, ErrorCode)>,
 }
@@ -139,6 +143,17 @@ impl FakeRegistry {
     /// How many requests of this kind ("Register", "Subscribe", ...) were received.
     pub fn count(&self, kind: &str) -> usize {
         self.lock().seen.iter().filter(|(k, _)| k == kind).count()
+    }
+
+    /// The nodes of this registry state `shape` in Welcome from now on.
+    pub fn set_request_shape(&self, shape: u32) {
+        self.lock().request_shape = shape;
+    }
+
+    /// For each request received, in order: true if its structs came as arrays, false
+    /// if as maps.
+    pub fn request_forms(&self) -> Vec<bool> {
+        self.lock().compact.clone()
     }
 
     /// The `resume` field of every Hello received, in order.
@@ -416,6 +431,7 @@ async fn serve(conn: quinn::Connection, reg: FakeRegistry, node_id: NodeId) {
         node_id,
         session_grace_ms: 60_000,
         max_frame_bytes: max as u32,
+        request_shape: reg.lock().request_shape,
     });
     if write_frame(&mut send, &welcome, max).await.is_err() {
         return;
@@ -428,10 +444,22 @@ async fn serve(conn: quinn::Connection, reg: FakeRegistry, node_id: NodeId) {
             }
         }
     });
-    while let Ok(Some(frame)) = read_frame::<ClientFrame, _>(&mut recv, max).await {
-        let ClientFrame::Request { id, body } = frame else {
+    loop {
+        // Read raw, to note the form: {"Request": [id, body]} with structs as arrays,
+        // {"Request": {"id": .., "body": ..}} with maps.
+        let mut prefix = [0u8; 4];
+        if recv.read_exact(&mut prefix).await.is_err() {
+            break;
+        }
+        let mut bytes = vec![0u8; u32::from_be_bytes(prefix) as usize];
+        if recv.read_exact(&mut bytes).await.is_err() {
+            break;
+        }
+        let Ok(ClientFrame::Request { id, body }) = decode::<ClientFrame>(&bytes) else {
             break;
         };
+        let compact = bytes.starts_with(b"\x81\xa7Request\x92");
+        reg.lock().compact.push(compact);
         let result = handle(&reg, conn_id, session, body, &tx);
         if tx.send(ServerFrame::Response { id, result }).is_err() {
             break;

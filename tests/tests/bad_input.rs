@@ -660,30 +660,25 @@ async fn requests_with_structs_as_arrays_are_read_and_checked_as_maps_are() {
     .expect("encoding");
     // The instance is the frame's last value, an array of its 8 fields (0x98): make
     // it 9 (0x99) and append a ninth.
-    let at = valid
+    let body = &valid[4..];
+    let at = body
         .iter()
         .rposition(|&b| b == 0x98)
         .expect("the instance's array");
-    let mut nine = valid.clone();
+    let mut nine = body.to_vec();
     nine[at] = 0x99;
     nine.push(7);
-    let len = (nine.len() - 4) as u32;
-    nine[..4].copy_from_slice(&len.to_be_bytes());
     // The port (a 16-bit integer after the ip's string) as the string "8080".
     let port_at = at + 2 + "10.0.0.4".len();
     assert_eq!(
-        valid[port_at..port_at + 3],
+        body[port_at..port_at + 3],
         [0xcd, 0x1f, 0x90],
         "the port 8080"
     );
-    let mut text = valid[..port_at].to_vec();
-    text.extend_from_slice(b"\xa48080");
-    text.extend_from_slice(&valid[port_at + 3..]);
-    let len = (text.len() - 4) as u32;
-    text[..4].copy_from_slice(&len.to_be_bytes());
+    let text = [&body[..port_at], b"\xa48080", &body[port_at + 3..]].concat();
     let cases = [
-        ("an instance array of nine elements", nine),
-        ("a port that is a string", text),
+        ("an instance array of nine elements", frame_of(&nine)),
+        ("a port that is a string", frame_of(&text)),
     ];
     for (case, bytes) in cases {
         let mut c = connect(&node, true).await;

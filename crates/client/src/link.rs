@@ -74,9 +74,6 @@ pub(crate) struct Link {
     pub(crate) welcome: Welcome,
     conn: quinn::Connection,
     max_frame_bytes: usize,
-    /// The node reads this SDK's requests with structs as arrays (the same
-    /// [`REQUEST_SHAPE`]): they are sent so, without field names.
-    compact: bool,
     outbox: mpsc::Sender<Vec<u8>>,
     calls: Mutex<Calls>,
     dead: watch::Sender<bool>,
@@ -183,10 +180,8 @@ impl Link {
             .max_frame_bytes
             .min(welcome.max_frame_bytes as usize)
             .max(1024);
-        let compact = welcome.request_shape == REQUEST_SHAPE;
         let link = Arc::new(Link {
             addr: dial.addr.to_string(),
-            compact,
             welcome,
             conn: conn.clone(),
             max_frame_bytes,
@@ -222,7 +217,9 @@ impl Link {
     ) -> Result<oneshot::Receiver<Answer>> {
         // Encoded by reference: the caller keeps the request to retry it.
         let frame = ClientFrameRef::Request { id, body };
-        let bytes = if self.compact {
+        // A node of this SDK's request shape reads structs as arrays: sent so, without
+        // field names (docs/protocol.md, "Requests as arrays").
+        let bytes = if self.welcome.request_shape == REQUEST_SHAPE {
             encode_frame_compact(&frame, self.max_frame_bytes)?
         } else {
             encode_frame(&frame, self.max_frame_bytes)?

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use shoal_proto::{
-    decode, read_frame, write_frame, ClientFrame, ErrorBody, ErrorCode, Request, Response,
-    ServerFrame, Welcome, DEFAULT_MAX_FRAME_BYTES,
+    decode, decode_len, read_frame, write_frame, ClientFrame, ErrorBody, ErrorCode, Request,
+    Response, ServerFrame, Welcome, DEFAULT_MAX_FRAME_BYTES,
 };
 use shoal_storage::{
     Instance, InstanceKey, Lease, NodeId, ServiceKey, ServiceSummary, ServiceView, SessionId,
@@ -451,7 +451,10 @@ async fn serve(conn: quinn::Connection, reg: FakeRegistry, node_id: NodeId) {
         if recv.read_exact(&mut prefix).await.is_err() {
             break;
         }
-        let mut bytes = vec![0u8; u32::from_be_bytes(prefix) as usize];
+        let Ok(len) = decode_len(prefix, max) else {
+            break;
+        };
+        let mut bytes = vec![0u8; len];
         if recv.read_exact(&mut bytes).await.is_err() {
             break;
         }

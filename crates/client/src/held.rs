@@ -2,7 +2,7 @@
 //! session-bound registrations, to re-assert after a reconnect, and its recent
 //! deregistrations, to repeat.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 use shoal_storage::{InstanceKey, ServiceKey};
 
@@ -35,8 +35,9 @@ impl<V> Slots<V> {
         match self.services.get_mut(service) {
             Some(instances) => instances.insert(key, value),
             None => {
-                self.services
-                    .insert(service.clone(), HashMap::from([(key, value)]));
+                let mut instances = HashMap::new();
+                instances.insert(key, value);
+                self.services.insert(service.clone(), instances);
                 None
             }
         }

@@ -10,7 +10,9 @@
 //! The public types ([`InstanceKey`], [`Instance`]) are built from these at the
 //! boundary: answers to queries, replication operations, errors.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+use foldhash::{HashMap, HashSet, HashSetExt};
 use std::net::IpAddr;
 use std::sync::Arc;
 

@@ -1,7 +1,9 @@
 //! The registry: every service of every namespace, and the index of sessions.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use foldhash::{HashMap, HashMapExt};
 use std::net::IpAddr;
 use std::ops::Bound;
 use std::sync::Arc;
@@ -1329,8 +1331,7 @@ impl Registry {
 impl Registry {
     /// Checks that the indexes agree with the services; panics if not.
     pub(crate) fn check_invariants(&self) {
-        let mut sessions: HashMap<SessionId, std::collections::HashSet<(u32, Key)>> =
-            HashMap::new();
+        let mut sessions: HashMap<SessionId, foldhash::HashSet<(u32, Key)>> = HashMap::new();
         let mut deadlines = BTreeSet::new();
         let mut clusters: BTreeMap<String, usize> = BTreeMap::new();
         let mut total = 0;

@@ -11,7 +11,7 @@
 //! Merging is idempotent and commutative: applying the same set of operations in any
 //! order, with any duplicates, gives the same [`Registry::dump_replicated`].
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::ops::Bound;
 
 use serde::{Deserialize, Serialize};

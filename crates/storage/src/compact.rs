@@ -11,10 +11,10 @@
 //! boundary: answers to queries, replication operations, errors.
 
 use std::collections::BTreeMap;
-
-use foldhash::{HashMap, HashSet, HashSetExt};
 use std::net::IpAddr;
 use std::sync::Arc;
+
+use foldhash::{HashMap, HashSet, HashSetExt};
 
 use crate::model::*;
 use crate::replica::Stamp;

@@ -2,11 +2,11 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
-
-use foldhash::{HashMap, HashMapExt};
 use std::net::IpAddr;
 use std::ops::Bound;
 use std::sync::Arc;
+
+use foldhash::{HashMap, HashMapExt};
 
 use crate::compact::{Key, Names, Sessions, Slot, NO_SESSION};
 use crate::error::StorageError;

@@ -11,9 +11,9 @@
 //! Merging is idempotent and commutative: applying the same set of operations in any
 //! order, with any duplicates, gives the same [`Registry::dump_replicated`].
 
-use foldhash::HashMap;
 use std::ops::Bound;
 
+use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::compact::Key;

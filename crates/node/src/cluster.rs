@@ -81,6 +81,7 @@ pub fn start_many(shared: &Arc<Shared>, writes: Vec<Write>) -> PendingMany {
             }
         }
     }
+    let forwarded = !by_owner.is_empty();
     for (owner, places, ws) in by_owner {
         crate::metrics::hot()
             .forwarded_writes
@@ -97,6 +98,10 @@ pub fn start_many(shared: &Arc<Shared>, writes: Vec<Write>) -> PendingMany {
         });
     }
     shared.execute(&replica, actions);
+    drop(replica);
+    if forwarded {
+        shared.forwards_queued();
+    }
     PendingMany { results, groups }
 }
 

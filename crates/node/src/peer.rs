@@ -553,4 +553,39 @@ mod tests {
         }
         let _ = std::fs::remove_dir_all(dir);
     }
+
+    /// A forward message carrying the runs of several sessions is, on the wire, the
+    /// message of one run holding all their writes, in both shapes: a peer of any
+    /// version reads it as before, and reads it back as one run.
+    #[test]
+    fn runs_of_writes_go_as_one_sequence() {
+        use shoal_replication::{PeerMsg, Write, WriteRuns};
+        use shoal_storage::{InstanceSpec, ServiceKey, SessionId};
+        let write = |port| Write::Register {
+            service: ServiceKey::named("orders"),
+            instance: InstanceSpec::new("10.0.0.1", port),
+            session: SessionId(port.into()),
+        };
+        let msg = |writes| PeerMsg::ForwardMany {
+            id: 7,
+            writes,
+            sent_ms: 9,
+        };
+        let runs = msg(WriteRuns(vec![
+            Arc::new(vec![write(1), write(2)]),
+            Arc::new(vec![write(3)]),
+        ]));
+        let one = msg(WriteRuns::one(Arc::new(vec![write(1), write(2), write(3)])));
+        for append in [
+            shoal_proto::append_frame::<PeerMsg>,
+            shoal_proto::append_frame_compact::<PeerMsg>,
+        ] {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            append(&mut a, &runs, 1 << 20).unwrap();
+            append(&mut b, &one, 1 << 20).unwrap();
+            assert_eq!(a, b);
+            let back: PeerMsg = shoal_proto::decode(&a[shoal_proto::LEN_PREFIX_BYTES..]).unwrap();
+            assert_eq!(back, one);
+        }
+    }
 }

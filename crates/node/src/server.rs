@@ -262,6 +262,7 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> Result<
     )));
     tasks.push(tokio::spawn(tick_loop(Arc::clone(&shared))));
     tasks.push(tokio::spawn(link_loop(Arc::clone(&shared), link_events)));
+    tasks.push(tokio::spawn(forward_loop(Arc::clone(&shared))));
     tasks.push(tokio::spawn(seed_loop(Arc::clone(&shared))));
     tasks.push(tokio::spawn(gauge_loop(Arc::clone(&shared), metrics)));
     if config.heartbeat_interval_ms > 0 {
@@ -365,6 +366,23 @@ async fn tick_loop(shared: Arc<Shared>) {
         }
         let actions = replica.tick(now);
         shared.execute(&replica, actions);
+    }
+}
+
+/// Sends the runs of client writes that sessions queued for their owners
+/// ([`Shared::forwards_queued`]), one message per owner. Woken by the first run queued,
+/// it first lets the tasks that are ready run (the sessions among them queue their runs
+/// too), so that under load one message carries the runs of many sessions; on an idle
+/// node nothing else is ready and the run leaves at once.
+async fn forward_loop(shared: Arc<Shared>) {
+    loop {
+        shared.forward_wake.notified().await;
+        tokio::task::yield_now().await;
+        let mut replica = write(&shared.replica);
+        if replica.has_queued_forwards() {
+            let actions = replica.flush_forwards();
+            shared.execute(&replica, actions);
+        }
     }
 }
 

@@ -134,6 +134,9 @@ pub struct Shared {
     /// Wakes the tick loop from its idle pace when operations wait in a peer's batch
     /// (see [`Shared::execute`]).
     pub tick_wake: tokio::sync::Notify,
+    /// Wakes the task that sends the runs of writes queued for their owners
+    /// ([`Shared::forwards_queued`]).
+    pub forward_wake: tokio::sync::Notify,
     /// Encoded query answers by service revision.
     pub query_cache: crate::query_cache::QueryCache,
 }
@@ -180,6 +183,7 @@ impl Shared {
             last_tick_ms: AtomicU64::new(0),
             stalls: AtomicU64::new(0),
             tick_wake: tokio::sync::Notify::new(),
+            forward_wake: tokio::sync::Notify::new(),
             query_cache: crate::query_cache::QueryCache::new(config.query_cache_bytes),
             config,
         });
@@ -341,8 +345,12 @@ impl Shared {
                     if !self.links.send(&to, msg) {
                         metrics::counter!("shoal_peer_messages_dropped_total").increment(1);
                         if let Some(id) = forward_id {
-                            // The owner is unreachable: fail the forward now.
-                            lock(&self.pending_batches).remove(&id);
+                            // The owner is unreachable: fail the forwarded runs now.
+                            let mut pending = lock(&self.pending_batches);
+                            pending.remove(&id);
+                            for run in replica.forwarded_runs(id) {
+                                pending.remove(&run);
+                            }
                         }
                     }
                 }
@@ -376,6 +384,13 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Runs of writes were queued for their owners ([`Replica::forward_many`]): they
+    /// leave soon, with the runs other sessions queue meanwhile (see `forward_loop` in
+    /// `server.rs`).
+    pub fn forwards_queued(&self) {
+        self.forward_wake.notify_one();
     }
 
     /// Registers a pending batch forward; the answers arrive through

@@ -136,6 +136,33 @@ impl Outq {
     }
 }
 
+/// Runs of client writes waiting to leave for their owner in one
+/// [`PeerMsg::ForwardMany`] (see [`Replica::forward_many`]).
+#[derive(Debug, Default)]
+struct ForwardQueue {
+    runs: Vec<Arc<Vec<Write>>>,
+    /// The id and length of each run, in order.
+    parts: Vec<(u64, usize)>,
+    writes: usize,
+    /// [`Write::approx_bytes`] of the writes.
+    bytes: usize,
+    /// The `now_ms` of the first run queued: the message's `sent_ms`.
+    since_ms: u64,
+}
+
+/// A [`PeerMsg::ForwardMany`] sent and not answered yet: the runs it carried.
+#[derive(Debug)]
+struct ForwardSent {
+    parts: Vec<(u64, usize)>,
+    sent_ms: u64,
+}
+
+/// At most this many writes share one [`PeerMsg::ForwardMany`]...
+const FORWARD_MAX_WRITES: usize = 1024;
+/// ...and about this many bytes of them ([`Write::approx_bytes`]); a single run may be
+/// larger, and then leaves alone, as it came.
+const FORWARD_MAX_BYTES: usize = 64 << 10;
+
 /// A session as this node knows it.
 #[derive(Clone, Debug)]
 struct SessionEntry {
@@ -190,6 +217,10 @@ pub struct Replica {
     next_anti_entropy_ms: u64,
     self_preservation: bool,
     next_forward_id: u64,
+    /// Runs of forwarded client writes not sent yet, per owner.
+    forward_queues: BTreeMap<NodeId, ForwardQueue>,
+    /// The forward messages not answered yet, by their id.
+    forwards_sent: HashMap<u64, ForwardSent>,
     rng: u64,
     /// When `tick` last ran: a tick late by more than `suspect_after_ms` means this
     /// node stalled (a paused process or VM), not that its peers went silent.
@@ -259,6 +290,8 @@ impl Replica {
             next_anti_entropy_ms: now_ms + config.anti_entropy_interval_ms,
             self_preservation: false,
             next_forward_id: 1,
+            forward_queues: BTreeMap::new(),
+            forwards_sent: HashMap::new(),
             rng: seed | 1,
             last_tick_ms: None,
             unsettled_until_ms: 0,
@@ -438,20 +471,127 @@ impl Replica {
         })
     }
 
-    /// Sends several client writes to `owner` in one message (they all route to it).
-    /// The answers come back together as [`Action::ForwardManyDone`]. The writes are
-    /// shared: the caller may keep them, to route them again, without a copy.
+    /// Sends a run of client writes to `owner` (they all route to it); their answers
+    /// come back together as [`Action::ForwardManyDone`] with the returned id. The
+    /// writes are shared: the caller may keep them, to route them again, without a
+    /// copy.
+    ///
+    /// The run is queued, not sent: the runs queued for one owner (those of several
+    /// client sessions) leave together in one [`PeerMsg::ForwardMany`] with the next
+    /// [`Replica::flush_forwards`], which the caller runs once the writes that came
+    /// together are queued. They also leave before anything else this node sends the
+    /// owner in a batch (so a session's later announcement never overtakes its writes),
+    /// on every tick, and when a run would not fit with them (at most 1 024 writes and
+    /// about 64 KiB a message).
     pub fn forward_many(
         &mut self,
         owner: &NodeId,
         writes: Arc<Vec<Write>>,
         now_ms: u64,
     ) -> (u64, Vec<Action>) {
-        self.send_forward(owner, |id| PeerMsg::ForwardMany {
+        let id = self.next_forward_id;
+        self.next_forward_id += 1;
+        let n = writes.len();
+        let bytes: usize = writes.iter().map(Write::approx_bytes).sum();
+        let full = self.forward_queues.get(owner).is_some_and(|q| {
+            q.writes > 0
+                && (q.writes + n > FORWARD_MAX_WRITES || q.bytes + bytes > FORWARD_MAX_BYTES)
+        });
+        let actions = if full {
+            self.flush_forwards_to(owner)
+        } else {
+            Vec::new()
+        };
+        let q = self.forward_queues.entry(owner.clone()).or_default();
+        if q.runs.is_empty() {
+            q.since_ms = now_ms;
+        }
+        q.runs.push(writes);
+        q.parts.push((id, n));
+        q.writes += n;
+        q.bytes += bytes;
+        (id, actions)
+    }
+
+    /// Sends the runs of writes queued by [`Replica::forward_many`], one message per
+    /// owner.
+    pub fn flush_forwards(&mut self) -> Vec<Action> {
+        let owners: Vec<NodeId> = self.forward_queues.keys().cloned().collect();
+        let mut actions = Vec::new();
+        for owner in owners {
+            actions.extend(self.flush_forwards_to(&owner));
+        }
+        actions
+    }
+
+    /// The ids of the runs of writes that the [`PeerMsg::ForwardMany`] of id `id`
+    /// carries, while it is not answered: a caller that could not send the message
+    /// fails them.
+    pub fn forwarded_runs(&self, id: u64) -> impl Iterator<Item = u64> + '_ {
+        self.forwards_sent
+            .get(&id)
+            .into_iter()
+            .flat_map(|sent| sent.parts.iter().map(|&(run, _)| run))
+    }
+
+    /// Whether runs of writes wait for [`Replica::flush_forwards`].
+    pub fn has_queued_forwards(&self) -> bool {
+        !self.forward_queues.is_empty()
+    }
+
+    fn flush_forwards_to(&mut self, owner: &NodeId) -> Vec<Action> {
+        let Some(q) = self.forward_queues.remove(owner) else {
+            return Vec::new();
+        };
+        if q.runs.is_empty() {
+            return Vec::new();
+        }
+        let id = self.next_forward_id;
+        self.next_forward_id += 1;
+        self.forwards_sent.insert(
             id,
-            writes,
-            sent_ms: now_ms,
-        })
+            ForwardSent {
+                parts: q.parts,
+                sent_ms: q.since_ms,
+            },
+        );
+        vec![Action::Send {
+            to: owner.clone(),
+            msg: PeerMsg::ForwardMany {
+                id,
+                writes: WriteRuns(q.runs),
+                sent_ms: q.since_ms,
+            },
+        }]
+    }
+
+    /// The answer to a [`PeerMsg::ForwardMany`]: each run's outcomes, under the run's
+    /// id. An answer with another number of outcomes than writes sent answers each
+    /// run with none (the caller routes them again); an unknown id (an answer later
+    /// than twice `forward_ttl_ms`) is dropped.
+    fn forward_answered(&mut self, id: u64, outcomes: Vec<ForwardOutcome>) -> Vec<Action> {
+        let Some(sent) = self.forwards_sent.remove(&id) else {
+            return Vec::new();
+        };
+        let expected: usize = sent.parts.iter().map(|&(_, n)| n).sum();
+        if outcomes.len() != expected {
+            return sent
+                .parts
+                .into_iter()
+                .map(|(id, _)| Action::ForwardManyDone {
+                    id,
+                    outcomes: Vec::new(),
+                })
+                .collect();
+        }
+        let mut outcomes = outcomes.into_iter();
+        sent.parts
+            .into_iter()
+            .map(|(id, n)| Action::ForwardManyDone {
+                id,
+                outcomes: outcomes.by_ref().take(n).collect(),
+            })
+            .collect()
     }
 
     /// Takes the next forward id and sends `owner` the message made with it.
@@ -671,8 +811,8 @@ impl Replica {
                 sent_ms,
             } => {
                 // The only reference once decoded: taken, not copied.
-                let outcomes = Arc::unwrap_or_clone(writes)
-                    .into_iter()
+                let outcomes = writes
+                    .into_writes()
                     .map(|w| self.apply_forwarded(w, sent_ms, now_ms, &mut actions))
                     .collect();
                 // As for a single forward: the operations first, then the answer.
@@ -687,7 +827,7 @@ impl Replica {
                 actions.push(Action::ForwardDone { id, outcome })
             }
             PeerMsg::ForwardManyReply { id, outcomes } => {
-                actions.push(Action::ForwardManyDone { id, outcomes })
+                actions.extend(self.forward_answered(id, outcomes))
             }
             PeerMsg::SnapshotRequest { after } => {
                 if self.ready {
@@ -827,7 +967,16 @@ impl Replica {
             self.next_anti_entropy_ms = now_ms;
             self.unsettle(now_ms);
         }
-        let mut actions = self.queue_local_ops(now_ms);
+        // Runs of forwarded writes do not wait for a tick; this is only a backstop.
+        let mut actions = self.flush_forwards();
+        if !self.forwards_sent.is_empty() {
+            // Answers later than this are refused by their owner anyway, and no
+            // longer awaited here.
+            let ttl = self.config.forward_ttl_ms.max(1).saturating_mul(2);
+            self.forwards_sent
+                .retain(|_, f| now_ms.saturating_sub(f.sent_ms) <= ttl);
+        }
+        actions.extend(self.queue_local_ops(now_ms));
         actions.extend(self.detect(now_ms));
         actions.extend(self.bootstrap(now_ms));
 
@@ -1191,14 +1340,16 @@ impl Replica {
     }
 
     fn flush(&mut self, peer: &NodeId) -> Vec<Action> {
+        // Forwarded writes queued for the peer go first: a session's announcement
+        // (closed, say) must not overtake the writes it made before.
+        let mut actions = self.flush_forwards_to(peer);
         let Some(q) = self.queues.remove(peer) else {
-            return Vec::new();
+            return actions;
         };
         if q.len() == 0 {
-            return Vec::new();
+            return actions;
         }
         let max = self.config.batch_max_ops.max(1);
-        let mut actions = Vec::new();
         let mut ops = q.ops.into_iter().peekable();
         let mut sessions = q.sessions.into_iter().peekable();
         while ops.peek().is_some() || sessions.peek().is_some() {

@@ -41,16 +41,15 @@ pub enum PeerMsg {
         #[serde(default)]
         sent_ms: u64,
     },
-    /// Several client writes (one batch request of a client) that the sender routed to
-    /// the receiver: applied in order, as [`PeerMsg::Forward`] each, and answered with
-    /// one [`PeerMsg::ForwardManyReply`].
+    /// Several client writes that the sender routed to the receiver (the runs of
+    /// writes of one or more of its client sessions, see [`crate::Replica::forward_many`]):
+    /// applied in order, as [`PeerMsg::Forward`] each, and answered with one
+    /// [`PeerMsg::ForwardManyReply`].
     ForwardMany {
         /// Chosen by the sender, echoed in the reply.
         id: u64,
-        /// The writes, in the client's order. Shared with the sender's record of
-        /// them, which it keeps to route them again if no answer comes.
-        #[serde(deserialize_with = "shared_writes")]
-        writes: Arc<Vec<Write>>,
+        /// The writes, each session's in its client's order. One sequence on the wire.
+        writes: WriteRuns,
         /// When the sender sent them (as in [`PeerMsg::Forward`]).
         sent_ms: u64,
     },
@@ -141,8 +140,51 @@ pub struct Batch {
 }
 
 /// Decodes forwarded writes into an `Arc` without serde's intermediate `Box`.
-fn shared_writes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Arc<Vec<Write>>, D::Error> {
-    Vec::<Write>::deserialize(d).map(Arc::new)
+/// The writes of a [`PeerMsg::ForwardMany`]: runs of writes, each shared with its
+/// sender's record of it (kept to route the run again if no answer comes, without a
+/// copy). On the wire they are one sequence of writes, the runs one after the other; a
+/// receiver reads them as one run.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct WriteRuns(pub Vec<Arc<Vec<Write>>>);
+
+impl WriteRuns {
+    /// One run.
+    pub fn one(writes: Arc<Vec<Write>>) -> Self {
+        WriteRuns(vec![writes])
+    }
+
+    /// How many writes, over every run.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|run| run.len()).sum()
+    }
+
+    /// True when there is no write.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The writes, in order; a run that nobody else holds (one decoded from the wire)
+    /// is taken, not copied.
+    pub fn into_writes(self) -> impl Iterator<Item = Write> {
+        self.0.into_iter().flat_map(Arc::unwrap_or_clone)
+    }
+}
+
+impl Serialize for WriteRuns {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.len()))?;
+        for w in self.0.iter().flat_map(|run| run.iter()) {
+            seq.serialize_element(w)?;
+        }
+        seq.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for WriteRuns {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::<Write>::deserialize(d).map(|writes| WriteRuns::one(Arc::new(writes)))
+    }
 }
 
 /// Decodes a batch's operations each straight into its `Arc` (serde's own `Arc<T>`
@@ -272,6 +314,27 @@ impl Write {
             | Write::Beat { service, .. }
             | Write::SetServiceMeta { service, .. } => service,
         }
+    }
+
+    /// About how many bytes the write takes in a message: the lengths of its strings
+    /// plus a fixed allowance for the rest. Bounds how many writes share one message
+    /// ([`crate::Replica::forward_many`]); it need not be exact.
+    pub fn approx_bytes(&self) -> usize {
+        let service = self.service();
+        let names = service.namespace.len() + service.group.len() + service.service.len();
+        let meta = |m: &std::collections::BTreeMap<String, String>| -> usize {
+            m.iter().map(|(k, v)| k.len() + v.len() + 4).sum()
+        };
+        let rest = match self {
+            Write::Register { instance, .. } | Write::Update { instance, .. } => {
+                instance.ip.len() + instance.cluster.len() + meta(&instance.metadata)
+            }
+            Write::Deregister { instance, .. } | Write::Beat { instance, .. } => {
+                instance.ip.len() + instance.cluster.len()
+            }
+            Write::SetServiceMeta { meta: m, .. } => meta(&m.metadata),
+        };
+        64 + names + rest
     }
 }
 

@@ -320,9 +320,9 @@ impl Sim {
     /// outcomes land in [`Sim::forward_many_outcomes`].
     pub fn forward_many(&mut self, via: &NodeId, owner: &NodeId, writes: Vec<Write>) -> u64 {
         let now = self.now_ms;
-        let (id, actions) = self
-            .replica_mut(via)
-            .forward_many(owner, Arc::new(writes), now);
+        let replica = self.replica_mut(via);
+        let (id, mut actions) = replica.forward_many(owner, Arc::new(writes), now);
+        actions.extend(replica.flush_forwards());
         self.execute(via, actions);
         id
     }

@@ -165,6 +165,98 @@ async fn writes_sent_together_are_answered_one_by_one_in_order() {
     assert!(revision > 0);
 }
 
+/// Many sessions send their bursts through one node at once: the runs they forward to
+/// the same owner may leave in one message, and each session still gets exactly its own
+/// outcomes (each session's refused writes sit at other places of its burst), and every
+/// node ends with exactly the writes applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runs_of_many_sessions_forwarded_together_get_their_own_answers() {
+    const SESSIONS: u16 = 16;
+    const WRITES: u16 = 20;
+    let cluster = Cluster::start(3).await;
+    cluster.wait_until_converged().await;
+    let services = [
+        cluster.service_owned_by(1, "runs-one").await,
+        cluster.service_owned_by(2, "runs-two").await,
+    ];
+    let mut clients = Vec::new();
+    for _ in 0..SESSIONS {
+        clients.push(RawClient::session(cluster.node(0)).await.0);
+    }
+    // Session s refuses the writes at places i with i % 5 == s % 5 (port 0).
+    let refused = |s: u16, i: u16| i % 5 == s % 5;
+    let ip = |s: u16, i: u16| format!("10.5.{s}.{i}");
+    let bursts: Vec<Vec<u8>> = (0..SESSIONS)
+        .map(|s| {
+            let mut bytes = Vec::new();
+            for i in 0..WRITES {
+                let mut instance = inst(&ip(s, i), 8080);
+                if refused(s, i) {
+                    instance.port = 0;
+                }
+                let frame = ClientFrame::Request {
+                    id: u64::from(i),
+                    body: Request::Register {
+                        service: services[usize::from(i % 2)].clone(),
+                        instance,
+                    },
+                };
+                bytes.extend(shoal_proto::encode_frame(&frame, 1 << 20).unwrap());
+            }
+            bytes
+        })
+        .collect();
+    // Every session sends its burst at once, then reads its answers.
+    let sessions = clients
+        .into_iter()
+        .zip(bursts)
+        .enumerate()
+        .map(|(s, (mut client, burst))| {
+            tokio::spawn(async move {
+                let s = s as u16;
+                client.send_raw(&burst).await;
+                let mut answered = std::collections::BTreeMap::new();
+                while answered.len() < usize::from(WRITES) {
+                    match client.next_event(PATIENCE).await {
+                        Event::Frame(ServerFrame::Response { id, result }) => {
+                            assert!(
+                                answered.insert(id, result).is_none(),
+                                "session {s}: a second answer to {id}"
+                            );
+                        }
+                        other => panic!("session {s}: expected answers, got {other:?}"),
+                    }
+                }
+                for (id, result) in answered {
+                    let i = u16::try_from(id).expect("an id of the burst");
+                    match (refused(s, i), &result) {
+                        (false, Ok(Response::Applied { revision })) => assert!(*revision > 0),
+                        (true, Err(e)) if e.code == ErrorCode::InvalidPort => {}
+                        _ => panic!("session {s}, write {i}: got {result:?}"),
+                    }
+                }
+                client
+            })
+        });
+    let mut clients = Vec::new();
+    for session in sessions.collect::<Vec<_>>() {
+        clients.push(session.await.expect("a session's check failed"));
+    }
+
+    let mut want: Vec<Vec<(String, u16)>> = vec![Vec::new(); 2];
+    for s in 0..SESSIONS {
+        for i in (0..WRITES).filter(|&i| !refused(s, i)) {
+            want[usize::from(i % 2)].push(addr(&ip(s, i), 8080));
+        }
+    }
+    for node in cluster.nodes() {
+        for (service, want) in services.iter().zip(&want) {
+            wait_for_listing(node, PATIENCE, service, want).await;
+        }
+    }
+    drop(clients);
+}
+
 /// Writes forwarded to an owner that stalls (SIGSTOP) but stays in the ring (its peers
 /// are told to wait minutes before they call it Down) are answered as a whole within
 /// about two forward timeouts: a burst of single writes and a RegisterMany of 100 each

@@ -1,6 +1,7 @@
 //! Single writes that a client sends without waiting reach the node together, and the
-//! node takes them as one run (one lock, one forward message per owner). Each still
-//! gets its own answer, a refused one its own error, and they apply in the order sent.
+//! node takes them as one run (one lock, one forward per owner, which may share its
+//! message with the runs of other sessions). Each still gets its own answer, a refused
+//! one its own error, and they apply in the order sent.
 
 use std::collections::HashMap;
 use std::time::Duration;

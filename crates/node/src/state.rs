@@ -338,16 +338,16 @@ impl Shared {
         for action in actions {
             match action {
                 Action::Send { to, msg } => {
+                    // The engine's own single forwards are awaited by nobody.
                     let forward_id = match &msg {
-                        PeerMsg::Forward { id, .. } | PeerMsg::ForwardMany { id, .. } => Some(*id),
+                        PeerMsg::ForwardMany { id, .. } => Some(*id),
                         _ => None,
                     };
                     if !self.links.send(&to, msg) {
                         metrics::counter!("shoal_peer_messages_dropped_total").increment(1);
                         if let Some(id) = forward_id {
-                            // The owner is unreachable: fail the forwarded runs now.
+                            // The owner is unreachable: fail the runs it carried now.
                             let mut pending = lock(&self.pending_batches);
-                            pending.remove(&id);
                             for run in replica.forwarded_runs(id) {
                                 pending.remove(&run);
                             }

@@ -471,7 +471,7 @@ impl Replica {
         })
     }
 
-    /// Sends a run of client writes to `owner` (they all route to it); their answers
+    /// Forwards a run of client writes to `owner` (they all route to it); their answers
     /// come back together as [`Action::ForwardManyDone`] with the returned id. The
     /// writes are shared: the caller may keep them, to route them again, without a
     /// copy.

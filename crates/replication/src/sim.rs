@@ -26,6 +26,9 @@ use crate::config::Config;
 use crate::engine::{Action, Replica, Route};
 use crate::msg::{ForwardOutcome, PeerMsg, Write};
 
+/// The seed of a randomized test (see [`shoal_storage::test_seed`]).
+pub use shoal_storage::test_seed;
+
 /// The network's behaviour.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NetConfig {

@@ -5,19 +5,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use shoal_replication::sim::Sim;
+use shoal_replication::sim::{test_seed, Sim};
 use shoal_replication::{Action, Config, ForwardOutcome, PeerMsg, Replica, Write, WriteRuns};
 use shoal_storage::{InstanceSpec, NodeId, ServiceKey, SessionId};
-
-/// The simulator's seed: `SHOAL_TEST_SEED` or the test's own, printed for a replay.
-fn seed(default: u64) -> u64 {
-    let seed = std::env::var("SHOAL_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default);
-    eprintln!("SHOAL_TEST_SEED={seed}");
-    seed
-}
 
 fn id(name: &str) -> NodeId {
     NodeId::new(name)
@@ -189,7 +179,7 @@ fn a_run_that_does_not_fit_sends_those_queued_before_it() {
 /// announcement in the batch (its end, say) never overtakes the writes it made.
 #[test]
 fn queued_runs_leave_before_a_batch_to_their_owner() {
-    let mut sim = Sim::new(seed(11), Config::default());
+    let mut sim = Sim::new(test_seed(11), Config::default());
     for n in ["a", "b", "c"] {
         sim.add_node(n);
     }

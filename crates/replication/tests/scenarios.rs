@@ -3,18 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use shoal_replication::sim::{NetConfig, Sim, WriteResult};
+use shoal_replication::sim::{test_seed as seed, NetConfig, Sim, WriteResult};
 use shoal_replication::{Config, ForwardOutcome, MemberState, PeerMsg, Route, Write};
 use shoal_storage::{InstanceKey, InstanceSpec, NodeId, ServiceKey, SessionId, TtlLease};
-
-fn seed(default: u64) -> u64 {
-    let seed = std::env::var("SHOAL_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default);
-    eprintln!("SHOAL_TEST_SEED={seed}");
-    seed
-}
 
 fn id(name: &str) -> NodeId {
     NodeId::new(name)

@@ -26,8 +26,16 @@ use crate::config::Config;
 use crate::engine::{Action, Replica, Route};
 use crate::msg::{ForwardOutcome, PeerMsg, Write};
 
-/// The seed of a randomized test (see [`shoal_storage::test_seed`]).
-pub use shoal_storage::test_seed;
+/// The seed of a randomized test: `SHOAL_TEST_SEED` if set, else `default`. Printed, so
+/// that a failure can be replayed.
+pub fn test_seed(default: u64) -> u64 {
+    let seed = std::env::var("SHOAL_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
+    eprintln!("SHOAL_TEST_SEED={seed}");
+    seed
+}
 
 /// The network's behaviour.
 #[derive(Clone, Debug, PartialEq)]

@@ -43,15 +43,3 @@ pub use validate::{
     validate_instance, validate_instance_key, validate_name, validate_service_key,
     validate_service_meta, NameKind,
 };
-
-/// The seed of a randomized test: `SHOAL_TEST_SEED` if set, else `default`. Printed, so
-/// that a failure can be replayed. For the tests of this workspace; the registry itself
-/// takes no randomness.
-pub fn test_seed(default: u64) -> u64 {
-    let seed = std::env::var("SHOAL_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default);
-    eprintln!("SHOAL_TEST_SEED={seed}");
-    seed
-}

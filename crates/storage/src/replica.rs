@@ -808,6 +808,17 @@ mod tests {
         }
     }
 
+    /// The seed of a randomized test: `SHOAL_TEST_SEED` if set, else a fixed one.
+    /// Printed, so that a failure can be replayed.
+    fn test_seed(default: u64) -> u64 {
+        let seed = std::env::var("SHOAL_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default);
+        eprintln!("SHOAL_TEST_SEED={seed}");
+        seed
+    }
+
     fn writer(origin: u64) -> Registry {
         let mut r = Registry::new(Limits::default());
         r.set_replication(ReplicationSettings {
@@ -843,7 +854,7 @@ mod tests {
     /// equal, and the writers converge too once they exchange operations.
     #[test]
     fn any_order_with_duplicates_converges() {
-        let seed = crate::test_seed(7);
+        let seed = test_seed(7);
         let mut rng = Rng(seed);
         let mut writers = [writer(1), writer(2)];
         let mut ops: Vec<Op> = Vec::new();

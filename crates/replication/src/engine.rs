@@ -141,9 +141,8 @@ impl Outq {
 #[derive(Debug, Default)]
 struct ForwardQueue {
     runs: Vec<Arc<Vec<Write>>>,
-    /// The id and length of each run, in order.
-    parts: Vec<(u64, usize)>,
-    writes: usize,
+    /// The id of each run, in order.
+    ids: Vec<u64>,
     /// [`Write::approx_bytes`] of the writes.
     bytes: usize,
     /// The `now_ms` of the first run queued: the message's `sent_ms`.
@@ -464,11 +463,19 @@ impl Replica {
     /// Sends a client write to `owner` (what [`Replica::route`] said). The answer comes
     /// back as [`Action::ForwardDone`] with the returned id; the node times it out.
     pub fn forward(&mut self, owner: &NodeId, write: Write, now_ms: u64) -> (u64, Vec<Action>) {
-        self.send_forward(owner, |id| PeerMsg::Forward {
+        let id = self.take_forward_id();
+        let msg = PeerMsg::Forward {
             id,
             write,
             sent_ms: now_ms,
-        })
+        };
+        (
+            id,
+            vec![Action::Send {
+                to: owner.clone(),
+                msg,
+            }],
+        )
     }
 
     /// Forwards a run of client writes to `owner` (they all route to it); their answers
@@ -489,13 +496,12 @@ impl Replica {
         writes: Arc<Vec<Write>>,
         now_ms: u64,
     ) -> (u64, Vec<Action>) {
-        let id = self.next_forward_id;
-        self.next_forward_id += 1;
+        let id = self.take_forward_id();
         let n = writes.len();
         let bytes: usize = writes.iter().map(Write::approx_bytes).sum();
         let full = self.forward_queues.get(owner).is_some_and(|q| {
-            q.writes > 0
-                && (q.writes + n > FORWARD_MAX_WRITES || q.bytes + bytes > FORWARD_MAX_BYTES)
+            let writes: usize = q.runs.iter().map(|run| run.len()).sum();
+            writes > 0 && (writes + n > FORWARD_MAX_WRITES || q.bytes + bytes > FORWARD_MAX_BYTES)
         });
         let actions = if full {
             self.flush_forwards_to(owner)
@@ -507,8 +513,7 @@ impl Replica {
             q.since_ms = now_ms;
         }
         q.runs.push(writes);
-        q.parts.push((id, n));
-        q.writes += n;
+        q.ids.push(id);
         q.bytes += bytes;
         (id, actions)
     }
@@ -546,12 +551,15 @@ impl Replica {
         if q.runs.is_empty() {
             return Vec::new();
         }
-        let id = self.next_forward_id;
-        self.next_forward_id += 1;
+        let id = self.take_forward_id();
         self.forwards_sent.insert(
             id,
             ForwardSent {
-                parts: q.parts,
+                parts: q
+                    .ids
+                    .into_iter()
+                    .zip(q.runs.iter().map(|run| run.len()))
+                    .collect(),
                 sent_ms: q.since_ms,
             },
         );
@@ -594,21 +602,11 @@ impl Replica {
             .collect()
     }
 
-    /// Takes the next forward id and sends `owner` the message made with it.
-    fn send_forward(
-        &mut self,
-        owner: &NodeId,
-        msg: impl FnOnce(u64) -> PeerMsg,
-    ) -> (u64, Vec<Action>) {
+    /// The next id of a forward (a single write, a run, or a message of runs).
+    fn take_forward_id(&mut self) -> u64 {
         let id = self.next_forward_id;
         self.next_forward_id += 1;
-        (
-            id,
-            vec![Action::Send {
-                to: owner.clone(),
-                msg: msg(id),
-            }],
-        )
+        id
     }
 
     /// A forwarded write's outcome: applied here (its actions go to `actions`), or

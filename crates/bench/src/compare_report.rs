@@ -34,11 +34,15 @@ pub fn ratio(better: Better, rnacos: Option<f64>, shoal: Option<f64>) -> String 
     let (Some(r), Some(s)) = (rnacos, shoal) else {
         return String::new();
     };
+    // Past 100 the ratio says nothing more (a divisor of about 0, printed as 0, gave
+    // twelve-digit ratios).
     let x = match better {
+        Better::Higher if r > 0.0 && s / r > 100.0 => return ">100x".into(),
         Better::Higher if r > 0.0 => s / r,
         Better::Lower if s == 0.0 && r == 0.0 => return "=".into(),
         Better::Lower if s == 0.0 || r / s > 100.0 => return ">100x".into(),
         Better::Lower => r / s,
+        Better::Neither if r > 0.0 && s / r > 100.0 => return "(>100)".into(),
         Better::Neither if r > 0.0 => return format!("({:.2})", s / r),
         _ => return String::new(),
     };
@@ -307,6 +311,8 @@ mod tests {
         assert_eq!(ratio(Better::Lower, Some(5.0), Some(0.0)), ">100x");
         assert_eq!(ratio(Better::Lower, Some(36.0), Some(0.0001)), ">100x");
         assert_eq!(ratio(Better::Neither, Some(2.0), Some(4.0)), "(2.00)");
+        assert_eq!(ratio(Better::Neither, Some(3.7e-13), Some(0.27)), "(>100)");
+        assert_eq!(ratio(Better::Higher, Some(1e-9), Some(5.0)), ">100x");
         assert_eq!(ratio(Better::Higher, None, Some(4.0)), "");
     }
 

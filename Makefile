@@ -43,8 +43,8 @@ clean:
 	$(CARGO) clean
 	rm -rf .shoal
 
-## The chaos suite, including its long run (ignored in `make test`: 10 seeds of 90 s
-## schedules, about 15 minutes; see docs/reliability.md). SEED=N replays one schedule.
+## The chaos suite, including its long run (ignored in `make test`: 10 seeds, about 15
+## minutes; see docs/reliability.md). SEED=N replays one schedule.
 chaos:
 	$(CARGO) build --bin shoal
 	SHOAL_CHAOS_SEED=$(SEED) $(CARGO) test -p shoal-tests --test chaos --test chaos_partition -- --include-ignored --test-threads 1

@@ -220,6 +220,13 @@ pub struct CompareArgs {
     /// Longest wait for a quiet machine, in seconds; then the scenario runs anyway.
     #[arg(long, default_value_t = 120)]
     pub quiet_timeout: u64,
+    /// Seconds each cluster runs, ready and idle, before its first scenario. An rnacos
+    /// node that joins a cluster pulls the other nodes' naming data 1, 15 and 45 s later
+    /// and pushes its own at 30 s; a register phase running into the 15 s pull with
+    /// 100 000 instances held stalls for seconds. A cluster that has run for a minute
+    /// has done with it, as one in service has; both targets wait the same.
+    #[arg(long, default_value_t = 50)]
+    pub settle_seconds: u64,
     /// The `shoal` binary (default: next to this executable).
     #[arg(long)]
     pub shoal_bin: Option<PathBuf>,
@@ -402,6 +409,13 @@ pub async fn run(args: CompareArgs) -> Result<()> {
             error: None,
         };
         let mut harness = harness;
+        if args.settle_seconds > 0 {
+            eprintln!(
+                "[settle] the cluster runs idle for {} s before the first scenario",
+                args.settle_seconds
+            );
+            tokio::time::sleep(Duration::from_secs(args.settle_seconds)).await;
+        }
         if let Some(k) = args.keep_alive_ms {
             let idle = args.idle_timeout_ms.unwrap_or(k.saturating_mul(4));
             harness.liveness = Some((Duration::from_millis(k), Duration::from_millis(idle)));

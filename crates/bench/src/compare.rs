@@ -47,6 +47,8 @@
 //! API registers one instance per request): `--batch-rounds` times the register
 //! population, with RegisterMany, `--batch` per request; then closed again.
 //!
+//! Once a cluster is formed it runs idle for `--settle-seconds` before the first
+//! scenario (an rnacos node syncs the others' data 15, 30 and 45 s after it joins).
 //! Before each scenario the benchmark waits for a quiet machine (`--quiet-share`), and
 //! records what other processes used during it.
 

@@ -168,7 +168,16 @@ pub fn run_dev(args: DevArgs) -> Result<()> {
     let dir = args.dir.canonicalize()?;
     let ca = crate::tls::ensure_dev_ca(&dir)?;
     let exe = std::env::current_exe().context("finding the shoal binary")?;
-    let mut children = Vec::new();
+    let rt = tokio::runtime::Runtime::new()?;
+    // Handlers first: Ctrl-C, SIGTERM or SIGHUP from now on stop the nodes started so
+    // far instead of killing this process and leaving them running.
+    let stop = {
+        let _in_runtime = rt.enter();
+        crate::server::stop_signal(true)
+    };
+    // Stops every node started so far however this function ends: a node that fails
+    // to start must not leave the others running on their ports.
+    let mut children = DevNodes(Vec::new());
     let mut servers = Vec::new();
     let all: Vec<String> = (0..args.nodes)
         .map(|i| format!("127.0.0.1:{}", args.base_port as usize + 10 * i))
@@ -198,35 +207,20 @@ pub fn run_dev(args: DevArgs) -> Result<()> {
             .stderr(log)
             .spawn()
             .context("starting a node")?;
-        children.push(child);
+        children.0.push(child);
         servers.push((quic, http, node_dir));
     }
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async {
-        // Wait until every node answers /readyz, or one of them exits.
-        for (i, (_, http, node_dir)) in servers.iter().enumerate() {
-            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-            loop {
-                if http_ok(http, "/readyz").await {
-                    break;
-                }
-                if let Ok(Some(status)) = children[i].try_wait() {
-                    anyhow::bail!(
-                        "node-{} exited ({status}); see {}",
-                        i + 1,
-                        node_dir.join("node.log").display()
-                    );
-                }
-                anyhow::ensure!(
-                    tokio::time::Instant::now() < deadline,
-                    "node-{} did not become ready in 30 s",
-                    i + 1
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
+    let mut stop = Box::pin(stop);
+    let ready = rt.block_on(async {
+        tokio::select! {
+            ready = all_ready(&mut children, &servers) => ready.map(|()| true),
+            _ = &mut stop => Ok(false),
         }
-        Ok(())
     })?;
+    if !ready {
+        println!("stopping...");
+        return Ok(());
+    }
     let list: Vec<String> = servers.iter().map(|s| s.0.clone()).collect();
     println!("Shoal dev cluster: {} node(s) running.\n", args.nodes);
     for (i, (quic, http, node_dir)) in servers.iter().enumerate() {
@@ -251,21 +245,86 @@ pub fn run_dev(args: DevArgs) -> Result<()> {
     println!("  curl http://{}/metrics", servers[0].1);
     println!("\n(`shoal` is target/release/shoal.) Ctrl-C stops the cluster.");
     rt.block_on(async {
-        let _ = tokio::signal::ctrl_c().await;
+        let mut reported = vec![false; children.0.len()];
+        let mut check = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = check.tick() => {
+                    // A node that dies (a crash, or someone killed it) is said once;
+                    // the others keep running.
+                    for (i, child) in children.0.iter_mut().enumerate() {
+                        if let (false, Ok(Some(status))) = (reported[i], child.try_wait()) {
+                            reported[i] = true;
+                            eprintln!(
+                                "node-{} exited ({status}); see {}",
+                                i + 1,
+                                servers[i].2.join("node.log").display()
+                            );
+                        }
+                    }
+                }
+            }
+        }
     });
     println!("stopping...");
-    for child in &mut children {
-        // SIGTERM lets each node close its sessions cleanly.
-        #[cfg(unix)]
-        unsafe_free_sigterm(child.id());
-    }
-    for child in &mut children {
-        let _ = child.wait();
+    drop(children);
+    Ok(())
+}
+
+/// Waits until every node answers /readyz; fails if one exits first or is not ready
+/// within 30 s.
+async fn all_ready(children: &mut DevNodes, servers: &[(String, String, PathBuf)]) -> Result<()> {
+    for (i, (_, http, node_dir)) in servers.iter().enumerate() {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if http_ok(http, "/readyz").await {
+                break;
+            }
+            if let Ok(Some(status)) = children.0[i].try_wait() {
+                anyhow::bail!(
+                    "node-{} exited ({status}); see {}",
+                    i + 1,
+                    node_dir.join("node.log").display()
+                );
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "node-{} did not become ready in 30 s",
+                i + 1
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
     Ok(())
 }
 
+/// The node processes of `shoal dev`. Dropping it stops them: SIGTERM first, which
+/// lets each node close its sessions cleanly, then waits for every one.
+struct DevNodes(Vec<std::process::Child>);
+
+impl Drop for DevNodes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            if let Ok(None) = child.try_wait() {
+                sigterm(child);
+            }
+        }
+        for child in &mut self.0 {
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Whether `GET path` on `addr` answers 200 within 2 s (something else listening on
+/// the port, that never answers, must not hold `shoal dev` up).
 async fn http_ok(addr: &str, path: &str) -> bool {
+    tokio::time::timeout(std::time::Duration::from_secs(2), http_ok_now(addr, path))
+        .await
+        .unwrap_or(false)
+}
+
+async fn http_ok_now(addr: &str, path: &str) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
         return false;
@@ -279,10 +338,14 @@ async fn http_ok(addr: &str, path: &str) -> bool {
     buf.starts_with(b"HTTP/1.1 200")
 }
 
-#[cfg(unix)]
-fn unsafe_free_sigterm(pid: u32) {
-    // `kill` from the shell avoids an FFI dependency for one signal.
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
+fn sigterm(child: &mut std::process::Child) {
+    // `kill` from the shell avoids an FFI dependency for one signal; where it cannot
+    // run, the node is killed outright.
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !sent {
+        let _ = child.kill();
+    }
 }

@@ -502,31 +502,56 @@ pub async fn run(config: Config) -> Result<()> {
         node.http_addr(),
         node.ca_file().display()
     );
-    wait_for_signal().await;
+    wait_for_signal(false).await;
     tracing::info!("shutting down");
     node.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Returns on Ctrl-C or SIGTERM, and with `hangup` also on SIGHUP (the terminal that
+/// started `shoal dev` was closed).
+pub(crate) async fn wait_for_signal(hangup: bool) {
+    stop_signal(hangup).await
+}
+
+/// Like [`wait_for_signal`], but the handlers are in place when this returns, not
+/// when the future is first polled: a signal that comes in between is not lost and
+/// does not kill the process (SIGTERM's default). Must be called within a runtime.
+pub(crate) fn stop_signal(hangup: bool) -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+        use tokio::signal::unix::{signal, Signal, SignalKind};
+        // A kind whose handler cannot be installed never fires; with none at all,
+        // Ctrl-C still works through tokio's own handler.
+        let interrupt = signal(SignalKind::interrupt()).ok();
+        let terminate = signal(SignalKind::terminate()).ok();
+        let hangup = hangup.then(|| signal(SignalKind::hangup()).ok()).flatten();
+        async fn recv(s: Option<Signal>) {
+            match s {
+                Some(mut s) => {
+                    s.recv().await;
                 }
+                None => std::future::pending().await,
             }
-            Err(_) => {
+        }
+        async move {
+            if interrupt.is_none() && terminate.is_none() {
                 let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+            tokio::select! {
+                _ = recv(interrupt) => {}
+                _ = recv(terminate) => {}
+                _ = recv(hangup) => {}
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        let _ = hangup;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

@@ -1,0 +1,268 @@
+//! `shoal dev`, the command behind `make run`: it starts a 3-node cluster with
+//! development certificates, the cluster serves what its banner says, and stopping the
+//! command stops every node it started, whichever way it is stopped and even when a
+//! node fails to start.
+
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use shoal_tests::*;
+
+/// Generous bound for anything the cluster does on its own clock.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A base port whose six ports (QUIC and HTTP of three nodes, 10 apart) are free now.
+/// Another process may still take one before `shoal dev` binds it; then the command
+/// fails with a clear error, which the test shows.
+fn free_base_port() -> u16 {
+    let seed = std::process::id() as u64 * 7919 + Instant::now().elapsed().as_nanos() as u64;
+    for attempt in 0..200u64 {
+        let base = 20_000 + ((seed + attempt * 131) % 2_000) as u16 * 20;
+        let all_free = (0..3).all(|i| {
+            let quic = base + 10 * i;
+            UdpSocket::bind(("127.0.0.1", quic)).is_ok()
+                && TcpListener::bind(("127.0.0.1", quic + 1)).is_ok()
+        });
+        if all_free {
+            return base;
+        }
+    }
+    panic!("no free base port found");
+}
+
+/// A running `shoal dev`, its stdout lines read as they come. Dropping it kills the
+/// command and, through the directory in their command lines, any node left behind.
+struct Dev {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    dir: PathBuf,
+}
+
+impl Dev {
+    fn spawn(dir: &Path, base_port: u16) -> Dev {
+        let mut child = shoal_command()
+            .args(["dev", "--nodes", "3", "--base-port", &base_port.to_string()])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run shoal dev: {e}"));
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        for out in [
+            Box::new(stdout) as Box<dyn std::io::Read + Send>,
+            Box::new(stderr),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Dev {
+            child,
+            lines,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Lines until one contains `marker` (that one included); panics after PATIENCE.
+    fn read_until(&mut self, marker: &str) -> Vec<String> {
+        let deadline = Instant::now() + PATIENCE;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let done = line.contains(marker);
+                    seen.push(line);
+                    if done {
+                        return seen;
+                    }
+                }
+                Err(_) => panic!(
+                    "shoal dev printed no {marker:?} in {PATIENCE:?}; it printed:\n{}",
+                    seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for the command to end (bounded) and returns its exit status.
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for shoal dev") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "shoal dev did not end within {PATIENCE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for pid in node_pids(&self.dir) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// The pids of live processes whose command line names `dir` (the nodes of one
+/// `shoal dev`; each gets `--data-dir <dir>/node-N`). Zombies do not count.
+fn node_pids(dir: &Path) -> Vec<u32> {
+    let needle = dir.display().to_string();
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let zombie = std::fs::read_to_string(entry.path().join("stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true);
+        if cmdline.contains(" server ") && cmdline.contains(&needle) && !zombie {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// The value of `export NAME=value` in the banner.
+fn exported(banner: &[String], name: &str) -> String {
+    let prefix = format!("export {name}=");
+    banner
+        .iter()
+        .find_map(|l| l.trim().strip_prefix(&prefix).map(str::to_string))
+        .unwrap_or_else(|| panic!("the banner sets no {name}:\n{}", banner.join("\n")))
+}
+
+/// Runs `shoal <args>` to its end (30 s at most) with the banner's servers and CA.
+fn cli(servers: &str, ca: &str, args: &[&str]) -> CliOutput {
+    let mut child = shoal_command()
+        .args(args)
+        .env("SHOAL_SERVERS", servers)
+        .env("SHOAL_CA", ca)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run shoal {args:?}: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("waiting").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("shoal {args:?} ran longer than 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("collecting the output");
+    CliOutput {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn shoal_dev_serves_what_its_banner_says_and_sigterm_stops_every_node() {
+    let dir = unique_temp_dir("shoal-test-dev");
+    let mut dev = Dev::spawn(&dir, free_base_port());
+    let banner = dev.read_until("Ctrl-C stops the cluster");
+    assert_eq!(
+        node_pids(&dir).len(),
+        3,
+        "three node processes:\n{}",
+        banner.join("\n")
+    );
+
+    // What the banner tells a user to do works: register through the first node (the
+    // command holds the instance while it runs), list it through the last.
+    let servers = exported(&banner, "SHOAL_SERVERS");
+    let ca = exported(&banner, "SHOAL_CA");
+    let nodes: Vec<&str> = servers.split(',').collect();
+    assert_eq!(nodes.len(), 3, "{servers}");
+    let members = cli(&servers, &ca, &["members", "--json"]);
+    assert!(members.status.success(), "{members:?}");
+    let mut register = shoal_command()
+        .args(["register", "orders", "10.0.0.1:8080", "--server", nodes[0]])
+        .env("SHOAL_CA", &ca)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("shoal register");
+    wait_until("the instance listed by the last node", || {
+        let out = cli(
+            &servers,
+            &ca,
+            &["list", "orders", "--json", "--server", nodes[2]],
+        );
+        out.status.success() && out.stdout.contains("10.0.0.1")
+    });
+    let _ = register.kill();
+    let _ = register.wait();
+
+    send_sigterm(dev.child.id());
+    let status = dev.wait_exit();
+    assert!(status.success(), "shoal dev ended with {status}");
+    wait_until("every node process gone", || node_pids(&dir).is_empty());
+}
+
+#[test]
+fn shoal_dev_stops_the_nodes_it_started_when_one_cannot_start() {
+    let dir = unique_temp_dir("shoal-test-dev");
+    let base = free_base_port();
+    // Something else holds node-2's HTTP port and never answers on it.
+    let _squatter = TcpListener::bind(("127.0.0.1", base + 11)).expect("binding node-2's port");
+    let mut dev = Dev::spawn(&dir, base);
+    // The error names the node that failed (read_until panics, with what it read, if
+    // it does not).
+    dev.read_until("node-2 exited");
+    let status = dev.wait_exit();
+    assert!(!status.success(), "shoal dev must fail");
+    let log = std::fs::read_to_string(dir.join("node-2/node.log")).unwrap_or_default();
+    assert!(
+        log.contains("Address already in use"),
+        "node-2's log says why:\n{log}"
+    );
+    wait_until("the nodes that did start gone", || {
+        node_pids(&dir).is_empty()
+    });
+}

@@ -38,7 +38,7 @@
 //! environment removed, so a developer's `SHOAL_SERVERS` or `SHOAL_SESSION_GRACE_MS`
 //! cannot change what a test means.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -1047,6 +1047,8 @@ pub struct RawClient {
     send: quinn::SendStream,
     events: mpsc::UnboundedReceiver<Event>,
     reader: tokio::task::JoinHandle<()>,
+    /// The read of the session stream that brought each answer, by request id.
+    reads: Arc<std::sync::Mutex<HashMap<u64, u64>>>,
     pushes: VecDeque<ServiceView>,
     next_id: u64,
     ended: bool,
@@ -1087,13 +1089,15 @@ impl RawClient {
             .await
             .unwrap_or_else(|e| panic!("opening the session stream: {e}"));
         let (tx, events) = mpsc::unbounded_channel();
-        let reader = tokio::spawn(read_loop(recv, tx));
+        let reads = Arc::default();
+        let reader = tokio::spawn(read_loop(recv, tx, Arc::clone(&reads)));
         RawClient {
             endpoint,
             conn,
             send,
             events,
             reader,
+            reads,
             pushes: VecDeque::new(),
             next_id: 1,
             ended: false,
@@ -1105,6 +1109,12 @@ impl RawClient {
     /// as maps again.
     pub fn set_compact(&mut self, compact: bool) {
         self.compact = compact;
+    }
+
+    /// The number of the read of the session stream that brought the answer to
+    /// request `id` (reads are numbered from 1), once it came.
+    pub fn read_of(&self, id: u64) -> Option<u64> {
+        self.reads.lock().expect("reads").get(&id).copied()
     }
 
     /// The QUIC connection (to open extra streams, read close reasons...).
@@ -1323,15 +1333,31 @@ impl RawClient {
     }
 }
 
-async fn read_loop(mut recv: quinn::RecvStream, tx: mpsc::UnboundedSender<Event>) {
+/// Reads the session stream. Each answer's id is recorded with the number of the read
+/// of the stream that brought it ([`RawClient::read_of`]): frames the node wrote
+/// together arrive in one read.
+async fn read_loop(
+    recv: quinn::RecvStream,
+    tx: mpsc::UnboundedSender<Event>,
+    reads: Arc<std::sync::Mutex<HashMap<u64, u64>>>,
+) {
+    let mut frames = shoal_proto::FrameReader::new(recv, CLIENT_MAX_FRAME_BYTES);
+    let mut read = 0u64;
     loop {
-        let event = match shoal_proto::read_frame::<ServerFrame, _>(
-            &mut recv,
-            CLIENT_MAX_FRAME_BYTES,
-        )
-        .await
-        {
-            Ok(Some(frame)) => Event::Frame(frame),
+        let next = match frames.try_next::<ServerFrame>() {
+            Some(frame) => frame.map(Some),
+            None => {
+                read += 1;
+                frames.next::<ServerFrame>().await
+            }
+        };
+        let event = match next {
+            Ok(Some(frame)) => {
+                if let ServerFrame::Response { id, .. } = &frame {
+                    reads.lock().expect("reads").insert(*id, read);
+                }
+                Event::Frame(frame)
+            }
             Ok(None) => Event::End,
             Err(e) => Event::Failed(e.to_string()),
         };

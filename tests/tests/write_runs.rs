@@ -437,3 +437,59 @@ async fn a_stalled_owner_does_not_hold_up_the_answers_of_the_others() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The answers to a run of writes, some applied by the node the client talks to and
+/// some forwarded to each of the two other owners, leave the node together, in one
+/// write: the client reads them all at once (one packet, where it was one for those
+/// applied here and one per owner).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answers_to_a_run_of_writes_leave_the_node_together() {
+    let cluster = Cluster::start(3).await;
+    cluster.wait_until_converged().await;
+    let services = [
+        cluster.service_owned_by(0, "together-here").await,
+        cluster.service_owned_by(1, "together-there").await,
+        cluster.service_owned_by(2, "together-far").await,
+    ];
+    let (mut client, _) = RawClient::session(cluster.node(0)).await;
+    for round in 0..5u64 {
+        // Six writes, two per owner, in one buffer of well under a packet.
+        let mut bytes = Vec::new();
+        let mut ids = Vec::new();
+        for (k, service) in services.iter().enumerate() {
+            for j in 0..2u64 {
+                let id = 1_000 + 100 * round + 10 * k as u64 + j;
+                let frame = ClientFrame::Request {
+                    id,
+                    body: Request::Register {
+                        service: service.clone(),
+                        instance: inst(&format!("10.8.{round}.{}", 10 * k as u64 + j), 8080),
+                    },
+                };
+                // Structs as arrays, as the SDK sends them.
+                bytes.extend(shoal_proto::encode_frame_compact(&frame, 1 << 20).unwrap());
+                ids.push(id);
+            }
+        }
+        assert!(
+            bytes.len() < 1_000,
+            "the run must fit in one packet: {}",
+            bytes.len()
+        );
+        client.send_raw(&bytes).await;
+        for _ in 0..ids.len() {
+            match client.next_event(PATIENCE).await {
+                Event::Frame(ServerFrame::Response { id, result }) => assert!(
+                    matches!(result, Ok(Response::Applied { .. })),
+                    "{id}: {result:?}"
+                ),
+                other => panic!("expected answers, got {other:?}"),
+            }
+        }
+        let reads: Vec<Option<u64>> = ids.iter().map(|id| client.read_of(*id)).collect();
+        assert!(
+            reads.iter().all(|r| r.is_some() && *r == reads[0]),
+            "round {round}: the answers to {ids:?} came in reads {reads:?}"
+        );
+    }
+}

@@ -484,11 +484,20 @@ fn write_kind(w: &Write) -> Kind {
     }
 }
 
+/// How long the answers to a run of writes wait for each other: those applied here
+/// wait, at most this long, for those forwarded to their owners, so that the whole
+/// run's answers leave in one write (one packet to the client, where they were one
+/// write each way before: at 4 writes in flight per session that halved the packets
+/// per registration, docs/benchmarks.md, eighteenth series). A stalled owner holds up
+/// the others' answers by this much at most; after it each owner's outcomes leave as
+/// they come.
+const ANSWER_HOLD: Duration = Duration::from_millis(20);
+
 /// Starts a run of single writes that arrived together, in their order, as one batch
-/// ([`crate::cluster::start_many`]), and answers each with its own id: those applied
-/// here at once, the forwarded ones as each owner answers, from a task of their own
-/// (at most [`MAX_FORWARDS_IN_FLIGHT`] runs wait at once). False when the session's
-/// outbox is gone.
+/// ([`crate::cluster::start_many`]), and answers each with its own id, all in one
+/// write once every outcome is known (or [`ANSWER_HOLD`] passed), from a task of their
+/// own when some were forwarded (at most [`MAX_FORWARDS_IN_FLIGHT`] runs wait at once).
+/// False when the session's outbox is gone.
 async fn write_run(
     shared: &Arc<Shared>,
     outbox: &Outbox,
@@ -506,17 +515,10 @@ async fn write_run(
         })
         .collect();
     let mut pending = crate::cluster::start_many(shared, writes);
-    for (place, result) in pending.take_settled() {
-        let (id, kind) = ids[place];
-        let result = result.map(|revision| Response::Applied { revision });
-        observe(kind, started, &result);
-        let frame = ServerFrame::Response { id, result };
-        if outbox.tx.send(frame.into()).await.is_err() {
-            return false;
-        }
-    }
+    let mut held = RunAnswers::new(&ids, started);
+    held.add(pending.take_settled());
     if pending.is_settled() {
-        return true;
+        return held.send(&outbox.tx).await;
     }
     let Ok(permit) = in_flight.clone().acquire_owned().await else {
         return false;
@@ -524,20 +526,80 @@ async fn write_run(
     let mut answers = pending.answers(shared);
     let tx = outbox.tx.clone();
     tokio::spawn(async move {
-        'answers: while let Some(outcomes) = answers.next().await {
-            for (place, result) in outcomes {
-                let (id, kind) = ids[place];
-                let result = result.map(|revision| Response::Applied { revision });
-                observe(kind, started, &result);
-                let frame = ServerFrame::Response { id, result };
-                if tx.send(frame.into()).await.is_err() {
-                    break 'answers;
+        let hold = tokio::time::sleep(ANSWER_HOLD);
+        tokio::pin!(hold);
+        let mut holding = true;
+        loop {
+            let next = answers.next();
+            tokio::pin!(next);
+            // The hold ends without dropping `next` (it may be part-way through routing
+            // unanswered writes again).
+            let outcomes = loop {
+                tokio::select! {
+                    outcomes = &mut next => break outcomes,
+                    _ = &mut hold, if holding => {
+                        holding = false;
+                        if !held.send(&tx).await {
+                            return;
+                        }
+                    }
                 }
+            };
+            let Some(outcomes) = outcomes else { break };
+            held.add(outcomes);
+            if !holding && !held.send(&tx).await {
+                return;
             }
         }
+        let _ = held.send(&tx).await;
         drop(permit);
     });
     true
+}
+
+/// The answers of a run of writes not sent yet.
+struct RunAnswers {
+    /// Each write's request id and kind, by its place in the run.
+    ids: Vec<(u64, Kind)>,
+    started: std::time::Instant,
+    frames: Vec<ServerFrame>,
+    /// The kind of the write each frame answers.
+    kinds: Vec<Kind>,
+}
+
+impl RunAnswers {
+    fn new(ids: &[(u64, Kind)], started: std::time::Instant) -> Self {
+        RunAnswers {
+            ids: ids.to_vec(),
+            started,
+            frames: Vec::with_capacity(ids.len()),
+            kinds: Vec::with_capacity(ids.len()),
+        }
+    }
+
+    fn add(&mut self, outcomes: Vec<(usize, Result<u64, ErrorBody>)>) {
+        for (place, result) in outcomes {
+            let (id, kind) = self.ids[place];
+            let result = result.map(|revision| Response::Applied { revision });
+            self.frames.push(ServerFrame::Response { id, result });
+            self.kinds.push(kind);
+        }
+    }
+
+    /// Queues the answers held (if any) as one write, and records their latency as the
+    /// client sees it from here. False when the session's outbox is gone.
+    async fn send(&mut self, tx: &tokio::sync::mpsc::Sender<Outgoing>) -> bool {
+        if self.frames.is_empty() {
+            return true;
+        }
+        let frames = std::mem::take(&mut self.frames);
+        for (frame, kind) in frames.iter().zip(self.kinds.drain(..)) {
+            if let ServerFrame::Response { result, .. } = frame {
+                observe(kind, self.started, result);
+            }
+        }
+        tx.send(Outgoing::Frames(frames)).await.is_ok()
+    }
 }
 
 fn request_kind(body: &Request) -> Kind {
@@ -566,36 +628,19 @@ async fn write_loop(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Outgoing
         buf.clear();
         let mut next = Some(frame);
         while let Some(frame) = next.take() {
-            let (failed, id) = match frame {
-                Outgoing::Frame(frame) => match shoal_proto::append_frame(&mut buf, &frame, max) {
-                    Ok(()) => (None, None),
-                    Err(e) => match frame {
-                        ServerFrame::Response { id, .. } => (Some(e), Some(id)),
-                        _ => (Some(e), None),
-                    },
-                },
+            match frame {
+                Outgoing::Frame(frame) => append_or_refuse(&mut buf, &frame, max),
                 Outgoing::Answer { id, result } => {
-                    match shoal_proto::append_response_frame(&mut buf, id, &result, max) {
-                        Ok(()) => (None, None),
-                        Err(e) => (Some(e), Some(id)),
+                    if let Err(e) = shoal_proto::append_response_frame(&mut buf, id, &result, max) {
+                        refuse_answer(&mut buf, Some(id), e, max);
                     }
                 }
                 // A push, encoded once for every subscriber (within the limit).
-                Outgoing::Encoded(frame) => {
-                    buf.extend_from_slice(&frame);
-                    (None, None)
-                }
-            };
-            if let Some(e) = failed {
-                // A view too large for one frame: tell the client instead.
-                tracing::warn!("cannot send frame: {e}");
-                if let Some(id) = id {
-                    let err = ServerFrame::Response {
-                        id,
-                        result: Err(ErrorBody::new(ErrorCode::Internal, e.to_string())),
-                    };
-                    if let Ok(bytes) = shoal_proto::encode_frame(&err, max) {
-                        buf.extend_from_slice(&bytes);
+                Outgoing::Encoded(frame) => buf.extend_from_slice(&frame),
+                // The answers to a run of writes, in one write.
+                Outgoing::Frames(frames) => {
+                    for frame in &frames {
+                        append_or_refuse(&mut buf, frame, max);
                     }
                 }
             }
@@ -611,6 +656,32 @@ async fn write_loop(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Outgoing
     // Wait (briefly) until the peer has the last bytes: closing the connection now
     // would discard them, and they may carry the error that explains the close.
     let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+}
+
+/// Appends `frame`; a frame too large to send (a view over the limit) becomes an
+/// error answer to its request instead.
+fn append_or_refuse(buf: &mut Vec<u8>, frame: &ServerFrame, max: usize) {
+    if let Err(e) = shoal_proto::append_frame(buf, frame, max) {
+        let id = match frame {
+            ServerFrame::Response { id, .. } => Some(*id),
+            _ => None,
+        };
+        refuse_answer(buf, id, e, max);
+    }
+}
+
+/// Tells the client that the answer to request `id` could not be sent.
+fn refuse_answer(buf: &mut Vec<u8>, id: Option<u64>, e: shoal_proto::FrameError, max: usize) {
+    tracing::warn!("cannot send frame: {e}");
+    if let Some(id) = id {
+        let err = ServerFrame::Response {
+            id,
+            result: Err(ErrorBody::new(ErrorCode::Internal, e.to_string())),
+        };
+        if let Ok(bytes) = shoal_proto::encode_frame(&err, max) {
+            buf.extend_from_slice(&bytes);
+        }
+    }
 }
 
 /// A client opens one stream; any further stream gets an error and is closed.

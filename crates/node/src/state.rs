@@ -32,6 +32,8 @@ pub enum Outgoing {
     /// A whole frame already encoded (a push, the same bytes for every subscriber):
     /// the writer copies it as it is.
     Encoded(crate::push::EncodedFrame),
+    /// Several frames that leave in one write (the answers to a run of writes).
+    Frames(Vec<ServerFrame>),
 }
 
 impl From<ServerFrame> for Outgoing {

@@ -515,7 +515,7 @@ async fn write_run(
         })
         .collect();
     let mut pending = crate::cluster::start_many(shared, writes);
-    let mut held = RunAnswers::new(&ids, started);
+    let mut held = RunAnswers::new(ids, started);
     held.add(pending.take_settled());
     if pending.is_settled() {
         return held.send(&outbox.tx).await;
@@ -568,12 +568,13 @@ struct RunAnswers {
 }
 
 impl RunAnswers {
-    fn new(ids: &[(u64, Kind)], started: std::time::Instant) -> Self {
+    fn new(ids: Vec<(u64, Kind)>, started: std::time::Instant) -> Self {
+        let n = ids.len();
         RunAnswers {
-            ids: ids.to_vec(),
+            ids,
             started,
-            frames: Vec::with_capacity(ids.len()),
-            kinds: Vec::with_capacity(ids.len()),
+            frames: Vec::with_capacity(n),
+            kinds: Vec::with_capacity(n),
         }
     }
 

@@ -670,13 +670,19 @@ pub fn client_args(node: &Node) -> Vec<String> {
 /// Runs a client command against `node` (`args`, then `--server` and `--ca`) to its
 /// end; kills it and panics if it runs longer than 30 s.
 pub async fn shoal_cli(node: &Node, args: &[&str]) -> CliOutput {
-    let mut child = shoal_command()
-        .args(args)
-        .args(client_args(node))
+    let mut cmd = shoal_command();
+    cmd.args(args).args(client_args(node));
+    run_to_end(cmd, &format!("shoal {args:?}")).await
+}
+
+/// Runs `cmd` (a [`shoal_command`] with its arguments) to its end, collecting both
+/// outputs; kills it and panics if it runs longer than 30 s.
+pub async fn run_to_end(mut cmd: Command, what: &str) -> CliOutput {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot run shoal {args:?}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(Some(_)) = child.try_wait() {
@@ -691,7 +697,7 @@ pub async fn shoal_cli(node: &Node, args: &[&str]) -> CliOutput {
             let _ = child.kill();
             let out = child.wait_with_output().expect("collecting the output");
             panic!(
-                "shoal {args:?} ran longer than 30 s\nstdout: {}\nstderr: {}",
+                "{what} ran longer than 30 s\nstdout: {}\nstderr: {}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );

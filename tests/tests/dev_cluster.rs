@@ -73,29 +73,28 @@ impl Dev {
     }
 
     /// Lines until one contains `marker` (that one included); panics after PATIENCE.
-    fn read_until(&mut self, marker: &str) -> Vec<String> {
+    async fn read_until(&mut self, marker: &str) -> Vec<String> {
         let deadline = Instant::now() + PATIENCE;
         let mut seen = Vec::new();
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    let done = line.contains(marker);
-                    seen.push(line);
-                    if done {
-                        return seen;
-                    }
+            while let Ok(line) = self.lines.try_recv() {
+                let done = line.contains(marker);
+                seen.push(line);
+                if done {
+                    return seen;
                 }
-                Err(_) => panic!(
-                    "shoal dev printed no {marker:?} in {PATIENCE:?}; it printed:\n{}",
-                    seen.join("\n")
-                ),
             }
+            assert!(
+                Instant::now() < deadline,
+                "shoal dev printed no {marker:?} in {PATIENCE:?}; it printed:\n{}",
+                seen.join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     /// Waits for the command to end (bounded) and returns its exit status.
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
+    async fn wait_exit(&mut self) -> std::process::ExitStatus {
         let deadline = Instant::now() + PATIENCE;
         loop {
             if let Some(status) = self.child.try_wait().expect("waiting for shoal dev") {
@@ -105,7 +104,7 @@ impl Dev {
                 Instant::now() < deadline,
                 "shoal dev did not end within {PATIENCE:?}"
             );
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
@@ -168,44 +167,19 @@ fn exported(banner: &[String], name: &str) -> String {
 }
 
 /// Runs `shoal <args>` to its end (30 s at most) with the banner's servers and CA.
-fn cli(servers: &str, ca: &str, args: &[&str]) -> CliOutput {
-    let mut child = shoal_command()
-        .args(args)
+async fn cli(servers: &str, ca: &str, args: &[&str]) -> CliOutput {
+    let mut cmd = shoal_command();
+    cmd.args(args)
         .env("SHOAL_SERVERS", servers)
-        .env("SHOAL_CA", ca)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run shoal {args:?}: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().expect("waiting").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("shoal {args:?} ran longer than 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("collecting the output");
-    CliOutput {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+        .env("SHOAL_CA", ca);
+    run_to_end(cmd, &format!("shoal {args:?}")).await
 }
 
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-#[test]
-fn shoal_dev_serves_what_its_banner_says_and_sigterm_stops_every_node() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shoal_dev_serves_what_its_banner_says_and_sigterm_stops_every_node() {
     let dir = unique_temp_dir("shoal-test-dev");
     let mut dev = Dev::spawn(&dir, free_base_port());
-    let banner = dev.read_until("Ctrl-C stops the cluster");
+    let banner = dev.read_until("Ctrl-C stops the cluster").await;
     assert_eq!(
         node_pids(&dir).len(),
         3,
@@ -219,7 +193,7 @@ fn shoal_dev_serves_what_its_banner_says_and_sigterm_stops_every_node() {
     let ca = exported(&banner, "SHOAL_CA");
     let nodes: Vec<&str> = servers.split(',').collect();
     assert_eq!(nodes.len(), 3, "{servers}");
-    let members = cli(&servers, &ca, &["members", "--json"]);
+    let members = cli(&servers, &ca, &["members", "--json"]).await;
     assert!(members.status.success(), "{members:?}");
     let mut register = shoal_command()
         .args(["register", "orders", "10.0.0.1:8080", "--server", nodes[0]])
@@ -228,25 +202,30 @@ fn shoal_dev_serves_what_its_banner_says_and_sigterm_stops_every_node() {
         .stderr(Stdio::null())
         .spawn()
         .expect("shoal register");
-    wait_until("the instance listed by the last node", || {
+    wait_for("the instance listed by the last node", PATIENCE, || async {
         let out = cli(
             &servers,
             &ca,
             &["list", "orders", "--json", "--server", nodes[2]],
-        );
+        )
+        .await;
         out.status.success() && out.stdout.contains("10.0.0.1")
-    });
+    })
+    .await;
     let _ = register.kill();
     let _ = register.wait();
 
     send_sigterm(dev.child.id());
-    let status = dev.wait_exit();
+    let status = dev.wait_exit().await;
     assert!(status.success(), "shoal dev ended with {status}");
-    wait_until("every node process gone", || node_pids(&dir).is_empty());
+    wait_for("every node process gone", PATIENCE, || async {
+        node_pids(&dir).is_empty()
+    })
+    .await;
 }
 
-#[test]
-fn shoal_dev_stops_the_nodes_it_started_when_one_cannot_start() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shoal_dev_stops_the_nodes_it_started_when_one_cannot_start() {
     let dir = unique_temp_dir("shoal-test-dev");
     let base = free_base_port();
     // Something else holds node-2's HTTP port and never answers on it.
@@ -254,15 +233,16 @@ fn shoal_dev_stops_the_nodes_it_started_when_one_cannot_start() {
     let mut dev = Dev::spawn(&dir, base);
     // The error names the node that failed (read_until panics, with what it read, if
     // it does not).
-    dev.read_until("node-2 exited");
-    let status = dev.wait_exit();
+    dev.read_until("node-2 exited").await;
+    let status = dev.wait_exit().await;
     assert!(!status.success(), "shoal dev must fail");
     let log = std::fs::read_to_string(dir.join("node-2/node.log")).unwrap_or_default();
     assert!(
         log.contains("Address already in use"),
         "node-2's log says why:\n{log}"
     );
-    wait_until("the nodes that did start gone", || {
+    wait_for("the nodes that did start gone", PATIENCE, || async {
         node_pids(&dir).is_empty()
-    });
+    })
+    .await;
 }

@@ -1341,7 +1341,8 @@ impl RawClient {
 
 /// Reads the session stream. Each answer's id is recorded with the number of the read
 /// of the stream that brought it ([`RawClient::read_of`]): frames the node wrote
-/// together arrive in one read.
+/// together, in one packet, arrive in one read; frames written apart, a moment apart,
+/// in different ones.
 async fn read_loop(
     recv: quinn::RecvStream,
     tx: mpsc::UnboundedSender<Event>,

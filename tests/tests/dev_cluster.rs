@@ -14,13 +14,21 @@ use shoal_tests::*;
 /// Generous bound for anything the cluster does on its own clock.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// A base port whose six ports (QUIC and HTTP of three nodes, 10 apart) are free now.
-/// Another process may still take one before `shoal dev` binds it; then the command
-/// fails with a clear error, which the test shows.
+/// A base port whose six ports (QUIC and HTTP of three nodes, 10 apart) are free now,
+/// below the system's ephemeral range (32768 and up here), where the nodes of other
+/// tests get theirs. Another process may still take one before `shoal dev` binds it;
+/// then the command fails with a clear error (see [`start_dev`]).
 fn free_base_port() -> u16 {
-    let seed = std::process::id() as u64 * 7919 + Instant::now().elapsed().as_nanos() as u64;
-    for attempt in 0..200u64 {
-        let base = 20_000 + ((seed + attempt * 131) % 2_000) as u16 * 20;
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    // Where to start looking: spread over the range by process, time and call, so
+    // that tests running at once look in different places.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let seed = std::process::id() as u64 * 7919 + nanos + call * 211;
+    for attempt in 0..600u64 {
+        let base = 20_000 + ((seed + attempt) % 600) as u16 * 20;
         let all_free = (0..3).all(|i| {
             let quic = base + 10 * i;
             UdpSocket::bind(("127.0.0.1", quic)).is_ok()
@@ -33,8 +41,33 @@ fn free_base_port() -> u16 {
     panic!("no free base port found");
 }
 
-/// A running `shoal dev`, its stdout lines read as they come. Dropping it kills the
-/// command and, through the directory in their command lines, any node left behind.
+/// Starts `shoal dev` in `dir` and waits for its banner. If a node could not start
+/// because another process took one of its ports after [`free_base_port`] looked,
+/// tries again on other ports (three times at most).
+async fn start_dev(dir: &Path) -> (Dev, Vec<String>) {
+    for _ in 0..3 {
+        let mut dev = Dev::spawn(dir, free_base_port());
+        let said = dev
+            .read_until_any(&["Ctrl-C stops the cluster", "exited ("])
+            .await;
+        if said
+            .last()
+            .is_some_and(|l| l.contains("Ctrl-C stops the cluster"))
+        {
+            return (dev, said);
+        }
+        let status = dev.wait_exit().await;
+        eprintln!(
+            "shoal dev failed ({status}), trying other ports:\n{}",
+            said.join("\n")
+        );
+    }
+    panic!("shoal dev did not start in three tries");
+}
+
+/// A running `shoal dev`, the lines it prints (stdout and stderr) read as they come.
+/// Dropping it kills the command and, through the directory in their command lines,
+/// any node left behind.
 struct Dev {
     child: Child,
     lines: std::sync::mpsc::Receiver<String>,
@@ -74,11 +107,17 @@ impl Dev {
 
     /// Lines until one contains `marker` (that one included); panics after PATIENCE.
     async fn read_until(&mut self, marker: &str) -> Vec<String> {
+        self.read_until_any(&[marker]).await
+    }
+
+    /// Lines until one contains any of `markers` (that one included); panics after
+    /// PATIENCE.
+    async fn read_until_any(&mut self, markers: &[&str]) -> Vec<String> {
         let deadline = Instant::now() + PATIENCE;
         let mut seen = Vec::new();
         loop {
             while let Ok(line) = self.lines.try_recv() {
-                let done = line.contains(marker);
+                let done = markers.iter().any(|m| line.contains(m));
                 seen.push(line);
                 if done {
                     return seen;
@@ -86,7 +125,7 @@ impl Dev {
             }
             assert!(
                 Instant::now() < deadline,
-                "shoal dev printed no {marker:?} in {PATIENCE:?}; it printed:\n{}",
+                "shoal dev printed none of {markers:?} in {PATIENCE:?}; it printed:\n{}",
                 seen.join("\n")
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -178,8 +217,7 @@ async fn cli(servers: &str, ca: &str, args: &[&str]) -> CliOutput {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shoal_dev_serves_what_its_banner_says_and_sigterm_stops_every_node() {
     let dir = unique_temp_dir("shoal-test-dev");
-    let mut dev = Dev::spawn(&dir, free_base_port());
-    let banner = dev.read_until("Ctrl-C stops the cluster").await;
+    let (mut dev, banner) = start_dev(&dir).await;
     assert_eq!(
         node_pids(&dir).len(),
         3,

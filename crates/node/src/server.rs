@@ -502,21 +502,17 @@ pub async fn run(config: Config) -> Result<()> {
         node.http_addr(),
         node.ca_file().display()
     );
-    wait_for_signal(false).await;
+    stop_signal(false).await;
     tracing::info!("shutting down");
     node.shutdown().await;
     Ok(())
 }
 
-/// Returns on Ctrl-C or SIGTERM, and with `hangup` also on SIGHUP (the terminal that
-/// started `shoal dev` was closed).
-pub(crate) async fn wait_for_signal(hangup: bool) {
-    stop_signal(hangup).await
-}
-
-/// Like [`wait_for_signal`], but the handlers are in place when this returns, not
-/// when the future is first polled: a signal that comes in between is not lost and
-/// does not kill the process (SIGTERM's default). Must be called within a runtime.
+/// A future that completes on Ctrl-C or SIGTERM, and with `hangup` also on SIGHUP
+/// (the terminal that started `shoal dev` was closed). The handlers are in place when
+/// this returns, not when the future is first polled: a signal that comes in between
+/// is not lost and does not kill the process (SIGTERM's default). Must be called
+/// within a runtime.
 pub(crate) fn stop_signal(hangup: bool) -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {

@@ -48,7 +48,8 @@
 //! population, with RegisterMany, `--batch` per request; then closed again.
 //!
 //! Once a cluster is formed it runs idle for `--settle-seconds` before the first
-//! scenario (an rnacos node syncs the others' data 15, 30 and 45 s after it joins).
+//! scenario (an rnacos node pulls the others' naming data 1, 15 and 45 s after it joins
+//! and pushes its own at 30 s).
 //! Before each scenario the benchmark waits for a quiet machine (`--quiet-share`), and
 //! records what other processes used during it.
 

@@ -66,6 +66,9 @@ pub(crate) struct ServiceEntry {
     /// its client last declared. While lapsed an instance reads `healthy == false`; a
     /// beat ends the lapse and restores the declared health.
     pub(crate) instances: HashMap<Key, Slot>,
+    /// How many of `instances` read healthy, kept as they change, so that a listing of
+    /// services costs one step per service, not one per instance.
+    pub(crate) healthy: usize,
     /// The version of `meta`: [`Stamp::ZERO`] while `meta` is the default (the version
     /// of explicitly set default settings is kept as a tombstone).
     pub(crate) meta_stamp: Stamp,
@@ -82,6 +85,7 @@ impl ServiceEntry {
             meta: ServiceMeta::default(),
             revision: 0,
             instances: HashMap::new(),
+            healthy: 0,
             meta_stamp: Stamp::ZERO,
             sum: 0,
             changed_ms: 0,
@@ -920,9 +924,13 @@ impl Registry {
         };
         let entry = self.services.get_mut(service).expect("just ensured");
         let id = entry.id;
+        let healthy = slot.healthy();
         match entry.instances.entry(k) {
             std::collections::hash_map::Entry::Occupied(mut held) => {
                 self.clusters.release(k.cluster);
+                if held.get().healthy() {
+                    entry.healthy -= 1;
+                }
                 self.index.remove(id, k, held.get());
                 let old_hash = instance_hash(&cluster, &ip, port, held.get().version);
                 entry.sum = entry.sum.wrapping_sub(old_hash);
@@ -934,6 +942,9 @@ impl Registry {
                 self.index.add(id, k, &mut slot, session);
                 free.insert(slot);
             }
+        }
+        if healthy {
+            entry.healthy += 1;
         }
         entry.sum = entry.sum.wrapping_add(hash);
         entry.revision = revision;
@@ -979,6 +990,9 @@ impl Registry {
         let has_entry = entry.is_some();
         if let Some(entry) = entry {
             if let Some(old) = entry.instances.remove(&k) {
+                if old.healthy() {
+                    entry.healthy -= 1;
+                }
                 self.index.remove(entry.id, k, &old);
                 self.clusters.release(k.cluster);
                 let old_hash = instance_hash(&key.cluster, &key.ip, key.port, old.version);
@@ -1278,7 +1292,7 @@ impl Registry {
                 ServiceSummary {
                     key: key.clone(),
                     instances: entry.instances.len(),
-                    healthy: entry.instances.values().filter(|s| s.healthy()).count(),
+                    healthy: entry.healthy,
                     revision: entry.revision,
                 }
             })
@@ -1344,6 +1358,11 @@ impl Registry {
             assert_eq!(self.service_key(entry.id), service);
             assert!(ids.insert(entry.id), "service id {} twice", entry.id);
             let mut sum = 0u64;
+            assert_eq!(
+                entry.healthy,
+                entry.instances.values().filter(|s| s.healthy()).count(),
+                "healthy count of {service}"
+            );
             for (k, slot) in &entry.instances {
                 let inst = self.materialize(k, slot);
                 let key = inst.key();

@@ -16,25 +16,33 @@ const PATIENCE: Duration = Duration::from_secs(60);
 
 /// A base port whose six ports (QUIC and HTTP of three nodes, 10 apart) are free now,
 /// below the system's ephemeral range (32768 and up here), where the nodes of other
-/// tests get theirs. Another process may still take one before `shoal dev` binds it;
-/// then the command fails with a clear error (see [`start_dev`]).
+/// tests get theirs. Bases are 30 apart, so two clusters' ports never overlap, and a
+/// base is handed out once per process: the tests of this file run at once, and one
+/// may look before the other's `shoal dev` has bound what it was given. Another process
+/// may still take a port before `shoal dev` binds it; then the command fails with a
+/// clear error (see [`start_dev`]).
 fn free_base_port() -> u16 {
-    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    // Where to start looking: spread over the range by process, time and call, so
-    // that tests running at once look in different places.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    // Where to start looking: spread over the range by process and time, so that test
+    // processes running at once look in different places.
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos() as u64);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let seed = std::process::id() as u64 * 7919 + nanos + call * 211;
-    for attempt in 0..600u64 {
-        let base = 20_000 + ((seed + attempt) % 600) as u16 * 20;
+    let seed = std::process::id() as u64 * 7919 + nanos;
+    for attempt in 0..400u64 {
+        // 20000..=31970: the last cluster's ports end at 31991.
+        let base = 20_000 + ((seed + attempt) % 400) as u16 * 30;
+        if given.contains(&base) {
+            continue;
+        }
         let all_free = (0..3).all(|i| {
             let quic = base + 10 * i;
             UdpSocket::bind(("127.0.0.1", quic)).is_ok()
                 && TcpListener::bind(("127.0.0.1", quic + 1)).is_ok()
         });
         if all_free {
+            given.push(base);
             return base;
         }
     }
@@ -265,9 +273,16 @@ async fn shoal_dev_serves_what_its_banner_says_and_sigterm_stops_every_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shoal_dev_stops_the_nodes_it_started_when_one_cannot_start() {
     let dir = unique_temp_dir("shoal-test-dev");
-    let base = free_base_port();
-    // Something else holds node-2's HTTP port and never answers on it.
-    let _squatter = TcpListener::bind(("127.0.0.1", base + 11)).expect("binding node-2's port");
+    // Something else holds node-2's HTTP port and never answers on it (on other ports
+    // if another process took that one first).
+    let (base, _squatter) = (0..3)
+        .find_map(|_| {
+            let base = free_base_port();
+            TcpListener::bind(("127.0.0.1", base + 11))
+                .ok()
+                .map(|l| (base, l))
+        })
+        .expect("binding node-2's HTTP port");
     let mut dev = Dev::spawn(&dir, base);
     // The error names the node that failed (read_until panics, with what it read, if
     // it does not).

@@ -1,9 +1,8 @@
 //! The registry: every service of every namespace, and the index of sessions.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
-use std::ops::Bound;
 use std::sync::Arc;
 
 use foldhash::{HashMap, HashMapExt};
@@ -225,12 +224,22 @@ pub struct Registry {
     pub(crate) last_now_ms: u64,
     /// Tombstones, by service (the key shared with `tomb_gc`). Instance tombstones
     /// are keyed by compact key; their cluster names count as uses in `clusters`.
-    pub(crate) tombs: BTreeMap<Arc<ServiceKey>, Tombs>,
-    /// `(deleted_at_ms, instance or None for settings, service)` of every tombstone.
-    /// The service comes last: tombstones made at the same millisecond (a session's
-    /// end deletes all its instances at once) are told apart by their compact keys
-    /// first, not by comparing service names.
-    pub(crate) tomb_gc: BTreeSet<(u64, Option<Key>, Arc<ServiceKey>)>,
+    /// Hashed, not ordered: a write to a service asks for its tombstones once or
+    /// twice, and a tree of services with tombstones (every service a departed
+    /// session had instances in, for the tombstones' lifetime) compared three names
+    /// per level; `placed` and `tomb_gc` keep the orders that are needed.
+    pub(crate) tombs: HashMap<Arc<ServiceKey>, Tombs>,
+    /// `(deleted_at_ms, instance or None for settings, service)` of every tombstone, in
+    /// the order they were made, for [`Registry::gc_tombstones`]. An entry stays when
+    /// its tombstone is dropped early (the instance came back) or replaced: collection
+    /// skips an entry whose tombstone is gone or is dated otherwise. So dropping a
+    /// tombstone, on every registration that brings an instance back within the
+    /// tombstones' lifetime (a fleet's restart), costs nothing here; an ordered set of
+    /// them cost a search by date on every drop and on every deletion. At most one
+    /// entry per tombstone made within the lifetime.
+    pub(crate) tomb_gc: VecDeque<(u64, Option<Key>, Arc<ServiceKey>)>,
+    /// Number of tombstones held (instances and settings).
+    pub(crate) tomb_total: usize,
     /// `(ring position, service)` of every service with live data or tombstones.
     pub(crate) placed: BTreeSet<(u64, ServiceKey)>,
     /// Operations recorded by local writes, for [`Registry::take_ops`].
@@ -257,8 +266,9 @@ impl Registry {
             repl: ReplicationSettings::default(),
             hlc: 0,
             last_now_ms: 0,
-            tombs: BTreeMap::new(),
-            tomb_gc: BTreeSet::new(),
+            tombs: HashMap::new(),
+            tomb_gc: VecDeque::new(),
+            tomb_total: 0,
             placed: BTreeSet::new(),
             outbox: Vec::new(),
             content_generation: crate::next_generation(),
@@ -885,9 +895,6 @@ impl Registry {
         lapsed: Option<bool>,
         revision: u64,
     ) {
-        if self.tombs.contains_key(service) {
-            self.drop_tomb(service, Some(&inst.key()));
-        }
         if !self.services.contains_key(service) {
             self.ensure_entry(service);
         }
@@ -904,11 +911,14 @@ impl Registry {
             stamp,
         } = inst;
         let hash = instance_hash(&cluster, &ip, port, version);
+        // The cluster name is taken before a tombstone of the same key gives its use
+        // back, so that the name is never dropped in between.
         let k = Key {
             cluster: self.clusters.acquire(&cluster),
             ip: ip.parse::<IpAddr>().expect("a canonical address"),
             port,
         };
+        self.drop_tomb(service, Some(k));
         let (ttl, session) = match lease {
             Lease::Ttl(t) => (Some(t), None),
             Lease::Session(s) => (None, Some(s)),
@@ -1007,28 +1017,28 @@ impl Registry {
             deleted_at_ms: now_ms,
             reaped,
         };
-        let held = self
-            .tombs
-            .range_mut::<ServiceKey, _>((Bound::Included(service), Bound::Included(service)))
-            .next();
-        let shared = match held {
-            Some((shared, tombs)) => {
-                if let Some(before) = tombs.instances.insert(k, tomb) {
+        let shared = match self.tombs.get_key_value(service) {
+            Some((shared, _)) => {
+                let shared = shared.clone();
+                let tombs = self.tombs.get_mut(service).expect("found above");
+                if tombs.instances.insert(k, tomb).is_some() {
+                    // Replaced: its entry in `tomb_gc` no longer matches.
                     self.clusters.release(k.cluster);
-                    self.tomb_gc
-                        .remove(&(before.deleted_at_ms, Some(k), shared.clone()));
+                } else {
+                    self.tomb_total += 1;
                 }
-                shared.clone()
+                shared
             }
             None => {
                 let shared = Arc::new(service.clone());
                 let mut tombs = Tombs::default();
                 tombs.instances.insert(k, tomb);
                 self.tombs.insert(shared.clone(), tombs);
+                self.tomb_total += 1;
                 shared
             }
         };
-        self.tomb_gc.insert((now_ms, Some(k), shared));
+        self.tomb_gc.push_back((now_ms, Some(k), shared));
         if !has_entry {
             // (A service with an entry is placed already.)
             self.place(service);
@@ -1063,7 +1073,9 @@ impl Registry {
                 deleted_at_ms: now_ms,
                 reaped: false,
             });
-            self.tomb_gc.insert((now_ms, None, shared));
+            // `drop_tomb` above took any earlier one.
+            self.tomb_total += 1;
+            self.tomb_gc.push_back((now_ms, None, shared));
         } else {
             self.ensure_entry(service);
             let e = self.services.get_mut(service).expect("just ensured");
@@ -1086,20 +1098,12 @@ impl Registry {
         shared
     }
 
-    /// Drops the tombstone of an instance (`Some`) or of the settings (`None`).
-    fn drop_tomb(&mut self, service: &ServiceKey, key: Option<&InstanceKey>) {
-        let Some(shared) = self.tombs.get_key_value(service).map(|(k, _)| k.clone()) else {
+    /// Drops the tombstone of an instance (`Some`, its compact key) or of the settings
+    /// (`None`).
+    fn drop_tomb(&mut self, service: &ServiceKey, k: Option<Key>) {
+        let Some(t) = self.tombs.get_mut(service) else {
             return;
         };
-        let k = match key {
-            // No tombstone can use a cluster name that is not held.
-            Some(key) => match self.find_key(key) {
-                Some(k) => Some(k),
-                None => return,
-            },
-            None => None,
-        };
-        let t = self.tombs.get_mut(service).expect("found above");
         let tomb = match k {
             Some(k) => {
                 let tomb = t.instances.remove(&k);
@@ -1109,11 +1113,12 @@ impl Registry {
             None => t.meta.take(),
         };
         let empty = t.is_empty();
-        if let Some(tomb) = tomb {
+        if tomb.is_some() {
+            // Its entry in `tomb_gc` stays, and is skipped when it comes due.
             if let Some(k) = k {
                 self.clusters.release(k.cluster);
             }
-            self.tomb_gc.remove(&(tomb.deleted_at_ms, k, shared));
+            self.tomb_total -= 1;
         }
         if empty {
             self.tombs.remove(service);
@@ -1434,7 +1439,12 @@ impl Registry {
                 gc.insert((tomb.deleted_at_ms, None, service.clone()));
             }
         }
-        assert_eq!(gc, self.tomb_gc);
+        assert_eq!(gc.len(), self.tomb_total);
+        let queued: BTreeSet<_> = self.tomb_gc.iter().cloned().collect();
+        assert!(
+            gc.is_subset(&queued),
+            "a tombstone not queued for collection"
+        );
         assert_eq!(clusters, self.clusters.uses());
         let placed: BTreeSet<(u64, ServiceKey)> = self
             .services
@@ -2373,6 +2383,7 @@ mod tests {
         };
         let mut now = 0u64;
         let mut last = 0u64;
+        let mut collected = 0;
         for _ in 0..5_000 {
             let s = svc(&format!("s{}", next(4)));
             let ip = format!("10.0.0.{}", next(6));
@@ -2401,7 +2412,19 @@ mod tests {
                 5 => r.remove_session(session),
                 6 => {
                     now += next(20_000);
-                    r.expire(now)
+                    let changes = r.expire(now);
+                    // Tombstones made again after an earlier one went must each go at
+                    // their own time: none early, none left once due.
+                    let ttl = r.repl.tombstone_ttl_ms;
+                    let due = r
+                        .tombs
+                        .values()
+                        .flat_map(|t| t.instances.values().chain(t.meta.iter()))
+                        .filter(|t| t.deleted_at_ms.saturating_add(ttl) <= now)
+                        .count();
+                    assert_eq!(r.gc_tombstones(now), due);
+                    collected += due;
+                    changes
                 }
                 _ => {
                     let meta = ServiceMeta {
@@ -2417,5 +2440,6 @@ mod tests {
             }
             r.check_invariants();
         }
+        assert!(collected > 100, "{collected} tombstones collected");
     }
 }

@@ -368,7 +368,7 @@ impl Registry {
 
     /// Number of tombstones held (instances and settings).
     pub fn tombstone_count(&self) -> usize {
-        self.tomb_gc.len()
+        self.tomb_total
     }
 
     /// Checks a remote operation before anything is applied. Returns the canonical
@@ -706,27 +706,43 @@ impl Registry {
     pub fn gc_tombstones(&mut self, now_ms: u64) -> usize {
         let ttl = self.repl.tombstone_ttl_ms;
         let mut dropped = 0;
-        while let Some((at, _, _)) = self.tomb_gc.first() {
+        // In the order the tombstones were made; one dated later than a younger one
+        // (the clock went back) waits behind it, never goes early.
+        while let Some((at, _, _)) = self.tomb_gc.front() {
             if at.saturating_add(ttl) > now_ms {
                 break;
             }
-            let (_, key, service) = self.tomb_gc.pop_first().expect("checked above");
-            if let Some(t) = self.tombs.get_mut(&*service) {
-                match key {
-                    Some(k) => {
-                        if t.instances.remove(&k).is_some() {
-                            self.clusters.release(k.cluster);
-                        }
-                        crate::registry::shrink(&mut t.instances);
+            let (at, key, service) = self.tomb_gc.pop_front().expect("checked above");
+            // Only the tombstone this entry was made for: one dropped since (the
+            // instance came back) or made again later has gone or carries another date.
+            let Some(t) = self.tombs.get_mut(&*service) else {
+                continue;
+            };
+            match key {
+                Some(k) => {
+                    if t.instances.get(&k).is_none_or(|t| t.deleted_at_ms != at) {
+                        continue;
                     }
-                    None => t.meta = None,
+                    t.instances.remove(&k);
+                    self.clusters.release(k.cluster);
+                    crate::registry::shrink(&mut t.instances);
                 }
-                if t.is_empty() {
-                    self.tombs.remove(&*service);
+                None => {
+                    if t.meta.is_none_or(|t| t.deleted_at_ms != at) {
+                        continue;
+                    }
+                    t.meta = None;
                 }
             }
+            if t.is_empty() {
+                self.tombs.remove(&*service);
+            }
+            self.tomb_total -= 1;
             self.settle(&service);
             dropped += 1;
+        }
+        if self.tomb_gc.capacity() > 1024 && self.tomb_gc.len() < self.tomb_gc.capacity() / 4 {
+            self.tomb_gc.shrink_to(self.tomb_gc.len() * 2);
         }
         dropped
     }
@@ -831,6 +847,18 @@ mod tests {
 
     fn replica() -> Registry {
         writer(99)
+    }
+
+    /// A writer (origin 1) whose tombstones last `ttl_ms`.
+    fn writer_keeping_tombstones_for(ttl_ms: u64) -> Registry {
+        let mut w = writer(1);
+        w.set_replication(ReplicationSettings {
+            origin: 1,
+            tombstone_ttl_ms: ttl_ms,
+            record_ops: true,
+            ..ReplicationSettings::default()
+        });
+        w
     }
 
     fn svc(name: &str) -> ServiceKey {
@@ -970,14 +998,41 @@ mod tests {
     }
 
     #[test]
+    fn a_tombstone_made_again_is_collected_at_its_own_time() {
+        let mut w = writer_keeping_tombstones_for(1_000);
+        let s = svc("orders");
+        let other = svc("billing");
+        let spec = || InstanceSpec::new("10.0.0.1", 80);
+        // Deleted at 100; back at 200 (the tombstone goes); deleted again at 500.
+        w.register(&s, spec(), SessionId(1), 0).unwrap();
+        w.deregister_at(&s, &ikey("10.0.0.1"), 100).unwrap();
+        w.register(&other, spec(), SessionId(1), 150).unwrap();
+        w.deregister_at(&other, &ikey("10.0.0.1"), 150).unwrap();
+        w.register(&s, spec(), SessionId(1), 200).unwrap();
+        assert_eq!(w.tombstone_count(), 1, "only billing's");
+        w.check_invariants();
+        w.deregister_at(&s, &ikey("10.0.0.1"), 500).unwrap();
+        assert_eq!(w.tombstone_count(), 2);
+        w.check_invariants();
+        // 1 100: the first deletion's time. Its tombstone went at 200; the one made at
+        // 500 stays.
+        assert_eq!(w.gc_tombstones(1_100), 0);
+        assert_eq!(w.tombstone_count(), 2);
+        assert_ne!(w.instance_version(&s, &ikey("10.0.0.1")), Stamp::ZERO);
+        assert_eq!(w.changed_ms(&s), 500);
+        w.check_invariants();
+        assert_eq!(w.gc_tombstones(1_150), 1, "billing's");
+        assert_eq!(w.gc_tombstones(1_499), 0);
+        assert_eq!(w.gc_tombstones(1_500), 1);
+        assert_eq!(w.tombstone_count(), 0);
+        assert!(w.record(&s).is_none());
+        assert_eq!(w.clusters.len(), 0);
+        w.check_invariants();
+    }
+
+    #[test]
     fn tombstones_are_collected_after_their_ttl() {
-        let mut w = writer(1);
-        w.set_replication(ReplicationSettings {
-            origin: 1,
-            tombstone_ttl_ms: 1_000,
-            record_ops: true,
-            ..ReplicationSettings::default()
-        });
+        let mut w = writer_keeping_tombstones_for(1_000);
         let s = svc("orders");
         w.register(&s, InstanceSpec::new("10.0.0.1", 80), SessionId(1), 0)
             .unwrap();

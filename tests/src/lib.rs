@@ -597,13 +597,61 @@ pub fn send_sigterm(pid: u32) {
 }
 
 /// Sends signal `sig` (`TERM`, `STOP`, `CONT`, ...) by pid, via `kill(1)` (no FFI
-/// for a few signals).
+/// for a few signals). `STOP` returns once every thread of the process is stopped.
 pub fn send_signal(sig: &str, pid: u32) {
+    kill(sig, pid);
+    if sig == "STOP" {
+        wait_until_stopped(pid);
+    }
+}
+
+fn kill(sig: &str, pid: u32) {
     let status = Command::new("kill")
         .args([&format!("-{sig}"), &pid.to_string()])
         .status()
         .unwrap_or_else(|e| panic!("cannot run kill: {e}"));
     assert!(status.success(), "kill -{sig} {pid} failed: {status}");
+}
+
+/// Waits until every thread of `pid` is stopped (state `T` in /proc), sending SIGSTOP
+/// again every 100 ms meanwhile. On a loaded machine a SIGSTOP was seen not to take
+/// (the node kept running, state `R`, and served requests the test meant to go
+/// unanswered); a test that freezes a node must know it is frozen.
+fn wait_until_stopped(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut sent = 1;
+    loop {
+        if all_threads_stopped(pid) {
+            if sent > 1 {
+                eprintln!("kill -STOP {pid}: stopped after {sent} signals");
+            }
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} not stopped 10 s after {sent} SIGSTOPs"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        if !all_threads_stopped(pid) {
+            kill("STOP", pid);
+            sent += 1;
+        }
+    }
+}
+
+/// Whether /proc shows every thread of `pid` stopped (or the process gone).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).map_or(true, |st| {
+            // The state follows the command name, which is in parentheses.
+            st.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_none_or(|state| state == "T" || state == "t" || state == "Z" || state == "X")
+        })
+    })
 }
 
 /// The instances of `service` in a `/v1/dump` document.

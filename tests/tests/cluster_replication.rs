@@ -270,11 +270,7 @@ async fn a_write_waiting_for_a_frozen_owner_does_not_hold_up_the_session() {
     }
     let service = service.expect("node-2 owns none of 1000 services");
     let pid = cluster.node(2).pid();
-    let stop = std::process::Command::new("kill")
-        .args(["-STOP", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(stop.success());
+    send_signal("STOP", pid);
     raw.send_frame(&ClientFrame::Request {
         id: 1_000,
         body: Request::Register {
@@ -285,11 +281,7 @@ async fn a_write_waiting_for_a_frozen_owner_does_not_hold_up_the_session() {
     .await;
     // The next request is answered while the Register waits for node-2.
     let pong = raw.request(Request::Ping).await;
-    let cont = std::process::Command::new("kill")
-        .args(["-CONT", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(cont.success());
+    send_signal("CONT", pid);
     assert_eq!(pong, Ok(Response::Done));
     // Then the Register gets its answer (applied, or Unavailable if node-2 stayed
     // silent past the forward timeout twice).

@@ -706,8 +706,8 @@ impl Registry {
     pub fn gc_tombstones(&mut self, now_ms: u64) -> usize {
         let ttl = self.repl.tombstone_ttl_ms;
         let mut dropped = 0;
-        // In the order the tombstones were made; one dated later than a younger one
-        // (the clock went back) waits behind it, never goes early.
+        // In the order the tombstones were made. One made after the clock went back,
+        // dated earlier than those before it, waits behind them: late, never early.
         while let Some((at, _, _)) = self.tomb_gc.front() {
             if at.saturating_add(ttl) > now_ms {
                 break;

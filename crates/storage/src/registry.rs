@@ -3,7 +3,6 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use foldhash::{HashMap, HashMapExt};
 
@@ -222,13 +221,13 @@ pub struct Registry {
     pub(crate) hlc: u64,
     /// The latest `now_ms` any operation was given (for operations that take none).
     pub(crate) last_now_ms: u64,
-    /// Tombstones, by service (the key shared with `tomb_gc`). Instance tombstones
+    /// Tombstones, by service. Instance tombstones
     /// are keyed by compact key; their cluster names count as uses in `clusters`.
     /// Hashed, not ordered: a write to a service asks for its tombstones once or
     /// twice, and a tree of services with tombstones (every service a departed
     /// session had instances in, for the tombstones' lifetime) compared three names
     /// per level; `placed` and `tomb_gc` keep the orders that are needed.
-    pub(crate) tombs: HashMap<Arc<ServiceKey>, Tombs>,
+    pub(crate) tombs: HashMap<ServiceKey, Tombs>,
     /// `(deleted_at_ms, instance or None for settings, service)` of every tombstone, in
     /// the order they were made, for [`Registry::gc_tombstones`]. An entry stays when
     /// its tombstone is dropped early (the instance came back) or replaced: collection
@@ -237,7 +236,7 @@ pub struct Registry {
     /// tombstones' lifetime (a fleet's restart), costs nothing here; an ordered set of
     /// them cost a search by date on every drop and on every deletion. At most one
     /// entry per tombstone made within the lifetime.
-    pub(crate) tomb_gc: VecDeque<(u64, Option<Key>, Arc<ServiceKey>)>,
+    pub(crate) tomb_gc: VecDeque<(u64, Option<Key>, ServiceKey)>,
     /// Number of tombstones held (instances and settings).
     pub(crate) tomb_total: usize,
     /// `(ring position, service)` of every service with live data or tombstones.
@@ -1017,28 +1016,14 @@ impl Registry {
             deleted_at_ms: now_ms,
             reaped,
         };
-        let shared = match self.tombs.get_key_value(service) {
-            Some((shared, _)) => {
-                let shared = shared.clone();
-                let tombs = self.tombs.get_mut(service).expect("found above");
-                if tombs.instances.insert(k, tomb).is_some() {
-                    // Replaced: its entry in `tomb_gc` no longer matches.
-                    self.clusters.release(k.cluster);
-                } else {
-                    self.tomb_total += 1;
-                }
-                shared
-            }
-            None => {
-                let shared = Arc::new(service.clone());
-                let mut tombs = Tombs::default();
-                tombs.instances.insert(k, tomb);
-                self.tombs.insert(shared.clone(), tombs);
-                self.tomb_total += 1;
-                shared
-            }
-        };
-        self.tomb_gc.push_back((now_ms, Some(k), shared));
+        let tombs = self.tombs.entry(service.clone()).or_default();
+        if tombs.instances.insert(k, tomb).is_some() {
+            // Replaced: its entry in `tomb_gc` no longer matches.
+            self.clusters.release(k.cluster);
+        } else {
+            self.tomb_total += 1;
+        }
+        self.tomb_gc.push_back((now_ms, Some(k), service.clone()));
         if !has_entry {
             // (A service with an entry is placed already.)
             self.place(service);
@@ -1067,15 +1052,14 @@ impl Registry {
             e.meta = ServiceMeta::default();
         }
         if meta == ServiceMeta::default() {
-            let shared = self.tombs_of(service);
-            self.tombs.get_mut(service).expect("just ensured").meta = Some(Tomb {
+            self.tombs.entry(service.clone()).or_default().meta = Some(Tomb {
                 stamp: version,
                 deleted_at_ms: now_ms,
                 reaped: false,
             });
             // `drop_tomb` above took any earlier one.
             self.tomb_total += 1;
-            self.tomb_gc.push_back((now_ms, None, shared));
+            self.tomb_gc.push_back((now_ms, None, service.clone()));
         } else {
             self.ensure_entry(service);
             let e = self.services.get_mut(service).expect("just ensured");
@@ -1085,17 +1069,6 @@ impl Registry {
         }
         self.content_generation = crate::next_generation();
         self.place(service);
-    }
-
-    /// The service's key as the tombstone indexes share it; creates its (empty)
-    /// tombstones if needed.
-    fn tombs_of(&mut self, service: &ServiceKey) -> Arc<ServiceKey> {
-        if let Some((shared, _)) = self.tombs.get_key_value(service) {
-            return shared.clone();
-        }
-        let shared = Arc::new(service.clone());
-        self.tombs.insert(shared.clone(), Tombs::default());
-        shared
     }
 
     /// Drops the tombstone of an instance (`Some`, its compact key) or of the settings
@@ -1166,7 +1139,7 @@ impl Registry {
         let keys: BTreeSet<ServiceKey> = self
             .services
             .keys()
-            .chain(self.tombs.keys().map(|k| &**k))
+            .chain(self.tombs.keys())
             .cloned()
             .collect();
         self.placed = keys
@@ -1449,7 +1422,7 @@ impl Registry {
         let placed: BTreeSet<(u64, ServiceKey)> = self
             .services
             .keys()
-            .chain(self.tombs.keys().map(|k| &**k))
+            .chain(self.tombs.keys())
             .map(|k| (self.placement_of(k), k.clone()))
             .collect();
         assert_eq!(placed, self.placed);

@@ -715,7 +715,7 @@ impl Registry {
             let (at, key, service) = self.tomb_gc.pop_front().expect("checked above");
             // Only the tombstone this entry was made for: one dropped since (the
             // instance came back) or made again later has gone or carries another date.
-            let Some(t) = self.tombs.get_mut(&*service) else {
+            let Some(t) = self.tombs.get_mut(&service) else {
                 continue;
             };
             match key {
@@ -735,7 +735,7 @@ impl Registry {
                 }
             }
             if t.is_empty() {
-                self.tombs.remove(&*service);
+                self.tombs.remove(&service);
             }
             self.tomb_total -= 1;
             self.settle(&service);

@@ -312,8 +312,10 @@ impl Shared {
             };
             if entry.conn != Some(conn) {
                 // Another connection has taken the session over: nothing ends.
+                tracing::debug!(%session, ?conn, "connection ended; the session lives on another");
                 return;
             }
+            tracing::debug!(%session, ?conn, clean, "session detached");
             if clean {
                 sessions.remove(&session);
             } else {

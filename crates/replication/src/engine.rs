@@ -664,6 +664,7 @@ impl Replica {
     }
 
     fn announce(&mut self, session: SessionId, state: SessionState, now_ms: u64) -> Vec<Action> {
+        tracing::debug!(%session, ?state, "announcing a session of this node");
         let ann = SessionAnnounce {
             session,
             home: self.me.clone(),
@@ -697,7 +698,16 @@ impl Replica {
         if !addr.is_empty() {
             m.addr = addr;
         }
+        let was_down = m.state == MemberState::Down;
         let mut actions = self.heard(&node, now_ms);
+        if !was_down {
+            // What was sent on the link this one replaces may have been lost with it
+            // (a link that died while this node was frozen takes the announcements made
+            // as it resumed). Registry records have anti-entropy; session announcements
+            // have only this: tell the peer again the sessions this node is home to.
+            // (A member back from Down got them from `heard`.)
+            self.queue_own_sessions(&node, now_ms);
+        }
         actions.push(Action::Send {
             to: node,
             msg: PeerMsg::Ping(self.ping()),
@@ -932,7 +942,10 @@ impl Replica {
                     });
                 }
             }
-            PeerMsg::Repair { records } => actions.extend(self.apply_records(records, now_ms)),
+            PeerMsg::Repair { records } => {
+                tracing::debug!(from = %from.0, records = records.len(), "repair");
+                actions.extend(self.apply_records(records, now_ms))
+            }
             PeerMsg::RepairRequest { services } => {
                 let records = self.registry.records_of(&services);
                 actions.extend(self.repair_msgs(from, records));
@@ -1103,17 +1116,24 @@ impl Replica {
             m.needs_digest = true;
             // Back (or new): tell it the sessions this node is home to, which it may
             // have missed, and let it in the ring if it is ready.
-            let anns = self.own_sessions();
-            if !anns.is_empty() {
-                let q = self.queues.entry(node.clone()).or_default();
-                if q.len() == 0 {
-                    q.since_ms = now_ms;
-                }
-                q.sessions.extend(anns);
-            }
+            self.queue_own_sessions(node, now_ms);
             actions.extend(self.rebuild_ring(now_ms));
         }
         actions
+    }
+
+    /// Queues for `node` the announcements of every session this node is home to
+    /// (live, disconnected or closed and not yet forgotten), with its next batch.
+    fn queue_own_sessions(&mut self, node: &NodeId, now_ms: u64) {
+        let anns = self.own_sessions();
+        if anns.is_empty() {
+            return;
+        }
+        let q = self.queues.entry(node.clone()).or_default();
+        if q.len() == 0 {
+            q.since_ms = now_ms;
+        }
+        q.sessions.extend(anns);
     }
 
     fn set_ready(&mut self, node: &NodeId, ready: bool, now_ms: u64) -> Vec<Action> {
@@ -1230,6 +1250,7 @@ impl Replica {
             return Vec::new();
         }
         let from = ready_peers[(self.random() % ready_peers.len() as u64) as usize].clone();
+        tracing::debug!(from = %from.0, "asking for the snapshot");
         // Start over from the same cursor: chunks merge, so repeats are harmless.
         let after = self.snapshot.take().and_then(|l| l.after);
         self.snapshot = Some(SnapshotLoad {
@@ -1460,6 +1481,7 @@ impl Replica {
             actions.extend(self.flush(&p));
         }
         for (service, session, inst) in items {
+            tracing::debug!(%session, "re-asserting an instance reaped elsewhere");
             let write = Write::Register {
                 service: service.clone(),
                 instance: spec_of(&inst),
@@ -1597,6 +1619,13 @@ impl Replica {
                 } else {
                     ann.stamp > cur.stamp
                 };
+                if cur.home != ann.home || cur.state != ann.state {
+                    tracing::debug!(
+                        session = %ann.session, home = %ann.home.0, state = ?ann.state,
+                        was_home = %cur.home.0, was_state = ?cur.state, take,
+                        "session announcement"
+                    );
+                }
                 if take {
                     self.sessions.insert(ann.session, entry);
                 }
@@ -1636,6 +1665,7 @@ impl Replica {
         let changes = self
             .registry
             .remove_session_in(session, &|s| owns(ring, me, s));
+        tracing::debug!(%session, removed = changes.len(), "session reaped");
         let mut actions = self.queue_local_ops(now_ms);
         if !changes.is_empty() {
             actions.push(Action::Publish(changes));

@@ -1184,3 +1184,53 @@ fn writes_on_their_way_are_not_repaired() {
     let t = assert_converged(&mut sim, 12_000);
     eprintln!("repaired in {t} ms");
 }
+
+/// Bug 11 of docs/reliability.md: a home that resumed from a freeze announced the end
+/// of a session on a link its peer had already given up; the link was replaced at
+/// once, neither side having seen the other Down, and the announcement was never sent
+/// again. The owner of the session's instance kept it, under a session it believed
+/// live at a home that was up, for good.
+#[test]
+fn a_session_end_lost_with_its_link_reaches_the_owner_over_the_next_one() {
+    let mut sim = cluster(seed(31), &["a", "b", "c"]);
+    let service = owned_by(&sim, "b", 50)
+        .into_iter()
+        .next()
+        .expect("b owns one of 50 services");
+    sim.open_session(&id("a"), SessionId(7));
+    register(&mut sim, "a", &service, "10.0.0.7", 7);
+    assert_converged(&mut sim, 2_000);
+    assert_eq!(instances(&sim, "b", &service), vec!["10.0.0.7"]);
+
+    // The session's end leaves for b on a link that then dies: it is lost.
+    sim.set_filter(Box::new(|from, to, msg| {
+        from == &id("a")
+            && to == &id("b")
+            && matches!(msg, PeerMsg::Batch(b) if !b.sessions.is_empty())
+    }));
+    sim.close_session(&id("a"), SessionId(7), false);
+    sim.run_for(100);
+    sim.clear_filter();
+    sim.partition(&[&["a"], &["b"]]);
+    sim.run_for(200);
+    sim.heal();
+    // A new link, well within `suspect_after_ms`: neither saw the other Down.
+    sim.run_for(1_000);
+    for (x, y) in [("a", "b"), ("b", "a")] {
+        let m = sim
+            .replica(&id(x))
+            .members()
+            .into_iter()
+            .find(|m| m.id == id(y))
+            .expect("a member");
+        assert_eq!(m.state, MemberState::Up, "{x} sees {y}");
+    }
+
+    sim.run_for(Config::default().session_grace_ms + 3_000);
+    for node in ["a", "b", "c"] {
+        assert!(
+            instances(&sim, node, &service).is_empty(),
+            "{node} still lists the instance of the session that ended"
+        );
+    }
+}

@@ -1223,6 +1223,8 @@ pub async fn run(scenario: Scenario) -> Report {
             report.violations.render(40)
         );
         running.cluster.keep_logs();
+    } else if std::env::var_os("SHOAL_CHAOS_KEEP_LOGS").is_some() {
+        running.cluster.keep_logs();
     }
     drop(running);
     report

@@ -185,6 +185,19 @@ struct SnapshotLoad {
     asked_ms: u64,
 }
 
+/// A starting node that has loaded its snapshot compares its copy with the owners'
+/// before it is ready: the peer the snapshot came from may itself have missed writes
+/// (it was frozen, or has just restarted), and a node serves reads and owns services
+/// from the moment it is ready.
+#[derive(Clone, Debug)]
+struct Verify {
+    /// The replies still awaited from each owner: one for the digests of its ranges,
+    /// one more for the barrier sent behind a repair request (the records come first on
+    /// the ordered link).
+    pending: BTreeMap<NodeId, u32>,
+    since_ms: u64,
+}
+
 /// Why a session's instances are to be deleted.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Doom {
@@ -207,6 +220,7 @@ pub struct Replica {
     ready: bool,
     started_ms: u64,
     snapshot: Option<SnapshotLoad>,
+    verify: Option<Verify>,
     queues: BTreeMap<NodeId, Outq>,
     sessions: HashMap<SessionId, SessionEntry>,
     /// Every session home seen, indexed by [`SessionEntry::home_ix`] (a handful of ids).
@@ -281,6 +295,7 @@ impl Replica {
             ready: false,
             started_ms: now_ms,
             snapshot: None,
+            verify: None,
             queues: BTreeMap::new(),
             sessions: HashMap::new(),
             homes: Vec::new(),
@@ -868,7 +883,10 @@ impl Replica {
                     .filter(|r| self.registry.range_digest(r.start, r.end) != r.hash)
                     .map(|r| (r.start, r.end))
                     .collect();
-                if !differing.is_empty() {
+                // A starting node that compares its copy before it is ready (see
+                // `Verify`) waits for an answer, even one that says nothing differs.
+                let verifying = self.members.get(from).is_some_and(|m| !m.ready);
+                if !differing.is_empty() || verifying {
                     let services = differing
                         .iter()
                         .flat_map(|&(s, e)| self.registry.service_digests_in(s, e))
@@ -886,11 +904,16 @@ impl Replica {
                 // A service changed here since the digests left differs because of
                 // that change, which is on its way in a batch: compare it next round.
                 // (Without this, every service written during a burst of writes would
-                // be sent whole every round.)
-                let since = self
-                    .members
-                    .get(from)
-                    .map_or(u64::MAX, |m| m.digest_sent_ms);
+                // be sent whole every round.) A starting node that compares its snapshot
+                // (see `Verify`) writes nothing of its own: what changed in its copy
+                // since came from its peers, and every difference counts.
+                let since = if self.verify.is_some() {
+                    u64::MAX
+                } else {
+                    self.members
+                        .get(from)
+                        .map_or(u64::MAX, |m| m.digest_sent_ms)
+                };
                 let r = &self.registry;
                 let theirs: HashMap<ServiceKey, u64> = services
                     .into_iter()
@@ -935,12 +958,14 @@ impl Replica {
                 }
                 let records = self.registry.records_of(&send);
                 actions.extend(self.repair_msgs(from, records));
-                if !ask.is_empty() {
+                let asked = !ask.is_empty();
+                if asked {
                     actions.push(Action::Send {
                         to: from.clone(),
                         msg: PeerMsg::RepairRequest { services: ask },
                     });
                 }
+                actions.extend(self.verify_answered(from, asked, now_ms));
             }
             PeerMsg::Repair { records } => {
                 tracing::debug!(from = %from.0, records = records.len(), "repair");
@@ -1205,9 +1230,17 @@ impl Replica {
             // Ids are validated when members are learned; keep the old ring.
             return Vec::new();
         };
+        let member_left = current.iter().any(|id| !ids.contains(id));
         let old = std::mem::replace(&mut self.ring, ring);
         self.ring_generation += 1;
         self.unsettle(now_ms);
+        if member_left {
+            // A member left: this node may own ranges it did not. Writes for them may
+            // have been applied by a node whose ring differed, and their batches lost
+            // with a link (bug 13 of docs/reliability.md): compare them now, as with a
+            // member that comes back, not up to `anti_entropy_interval_ms` later.
+            self.next_anti_entropy_ms = now_ms;
+        }
         let me = self.me.clone();
         let new = &self.ring;
         self.registry
@@ -1225,6 +1258,21 @@ impl Replica {
 
     fn bootstrap(&mut self, now_ms: u64) -> Vec<Action> {
         if self.ready {
+            return Vec::new();
+        }
+        if let Some(v) = &mut self.verify {
+            // An owner that went away (or stopped being one) is not waited for; nor is
+            // any after `snapshot_timeout_ms`: the node is then ready with what it has,
+            // and anti-entropy goes on from there.
+            let members = &self.members;
+            v.pending.retain(|id, _| {
+                members
+                    .get(id)
+                    .is_some_and(|m| m.link_up && m.ready && m.state != MemberState::Down)
+            });
+            if v.pending.is_empty() || now_ms >= v.since_ms + self.config.snapshot_timeout_ms {
+                return self.become_ready(now_ms);
+            }
             return Vec::new();
         }
         if let Some(load) = &self.snapshot {
@@ -1277,7 +1325,7 @@ impl Replica {
                 self.merge_session(ann, now_ms);
             }
             self.snapshot = None;
-            actions.extend(self.become_ready(now_ms));
+            actions.extend(self.start_verify(now_ms));
         } else {
             load.after = chunk.next.clone();
             load.asked_ms = now_ms;
@@ -1289,9 +1337,78 @@ impl Replica {
         actions
     }
 
+    /// The snapshot is loaded: send every owner in the ring (ready peers; this node is
+    /// not in it yet) the digests of its ranges, and be ready once each has answered
+    /// and sent what differs (see [`Verify`]).
+    fn start_verify(&mut self, now_ms: u64) -> Vec<Action> {
+        let mut by_owner: BTreeMap<NodeId, Vec<RangeDigest>> = BTreeMap::new();
+        for r in self.ring.ranges() {
+            let owner = self.member_id(&r.owner);
+            let up = self
+                .members
+                .get(&owner)
+                .is_some_and(|m| m.link_up && m.ready && m.state != MemberState::Down);
+            if up {
+                by_owner.entry(owner).or_default().push(RangeDigest {
+                    start: r.start,
+                    end: r.end,
+                    hash: self.registry.range_digest(r.start, r.end),
+                });
+            }
+        }
+        let mut actions = Vec::new();
+        let mut pending = BTreeMap::new();
+        for (owner, ranges) in by_owner {
+            actions.extend(self.send_digest(&owner, ranges, now_ms));
+            pending.insert(owner, 1);
+        }
+        tracing::debug!(
+            owners = pending.len(),
+            "snapshot loaded; comparing it with the owners"
+        );
+        if pending.is_empty() {
+            actions.extend(self.become_ready(now_ms));
+        } else {
+            self.verify = Some(Verify {
+                pending,
+                since_ms: now_ms,
+            });
+        }
+        actions
+    }
+
+    /// An owner answered the digests (or the barrier) a starting node sent it; `asked`:
+    /// the answer made this node ask it for records, which are awaited behind a barrier
+    /// (an empty digest, answered after the records on the ordered link).
+    fn verify_answered(&mut self, from: &NodeId, asked: bool, now_ms: u64) -> Vec<Action> {
+        let Some(v) = &mut self.verify else {
+            return Vec::new();
+        };
+        let Some(left) = v.pending.get_mut(from) else {
+            return Vec::new();
+        };
+        let mut actions = Vec::new();
+        *left -= 1;
+        if asked {
+            *left += 1;
+            actions.push(Action::Send {
+                to: from.clone(),
+                msg: PeerMsg::Digest { ranges: Vec::new() },
+            });
+        }
+        if *left == 0 {
+            v.pending.remove(from);
+        }
+        if v.pending.is_empty() {
+            actions.extend(self.become_ready(now_ms));
+        }
+        actions
+    }
+
     fn become_ready(&mut self, now_ms: u64) -> Vec<Action> {
         self.ready = true;
         self.snapshot = None;
+        self.verify = None;
         // The snapshot came from one peer: compare with the others at once.
         self.next_anti_entropy_ms = now_ms;
         self.unsettle(now_ms);

@@ -108,6 +108,8 @@ pub struct Sim {
     published: BTreeMap<NodeId, Vec<Change>>,
     forwards: HashMap<(NodeId, u64), ForwardOutcome>,
     forward_batches: HashMap<(NodeId, u64), Vec<ForwardOutcome>>,
+    /// Each node's replicated dump at the moment it last became ready.
+    at_ready: BTreeMap<NodeId, Vec<ReplicatedService>>,
     delivered: u64,
     dropped: u64,
 }
@@ -140,6 +142,7 @@ impl Sim {
             published: BTreeMap::new(),
             forwards: HashMap::new(),
             forward_batches: HashMap::new(),
+            at_ready: BTreeMap::new(),
             delivered: 0,
             dropped: 0,
         }
@@ -294,6 +297,12 @@ impl Sim {
     /// Whether every running node is ready.
     pub fn all_ready(&self) -> bool {
         self.nodes.values().all(Replica::is_ready)
+    }
+
+    /// What a node held when it last became ready: what it served its first reads
+    /// from.
+    pub fn dump_at_ready(&self, id: &NodeId) -> Option<&[ReplicatedService]> {
+        self.at_ready.get(id).map(Vec::as_slice)
     }
 
     /// The replicated dump of one node.
@@ -473,7 +482,11 @@ impl Sim {
                 Action::ForwardManyDone { id, outcomes } => {
                     self.forward_batches.insert((from.clone(), id), outcomes);
                 }
-                Action::BatchApplied { .. } | Action::Ready | Action::RingChanged(_) => {}
+                Action::Ready => {
+                    let dump = self.dump(from);
+                    self.at_ready.insert(from.clone(), dump);
+                }
+                Action::BatchApplied { .. } | Action::RingChanged(_) => {}
             }
         }
     }

@@ -1234,3 +1234,127 @@ fn a_session_end_lost_with_its_link_reaches_the_owner_over_the_next_one() {
         );
     }
 }
+
+/// Bug 12 of docs/reliability.md: a node that restarts loads its snapshot from one
+/// peer, which may itself have missed writes (it was frozen, or had just restarted);
+/// the node used to be ready, own services and serve reads from that copy at once, and
+/// listed a deleted instance (and missed a new one) until anti-entropy caught up. It is
+/// now ready only once the owners have compared the copy with theirs.
+#[test]
+fn a_restarted_node_is_ready_only_once_its_snapshot_agrees_with_the_owners() {
+    let mut sim = cluster(seed(37), &["a", "b", "c"]);
+    let service = owned_by(&sim, "a", 50)
+        .into_iter()
+        .next()
+        .expect("a owns one of 50 services");
+    sim.open_session(&id("a"), SessionId(1));
+    register(&mut sim, "a", &service, "10.0.0.1", 1);
+    register(&mut sim, "a", &service, "10.0.0.2", 1);
+    assert_converged(&mut sim, 2_000);
+
+    // b goes on hearing a's probes but nothing else: it misses what a writes next. The
+    // restarting c cannot load its snapshot from a.
+    sim.set_filter(Box::new(|from, to, msg| {
+        let a_to_b = from == &id("a")
+            && to == &id("b")
+            && !matches!(msg, PeerMsg::Ping(_) | PeerMsg::Ack(_));
+        let snapshot_from_a = from == &id("a") && matches!(msg, PeerMsg::SnapshotChunk(_));
+        a_to_b || snapshot_from_a
+    }));
+    assert!(matches!(
+        deregister(&mut sim, "a", &service, "10.0.0.1"),
+        WriteResult::Applied(Some(_))
+    ));
+    register(&mut sim, "a", &service, "10.0.0.3", 1);
+    sim.run_for(200);
+    assert_eq!(instances(&sim, "b", &service), vec!["10.0.0.1", "10.0.0.2"]);
+    assert_eq!(instances(&sim, "c", &service), vec!["10.0.0.2", "10.0.0.3"]);
+
+    sim.kill(&id("c"));
+    sim.run_for(200);
+    sim.add_node_with_seeds("c", vec![id("b")]);
+    for _ in 0..300 {
+        sim.run_for(100);
+        if sim.replica(&id("c")).is_ready() {
+            break;
+        }
+    }
+    assert!(sim.replica(&id("c")).is_ready(), "c did not become ready");
+    let at_ready: Vec<String> = sim
+        .dump_at_ready(&id("c"))
+        .expect("c became ready")
+        .iter()
+        .filter(|s| s.key == service)
+        .flat_map(|s| s.instances.iter().map(|(_, i)| i.ip.clone()))
+        .collect();
+    assert_eq!(
+        at_ready,
+        vec!["10.0.0.2", "10.0.0.3"],
+        "c was ready with what the peer its snapshot came from held"
+    );
+}
+
+/// Bug 13 of docs/reliability.md: a write applied by a node that did not own its service
+/// in its own ring (its view lagged another's), and whose batch to a peer was lost with
+/// a link, was repaired only by the next periodic round of the node that came to own it,
+/// up to `anti_entropy_interval_ms` after the ring settled. A node whose ring loses a
+/// member now compares its ranges at once.
+#[test]
+fn a_node_that_takes_over_a_range_compares_it_at_once() {
+    // Periodic rounds far apart: only the one the ring change starts can repair b.
+    let config = Config {
+        anti_entropy_interval_ms: 60_000,
+        ..Config::default()
+    };
+    let mut sim = Sim::new(seed(41), config);
+    for n in ["a", "b", "c"] {
+        sim.add_node(n);
+    }
+    sim.run_for(4_000);
+    assert!(sim.all_ready(), "cluster did not start");
+    // A service c owns, and a owns once c is gone.
+    let service = owned_by(&sim, "c", 200)
+        .into_iter()
+        .find(|s| {
+            let r = shoal_ring::Ring::from_members(
+                sim.replica(&id("a")).ring().vnodes_per_weight(),
+                ["a", "b"],
+            )
+            .unwrap();
+            s.with_placement_bytes(|k| r.owner(k)) == Some("a")
+        })
+        .expect("a service c owns that passes to a");
+    sim.open_session(&id("c"), SessionId(5));
+    register(&mut sim, "c", &service, "10.0.0.5", 5);
+    assert_converged(&mut sim, 2_000);
+
+    // b misses c's next write; a has it. Then c dies.
+    sim.set_filter(Box::new(|from, to, msg| {
+        from == &id("c") && to == &id("b") && !matches!(msg, PeerMsg::Ping(_) | PeerMsg::Ack(_))
+    }));
+    register(&mut sim, "c", &service, "10.0.0.6", 5);
+    sim.run_for(100);
+    sim.clear_filter();
+    assert_eq!(instances(&sim, "a", &service), vec!["10.0.0.5", "10.0.0.6"]);
+    assert_eq!(instances(&sim, "b", &service), vec!["10.0.0.5"]);
+    sim.kill(&id("c"));
+
+    // a takes the range over when it sees c Down; b has the write a moment later.
+    let mut taken_at = None;
+    for _ in 0..2_000 {
+        sim.run_for(5);
+        if taken_at.is_none() && sim.replica(&id("a")).owner(&service) == Some(id("a")) {
+            taken_at = Some(sim.now_ms());
+        }
+        if instances(&sim, "b", &service).len() == 2 {
+            break;
+        }
+    }
+    let taken_at = taken_at.expect("a took the range over");
+    assert_eq!(instances(&sim, "b", &service), vec!["10.0.0.5", "10.0.0.6"]);
+    let waited = sim.now_ms() - taken_at;
+    assert!(
+        waited <= 200,
+        "b got the write {waited} ms after a took the range over"
+    );
+}

@@ -493,3 +493,79 @@ async fn the_answers_to_a_run_of_writes_leave_the_node_together() {
         );
     }
 }
+
+/// Bug 14 of docs/reliability.md: a home that stalled while a write it had forwarded
+/// awaited its owner's answer routed the write again when it resumed, with a fresh date
+/// that the owner's age check accepted, though the client had long given up on it (and
+/// could have deregistered the instance through another node since). Now a write that
+/// waited out its home's stall is answered Unavailable, not routed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_waited_out_its_homes_stall_is_not_routed_again() {
+    let dir = unique_temp_dir("shoal-test-stalled-home");
+    let config = dir.join("shoal.toml");
+    // The ring does not change while nodes are frozen; a stall of 2 s counts as one
+    // (half the idle timeout).
+    std::fs::write(
+        &config,
+        "[replication]\nsuspect_after_ms = 120000\ndown_after_ms = 240000\n",
+    )
+    .unwrap();
+    let mut cluster = Cluster::start_with(
+        3,
+        NodeOptions::default()
+            .idle_timeout_ms(4_000)
+            .keep_alive_interval_ms(1_000)
+            .arg("--config")
+            .arg(&config.display().to_string())
+            .arg("--forward-timeout-ms")
+            .arg("1000"),
+    )
+    .await;
+    cluster.wait_until_converged().await;
+    let service = cluster.service_owned_by(1, "stalled-home").await;
+    let (mut client, _) = RawClient::session(cluster.node(0)).await;
+
+    // The owner is frozen: the write forwarded to it waits for an answer.
+    send_signal("STOP", cluster.node(1).pid());
+    let frame = ClientFrame::Request {
+        id: 1,
+        body: Request::Register {
+            service: service.clone(),
+            instance: inst("10.8.0.1", 8080),
+        },
+    };
+    client
+        .send_raw(&shoal_proto::encode_frame(&frame, 1 << 20).unwrap())
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Then the home is frozen, past its forward timeout, while the owner dies and comes
+    // back: the forward will never be answered.
+    send_signal("STOP", cluster.node(0).pid());
+    cluster.kill9(1);
+    cluster.restart(1).await;
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    send_signal("CONT", cluster.node(0).pid());
+
+    match client.next_event(PATIENCE).await {
+        Event::Frame(ServerFrame::Response { id: 1, result }) => assert!(
+            matches!(&result, Err(e) if e.code == ErrorCode::Unavailable),
+            "the write that waited out the stall: {result:?}"
+        ),
+        // Closed for the stall before its answer: not applied either.
+        Event::Failed(_) | Event::End => {}
+        other => panic!("expected the write's answer, got {other:?}"),
+    }
+    // Routed again, it would be applied within a few milliseconds.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    for i in 0..3 {
+        assert!(
+            cluster
+                .node(i)
+                .instance(&service, "10.8.0.1", 8080)
+                .await
+                .is_none(),
+            "node {i} lists the write that waited out its home's stall"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

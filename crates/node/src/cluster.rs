@@ -6,7 +6,9 @@
 //! in `forward_timeout_ms` (it may just have died, or be stalled), the writes it was
 //! sent are routed again, once and together: by then the ring may name another owner,
 //! possibly this node. What is still unanswered after that is `Unavailable`, so a run
-//! is answered within about two forward timeouts however many writes it holds.
+//! is answered within about two forward timeouts however many writes it holds. Writes
+//! are not routed again if this node stalled since they were sent (their client has
+//! likely moved on): they are `Unavailable` at once.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -142,6 +144,8 @@ pub struct Answers {
     rerouted: Option<Vec<usize>>,
     /// The writes not answered, with their places in the batch now awaited.
     unanswered: Vec<(usize, Write)>,
+    /// This node's stall era when the writes were first sent ([`Shared::stall_epoch`]).
+    era: u64,
 }
 
 impl PendingMany {
@@ -154,6 +158,7 @@ impl PendingMany {
             deadline: None,
             rerouted: None,
             unanswered: Vec::new(),
+            era: shared.stall_epoch(shared.now_ms()),
         }
     }
 }
@@ -178,17 +183,25 @@ impl Answers {
                     return None;
                 }
                 let unanswered = std::mem::take(&mut self.unanswered);
-                if self.rerouted.is_some() {
+                // Not routed again if this node stalled since they were sent: the
+                // client has likely given up on them, sent them again through another
+                // node and written since (a deregistration, say); sent now, with a fresh
+                // date that the owner's age check accepts, they would undo that (bug 14
+                // of docs/reliability.md). The client is told to retry.
+                let stalled = self.shared.stall_epoch(self.shared.now_ms()) != self.era;
+                if self.rerouted.is_some() || stalled {
+                    let why = if stalled {
+                        "this node stalled while the owner of this service did not answer; retry"
+                    } else {
+                        "the owner of this service did not answer; retry"
+                    };
                     return Some(
                         unanswered
                             .into_iter()
                             .map(|(place, _)| {
                                 (
                                     self.place(place),
-                                    Err(ErrorBody::new(
-                                        ErrorCode::Unavailable,
-                                        "the owner of this service did not answer; retry",
-                                    )),
+                                    Err(ErrorBody::new(ErrorCode::Unavailable, why)),
                                 )
                             })
                             .collect(),

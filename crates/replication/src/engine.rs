@@ -1388,7 +1388,7 @@ impl Replica {
             return Vec::new();
         };
         let mut actions = Vec::new();
-        *left -= 1;
+        *left = left.saturating_sub(1);
         if asked {
             *left += 1;
             actions.push(Action::Send {

@@ -569,3 +569,38 @@ async fn a_write_that_waited_out_its_homes_stall_is_not_routed_again() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A node that comes out of a stall closes at once the client connections opened
+/// before it (their requests would be refused anyway), not at each one's next request
+/// or idle timeout, and ends their sessions there (disconnected: their instances stay
+/// for the grace period, for the clients to resume): it does not go on announcing
+/// sessions live at itself whose clients may have moved on during the stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stalled_closes_its_clients_connections_at_once() {
+    let cluster = Cluster::start_with(
+        3,
+        NodeOptions::default()
+            .idle_timeout_ms(4_000)
+            .keep_alive_interval_ms(1_000),
+    )
+    .await;
+    cluster.wait_until_converged().await;
+    let service = cluster.service_owned_by(1, "stalled-client").await;
+    let (mut client, _) = RawClient::session(cluster.node(0)).await;
+    client.register(&service, inst("10.8.1.1", 8080)).await;
+
+    // Half the idle timeout (2 s) and more: a stall.
+    send_signal("STOP", cluster.node(0).pid());
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    send_signal("CONT", cluster.node(0).pid());
+    match client.next_event(Duration::from_secs(2)).await {
+        Event::Failed(_) | Event::End => {}
+        other => panic!("expected the connection closed for the stall, got {other:?}"),
+    }
+    // The session is disconnected, not gone: its instance stays for the grace period.
+    assert!(cluster
+        .node(2)
+        .instance(&service, "10.8.1.1", 8080)
+        .await
+        .is_some());
+}

@@ -357,6 +357,7 @@ async fn tick_loop(shared: Arc<Shared>) {
                 stalled_ms = ms,
                 "this node did not run for {ms} ms; client requests that waited out the stall are refused (their clients reconnect)"
             );
+            shared.end_connections_after_stall();
         }
         let activity = shared.links.activity();
         let mut replica = write(&shared.replica);

@@ -300,6 +300,32 @@ impl Shared {
         Attached { resumed }
     }
 
+    /// This node came out of a stall ([`Shared::stall_epoch`]): the requests on the
+    /// client connections open now would be refused anyway (they may have waited out
+    /// the stall), and their clients have likely moved on. End their sessions here now
+    /// (disconnected: each may resume within its grace, here or elsewhere) and close the
+    /// connections, rather than at each one's next request or idle timeout, so that
+    /// this node does not go on announcing sessions live at itself whose clients left
+    /// during the stall (a new link to a peer sends it this node's sessions again).
+    pub fn end_connections_after_stall(&self) {
+        let attached: Vec<(SessionId, ConnId)> = lock(&self.sessions)
+            .iter()
+            .filter_map(|(s, e)| e.conn.map(|c| (*s, c)))
+            .collect();
+        for &(session, conn) in &attached {
+            self.detach(session, conn, false);
+        }
+        let conns: Vec<quinn::Connection> = lock(&self.session_conns).values().cloned().collect();
+        for conn in &conns {
+            conn.close(crate::server::CLOSE_STALLED, b"node stalled; reconnect");
+        }
+        tracing::info!(
+            sessions = attached.len(),
+            connections = conns.len(),
+            "closed the client connections opened before the stall; their clients reconnect"
+        );
+    }
+
     /// The connection `conn` of `session` ended. On a clean end (Goodbye) the
     /// session's instances go now; otherwise the owners keep them for
     /// `session_grace_ms`, waiting for a resume here or on another node.

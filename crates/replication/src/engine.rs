@@ -1002,6 +1002,12 @@ impl Replica {
             self.next_probe_ms = now_ms;
             self.next_anti_entropy_ms = now_ms;
             self.unsettle(now_ms);
+            // Nor does the stall count towards a session's grace period: a home seen
+            // Down before it may have come back meanwhile, a client may have resumed
+            // elsewhere, and this node has not heard yet (bug 15 of docs/reliability.md:
+            // an owner reaped at once, on resuming, the instances of a session whose
+            // home had been back for seconds).
+            self.restart_grace_clocks(now_ms);
         }
         // Runs of forwarded writes do not wait for a tick; this is only a backstop.
         let mut actions = self.flush_forwards();
@@ -1811,17 +1817,7 @@ impl Replica {
             // period from now, so that the clients of the members still coming back
             // can resume. Deleting them at once would be the mass expiry that
             // self-preservation exists to prevent, only later.
-            for e in self.sessions.values_mut() {
-                if e.state == SessionState::Disconnected {
-                    e.since_ms = now_ms;
-                }
-                if e.orphaned_since_ms.is_some() {
-                    e.orphaned_since_ms = Some(now_ms);
-                }
-            }
-            for since in self.unknown_since.values_mut() {
-                *since = now_ms;
-            }
+            self.restart_grace_clocks(now_ms);
         }
 
         let mut actions = Vec::new();
@@ -1927,6 +1923,22 @@ impl Replica {
             }
         }
         actions
+    }
+
+    /// Gives every session whose grace period runs (disconnected, orphaned by a home
+    /// Down, unknown) a full grace period from `now_ms`.
+    fn restart_grace_clocks(&mut self, now_ms: u64) {
+        for e in self.sessions.values_mut() {
+            if e.state == SessionState::Disconnected {
+                e.since_ms = now_ms;
+            }
+            if e.orphaned_since_ms.is_some() {
+                e.orphaned_since_ms = Some(now_ms);
+            }
+        }
+        for since in self.unknown_since.values_mut() {
+            *since = now_ms;
+        }
     }
 
     fn random(&mut self) -> u64 {

@@ -1358,3 +1358,46 @@ fn a_node_that_takes_over_a_range_compares_it_at_once() {
         "b got the write {waited} ms after a took the range over"
     );
 }
+
+/// Bug 15 of docs/reliability.md: an owner that saw a session's home Down, and was then
+/// frozen for longer than the grace period, reaped the session's instances on its first
+/// tick after resuming, though the home had been back for seconds (it had not heard
+/// yet); the home put them back (it holds the session live), but they were gone
+/// everywhere meanwhile. A stall no longer counts towards a grace period.
+#[test]
+fn an_owner_that_resumes_from_a_stall_does_not_reap_at_once() {
+    let mut sim = cluster(seed(43), &["a", "b", "c"]);
+    let service = owned_by(&sim, "a", 50)
+        .into_iter()
+        .next()
+        .expect("a owns one of 50 services");
+    sim.open_session(&id("b"), SessionId(9));
+    register(&mut sim, "b", &service, "10.0.0.9", 9);
+    assert_converged(&mut sim, 2_000);
+
+    // The home is frozen long enough for a to see it Down and start the session's
+    // grace clock; then a is frozen, past the grace period, and b resumes meanwhile.
+    sim.freeze(&id("b"));
+    sim.run_for(4_000);
+    let down = sim
+        .replica(&id("a"))
+        .members()
+        .into_iter()
+        .find(|m| m.id == id("b"))
+        .expect("b is a member of a");
+    assert_eq!(down.state, MemberState::Down, "a sees b Down");
+    sim.freeze(&id("a"));
+    sim.run_for(1_000);
+    sim.thaw(&id("b"));
+    sim.run_for(Config::default().session_grace_ms + 2_000);
+    sim.thaw(&id("a"));
+    for step in 0..600 {
+        sim.run_for(5);
+        assert_eq!(
+            instances(&sim, "c", &service),
+            vec!["10.0.0.9"],
+            "{} ms after a resumed, c lost the instance of the live session",
+            5 * (step + 1)
+        );
+    }
+}

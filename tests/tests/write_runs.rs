@@ -356,6 +356,14 @@ async fn writes_forwarded_to_a_stalled_owner_are_answered_unavailable_within_two
 /// stays in the ring), with this forward timeout. Returns the directory of their
 /// configuration file too.
 async fn stall_tolerant_cluster(forward_timeout_ms: u64) -> (Cluster, std::path::PathBuf) {
+    stall_tolerant_cluster_with(forward_timeout_ms, NodeOptions::default()).await
+}
+
+/// [`stall_tolerant_cluster`] with these node options besides.
+async fn stall_tolerant_cluster_with(
+    forward_timeout_ms: u64,
+    base: NodeOptions,
+) -> (Cluster, std::path::PathBuf) {
     let dir = unique_temp_dir("shoal-test-stall-config");
     let config = dir.join("shoal.toml");
     std::fs::write(
@@ -365,8 +373,7 @@ async fn stall_tolerant_cluster(forward_timeout_ms: u64) -> (Cluster, std::path:
     .unwrap();
     let cluster = Cluster::start_with(
         3,
-        NodeOptions::default()
-            .arg("--config")
+        base.arg("--config")
             .arg(&config.display().to_string())
             .arg("--forward-timeout-ms")
             .arg(&forward_timeout_ms.to_string()),
@@ -501,27 +508,15 @@ async fn the_answers_to_a_run_of_writes_leave_the_node_together() {
 /// waited out its home's stall is answered Unavailable, not routed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_that_waited_out_its_homes_stall_is_not_routed_again() {
-    let dir = unique_temp_dir("shoal-test-stalled-home");
-    let config = dir.join("shoal.toml");
     // The ring does not change while nodes are frozen; a stall of 2 s counts as one
     // (half the idle timeout).
-    std::fs::write(
-        &config,
-        "[replication]\nsuspect_after_ms = 120000\ndown_after_ms = 240000\n",
-    )
-    .unwrap();
-    let mut cluster = Cluster::start_with(
-        3,
+    let (mut cluster, dir) = stall_tolerant_cluster_with(
+        1_000,
         NodeOptions::default()
             .idle_timeout_ms(4_000)
-            .keep_alive_interval_ms(1_000)
-            .arg("--config")
-            .arg(&config.display().to_string())
-            .arg("--forward-timeout-ms")
-            .arg("1000"),
+            .keep_alive_interval_ms(1_000),
     )
     .await;
-    cluster.wait_until_converged().await;
     let service = cluster.service_owned_by(1, "stalled-home").await;
     let (mut client, _) = RawClient::session(cluster.node(0)).await;
 

@@ -550,6 +550,24 @@ fn owned_by(sim: &Sim, node: &str, n: usize) -> Vec<ServiceKey> {
         .collect()
 }
 
+/// The first of `svc(0..50)` that `node` owns.
+fn first_owned_by(sim: &Sim, node: &str) -> ServiceKey {
+    owned_by(sim, node, 50)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("{node} owns none of 50 services"))
+}
+
+/// How node `at` sees node `of`.
+fn member_state(sim: &Sim, at: &str, of: &str) -> MemberState {
+    sim.replica(&id(at))
+        .members()
+        .into_iter()
+        .find(|m| m.id == id(of))
+        .unwrap_or_else(|| panic!("{of} is not a member of {at}"))
+        .state
+}
+
 fn deregister(sim: &mut Sim, via: &str, service: &ServiceKey, ip: &str) -> WriteResult {
     let w = Write::Deregister {
         service: service.clone(),
@@ -1193,10 +1211,7 @@ fn writes_on_their_way_are_not_repaired() {
 #[test]
 fn a_session_end_lost_with_its_link_reaches_the_owner_over_the_next_one() {
     let mut sim = cluster(seed(31), &["a", "b", "c"]);
-    let service = owned_by(&sim, "b", 50)
-        .into_iter()
-        .next()
-        .expect("b owns one of 50 services");
+    let service = first_owned_by(&sim, "b");
     sim.open_session(&id("a"), SessionId(7));
     register(&mut sim, "a", &service, "10.0.0.7", 7);
     assert_converged(&mut sim, 2_000);
@@ -1217,13 +1232,7 @@ fn a_session_end_lost_with_its_link_reaches_the_owner_over_the_next_one() {
     // A new link, well within `suspect_after_ms`: neither saw the other Down.
     sim.run_for(1_000);
     for (x, y) in [("a", "b"), ("b", "a")] {
-        let m = sim
-            .replica(&id(x))
-            .members()
-            .into_iter()
-            .find(|m| m.id == id(y))
-            .expect("a member");
-        assert_eq!(m.state, MemberState::Up, "{x} sees {y}");
+        assert_eq!(member_state(&sim, x, y), MemberState::Up, "{x} sees {y}");
     }
 
     sim.run_for(Config::default().session_grace_ms + 3_000);
@@ -1243,10 +1252,7 @@ fn a_session_end_lost_with_its_link_reaches_the_owner_over_the_next_one() {
 #[test]
 fn a_restarted_node_is_ready_only_once_its_snapshot_agrees_with_the_owners() {
     let mut sim = cluster(seed(37), &["a", "b", "c"]);
-    let service = owned_by(&sim, "a", 50)
-        .into_iter()
-        .next()
-        .expect("a owns one of 50 services");
+    let service = first_owned_by(&sim, "a");
     sim.open_session(&id("a"), SessionId(1));
     register(&mut sim, "a", &service, "10.0.0.1", 1);
     register(&mut sim, "a", &service, "10.0.0.2", 1);
@@ -1367,10 +1373,7 @@ fn a_node_that_takes_over_a_range_compares_it_at_once() {
 #[test]
 fn an_owner_that_resumes_from_a_stall_does_not_reap_at_once() {
     let mut sim = cluster(seed(43), &["a", "b", "c"]);
-    let service = owned_by(&sim, "a", 50)
-        .into_iter()
-        .next()
-        .expect("a owns one of 50 services");
+    let service = first_owned_by(&sim, "a");
     sim.open_session(&id("b"), SessionId(9));
     register(&mut sim, "b", &service, "10.0.0.9", 9);
     assert_converged(&mut sim, 2_000);
@@ -1379,13 +1382,11 @@ fn an_owner_that_resumes_from_a_stall_does_not_reap_at_once() {
     // grace clock; then a is frozen, past the grace period, and b resumes meanwhile.
     sim.freeze(&id("b"));
     sim.run_for(4_000);
-    let down = sim
-        .replica(&id("a"))
-        .members()
-        .into_iter()
-        .find(|m| m.id == id("b"))
-        .expect("b is a member of a");
-    assert_eq!(down.state, MemberState::Down, "a sees b Down");
+    assert_eq!(
+        member_state(&sim, "a", "b"),
+        MemberState::Down,
+        "a sees b Down"
+    );
     sim.freeze(&id("a"));
     sim.run_for(1_000);
     sim.thaw(&id("b"));

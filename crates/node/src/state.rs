@@ -337,8 +337,9 @@ impl Shared {
                 return;
             };
             if entry.conn != Some(conn) {
-                // Another connection has taken the session over: nothing ends.
-                tracing::debug!(%session, ?conn, "connection ended; the session lives on another");
+                // Another connection has taken the session over, or it was ended already
+                // (after a stall): nothing ends.
+                tracing::debug!(%session, ?conn, "connection ended; the session was no longer attached to it");
                 return;
             }
             tracing::debug!(%session, ?conn, clean, "session detached");

@@ -521,6 +521,13 @@ async fn a_write_that_waited_out_its_homes_stall_is_not_routed_again() {
     let (mut client, _) = RawClient::session(cluster.node(0)).await;
 
     // The owner is frozen: the write forwarded to it waits for an answer.
+    let forwarded = async |node: &Node| {
+        counter(
+            &node.get("/metrics").await.body,
+            "shoal_forwarded_writes_total",
+        )
+    };
+    let before = forwarded(cluster.node(0)).await;
     send_signal("STOP", cluster.node(1).pid());
     let frame = ClientFrame::Request {
         id: 1,
@@ -532,7 +539,10 @@ async fn a_write_that_waited_out_its_homes_stall_is_not_routed_again() {
     client
         .send_raw(&shoal_proto::encode_frame(&frame, 1 << 20).unwrap())
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for("the home forwarded the write", PATIENCE, async || {
+        forwarded(cluster.node(0)).await > before
+    })
+    .await;
     // Then the home is frozen, past its forward timeout, while the owner dies and comes
     // back: the forward will never be answered.
     send_signal("STOP", cluster.node(0).pid());

@@ -26,6 +26,8 @@ use crate::state::{read, write as write_lock, Shared};
 pub struct PendingMany {
     results: Vec<Option<Result<u64, ErrorBody>>>,
     groups: Vec<ForwardedGroup>,
+    /// This node's stall era when the writes were sent ([`Shared::stall_epoch`]).
+    era: u64,
 }
 
 /// The writes of a batch that went to one owner in one message.
@@ -104,7 +106,11 @@ pub fn start_many(shared: &Arc<Shared>, writes: Vec<Write>) -> PendingMany {
     if forwarded {
         shared.forwards_queued();
     }
-    PendingMany { results, groups }
+    PendingMany {
+        results,
+        groups,
+        era: shared.stall_epoch(now),
+    }
 }
 
 impl PendingMany {
@@ -144,7 +150,9 @@ pub struct Answers {
     rerouted: Option<Vec<usize>>,
     /// The writes not answered, with their places in the batch now awaited.
     unanswered: Vec<(usize, Write)>,
-    /// This node's stall era when the writes were first sent ([`Shared::stall_epoch`]).
+    /// This node's stall era when the writes were first sent ([`PendingMany::era`]):
+    /// taken then, not when the answers are first awaited (a session may wait for room
+    /// in between).
     era: u64,
 }
 
@@ -158,7 +166,7 @@ impl PendingMany {
             deadline: None,
             rerouted: None,
             unanswered: Vec::new(),
-            era: shared.stall_epoch(shared.now_ms()),
+            era: self.era,
         }
     }
 }

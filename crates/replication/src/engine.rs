@@ -122,6 +122,14 @@ struct Member {
     digest_sent_ms: u64,
 }
 
+impl Member {
+    /// Ready, not Down and linked: a starting node compares its snapshot with it and
+    /// waits for its answer ([`Verify`]).
+    fn can_answer(&self) -> bool {
+        self.link_up && self.ready && self.state != MemberState::Down
+    }
+}
+
 /// Changes waiting to be sent to one peer.
 #[derive(Debug, Default)]
 struct Outq {
@@ -1271,11 +1279,8 @@ impl Replica {
             // any after `snapshot_timeout_ms`: the node is then ready with what it has,
             // and anti-entropy goes on from there.
             let members = &self.members;
-            v.pending.retain(|id, _| {
-                members
-                    .get(id)
-                    .is_some_and(|m| m.link_up && m.ready && m.state != MemberState::Down)
-            });
+            v.pending
+                .retain(|id, _| members.get(id).is_some_and(Member::can_answer));
             if v.pending.is_empty() || now_ms >= v.since_ms + self.config.snapshot_timeout_ms {
                 return self.become_ready(now_ms);
             }
@@ -1350,11 +1355,7 @@ impl Replica {
         let mut by_owner: BTreeMap<NodeId, Vec<RangeDigest>> = BTreeMap::new();
         for r in self.ring.ranges() {
             let owner = self.member_id(&r.owner);
-            let up = self
-                .members
-                .get(&owner)
-                .is_some_and(|m| m.link_up && m.ready && m.state != MemberState::Down);
-            if up {
+            if self.members.get(&owner).is_some_and(Member::can_answer) {
                 by_owner.entry(owner).or_default().push(RangeDigest {
                     start: r.start,
                     end: r.end,

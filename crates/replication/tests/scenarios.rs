@@ -17,7 +17,12 @@ fn svc(i: usize) -> ServiceKey {
 
 /// A cluster of `names`, each joining through the first, run until all are ready.
 fn cluster(seed: u64, names: &[&str]) -> Sim {
-    let mut sim = Sim::new(seed, Config::default());
+    cluster_with(seed, Config::default(), names)
+}
+
+/// [`cluster`] with every engine on `config`.
+fn cluster_with(seed: u64, config: Config, names: &[&str]) -> Sim {
+    let mut sim = Sim::new(seed, config);
     for n in names {
         sim.add_node(n);
     }
@@ -56,13 +61,7 @@ fn slow_batches(seed: u64) -> Sim {
         batch_window_ms: 1_000,
         ..Config::default()
     };
-    let mut sim = Sim::new(seed, config);
-    for n in ["a", "b", "c"] {
-        sim.add_node(n);
-    }
-    sim.run_for(4_000);
-    assert!(sim.all_ready(), "cluster did not start");
-    sim
+    cluster_with(seed, config, &["a", "b", "c"])
 }
 
 /// Five nodes a..e; service `i` (of `n`) holds one instance of session `i`, homed on
@@ -1312,12 +1311,7 @@ fn a_node_that_takes_over_a_range_compares_it_at_once() {
         anti_entropy_interval_ms: 60_000,
         ..Config::default()
     };
-    let mut sim = Sim::new(seed(41), config);
-    for n in ["a", "b", "c"] {
-        sim.add_node(n);
-    }
-    sim.run_for(4_000);
-    assert!(sim.all_ready(), "cluster did not start");
+    let mut sim = cluster_with(seed(41), config, &["a", "b", "c"]);
     // A service c owns, and a owns once c is gone.
     let service = owned_by(&sim, "c", 200)
         .into_iter()

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_proto::{
-    read_frame, ClientFrame, ErrorBody, ErrorCode, FrameError, FrameReader, Hello, Request,
-    Response, ServerFrame, Welcome, PROTOCOL_VERSION,
+    decode_client_frame, read_frame, ClientFrame, ErrorBody, ErrorCode, FrameError, FrameReader,
+    Hello, Request, Response, ServerFrame, Welcome, PROTOCOL_VERSION,
 };
 use shoal_replication::Write;
 use shoal_storage::{ServiceKey, SessionId};
@@ -168,7 +168,7 @@ async fn request_loop(
     let end = loop {
         let next = match held.take() {
             Some(frame) => frame.map(Some),
-            None => frames.next::<ClientFrame>().await,
+            None => frames.next_with(decode_client_frame).await,
         };
         let frame = match next {
             Ok(Some(f)) => f,
@@ -204,7 +204,7 @@ async fn request_loop(
                 // batch: applied under one lock, one message per owner.
                 let mut run = vec![(id, first)];
                 while run.len() < shoal_proto::MAX_BATCH_ITEMS {
-                    match frames.try_next::<ClientFrame>() {
+                    match frames.try_next_with(decode_client_frame) {
                         Some(Ok(ClientFrame::Request { id, body })) => {
                             match write_of(body, session) {
                                 Ok(w) => run.push((id, w)),

@@ -12,6 +12,7 @@ mod conn;
 mod http;
 pub mod metrics;
 pub mod peer;
+mod peer_codec;
 mod push;
 mod query_cache;
 pub mod server;

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use shoal_proto::mpack::ServiceKeyCache;
 use shoal_proto::{read_frame, write_frame, FrameReader};
 use shoal_storage::NodeId;
 use tokio::sync::mpsc;
@@ -52,6 +53,31 @@ pub struct PeerHello {
     /// The sender's [`PEER_MESSAGE_SHAPE`]; 0 from a node that sends only maps.
     #[serde(default)]
     pub shape: u32,
+}
+
+/// How a link decodes the body of a peer message: serde's generic decoding, unless
+/// the type has a faster one that gives the same result ([`PeerMsg`]'s, in
+/// `peer_codec`).
+///
+/// [`PeerMsg`]: shoal_replication::PeerMsg
+pub trait PeerDecode: DeserializeOwned {
+    /// Decodes one message body; `keys` are the service keys the link read before.
+    fn decode_body(
+        body: &[u8],
+        keys: &mut ServiceKeyCache,
+    ) -> Result<Self, shoal_proto::FrameError> {
+        let _ = keys;
+        shoal_proto::decode(body)
+    }
+}
+
+impl PeerDecode for shoal_replication::PeerMsg {
+    fn decode_body(
+        body: &[u8],
+        keys: &mut ServiceKeyCache,
+    ) -> Result<Self, shoal_proto::FrameError> {
+        crate::peer_codec::decode_peer_msg(body, keys)
+    }
 }
 
 /// What the links report to the node.
@@ -106,7 +132,7 @@ pub struct Links<M> {
 
 impl<M> Links<M>
 where
-    M: Serialize + DeserializeOwned + Send + 'static,
+    M: Serialize + PeerDecode + Send + 'static,
 {
     /// When a frame last arrived from each peer, whether or not the node has
     /// processed it yet (see `Replica::link_activity`).
@@ -324,8 +350,12 @@ where
         });
         // One buffer for the link: a read takes every message that has arrived.
         let mut frames = FrameReader::new(&mut recv, max);
+        let mut keys = ServiceKeyCache::new(crate::peer_codec::LINK_SERVICE_KEYS);
         let result = loop {
-            match frames.next::<M>().await {
+            match frames
+                .next_with(|body| M::decode_body(body, &mut keys))
+                .await
+            {
                 Ok(Some(msg)) => {
                     self.note_activity(&peer);
                     let _ = self.events.send(LinkEvent::Message {
@@ -379,6 +409,8 @@ mod tests {
         c: u32,
     }
 
+    impl PeerDecode for Newer {}
+
     /// The same message as an older node has it.
     #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
     struct Older {
@@ -386,10 +418,12 @@ mod tests {
         b: String,
     }
 
+    impl PeerDecode for Older {}
+
     /// Links of node `id` with its own endpoint on loopback, accepting peer links.
     fn node<M>(dir: &std::path::Path, id: &str, shape: u32) -> (Arc<Links<M>>, LinkRx<M>, String)
     where
-        M: Serialize + DeserializeOwned + Send + 'static,
+        M: Serialize + PeerDecode + Send + 'static,
     {
         let files = crate::tls::issue_dev_cert(&dir.join("ca"), &dir.join(id), id, &[]).unwrap();
         let tls = crate::tls::server_config(&files, &[shoal_proto::PEER_ALPN]).unwrap();
@@ -445,7 +479,7 @@ mod tests {
     /// Sends `msg` once the link to `to` is up (10 s at most).
     async fn send_when_linked<M>(links: &Links<M>, to: &str, msg: M)
     where
-        M: Serialize + DeserializeOwned + Send + Clone + 'static,
+        M: Serialize + PeerDecode + Send + Clone + 'static,
     {
         let to = NodeId(to.into());
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

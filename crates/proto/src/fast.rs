@@ -14,18 +14,14 @@
 //! before. So it never accepts what the generic decoding refuses, and never refuses
 //! what it accepts.
 
-use std::collections::BTreeMap;
-
 use shoal_storage::{Instance, Lease, ServiceKey, ServiceView, SessionId, TtlLease};
 
 use crate::frame::{decode, FrameError};
-use crate::messages::{Response, ServerFrame};
+use crate::messages::{ClientFrame, Request, Response, ServerFrame};
+use crate::mpack::{self, instance_key, instance_spec, metadata, Reader as Cur};
 
 /// Fields of an instance in the array form (the ones this version knows).
 const INSTANCE_FIELDS: usize = 10;
-/// How deep [`Cur::skip`] follows nested arrays and maps before giving up (the
-/// generic decoding's limit, 1024 levels, is far above).
-const MAX_SKIP_DEPTH: usize = 32;
 
 /// Decodes a frame body sent by a node. `View` answers and pushes take the fast path;
 /// every other frame, and any body the fast path does not take, is decoded by serde
@@ -37,9 +33,57 @@ pub fn decode_server_frame(body: &[u8]) -> Result<ServerFrame, FrameError> {
     }
 }
 
+/// Decodes a frame body sent by a client. Registrations and deregistrations sent with
+/// structs as arrays (what a client of this request shape sends, see
+/// [`crate::REQUEST_SHAPE`]) take the fast path; every other frame, and any body the
+/// fast path does not take, is decoded by serde ([`decode`]): the result is the same as
+/// `decode::<ClientFrame>(body)`.
+pub fn decode_client_frame(body: &[u8]) -> Result<ClientFrame, FrameError> {
+    match client_frame(body) {
+        Some(frame) => Ok(frame),
+        None => decode(body),
+    }
+}
+
+/// The fast path of [`decode_client_frame`]: `{"Request": [id, {"Register": [service,
+/// instance]}]}` or the same with `"Deregister"`; `None` for anything else.
+fn client_frame(body: &[u8]) -> Option<ClientFrame> {
+    let mut c = Cur::new(body);
+    if c.map_len()? != 1 || c.key()? != b"Request" || c.array_len()? != 2 {
+        return None;
+    }
+    let id = c.uint()?;
+    if c.map_len()? != 1 {
+        return None;
+    }
+    let request = match c.key()? {
+        b"Register" => {
+            if c.array_len()? != 2 {
+                return None;
+            }
+            Request::Register {
+                service: mpack::service_key(&mut c)?,
+                instance: instance_spec(&mut c)?,
+            }
+        }
+        b"Deregister" => {
+            if c.array_len()? != 2 {
+                return None;
+            }
+            Request::Deregister {
+                service: mpack::service_key(&mut c)?,
+                instance: instance_key(&mut c)?,
+            }
+        }
+        _ => return None,
+    };
+    c.at_end()
+        .then_some(ClientFrame::Request { id, body: request })
+}
+
 /// The fast path: `None` when the body is not of the shape it takes.
 fn server_frame(body: &[u8]) -> Option<ServerFrame> {
-    let mut c = Cur { b: body, pos: 0 };
+    let mut c = Cur::new(body);
     if c.map_len()? != 1 {
         return None;
     }
@@ -83,7 +127,7 @@ fn server_frame(body: &[u8]) -> Option<ServerFrame> {
         _ => return None,
     };
     // Whatever follows is the generic decoding's business.
-    (c.pos == body.len()).then_some(frame)
+    c.at_end().then_some(frame)
 }
 
 fn service_view(c: &mut Cur<'_>) -> Option<ServiceView> {
@@ -174,15 +218,6 @@ fn row<'a>(c: &mut Cur<'a>, cluster: &mut &'a str) -> Option<Instance> {
     Some(inst)
 }
 
-fn metadata(c: &mut Cur<'_>) -> Option<BTreeMap<String, String>> {
-    let mut out = BTreeMap::new();
-    for _ in 0..c.map_len()? {
-        let k = c.string()?;
-        out.insert(k, c.string()?);
-    }
-    Some(out)
-}
-
 fn lease(c: &mut Cur<'_>) -> Option<Lease> {
     // An enum: {variant: content}, the variant by index (what nodes write now) or by
     // name (what they wrote before): {0: id} or {"Session": id}, {1: [unhealthy,
@@ -235,192 +270,6 @@ fn lease(c: &mut Cur<'_>) -> Option<Lease> {
     }))
 }
 
-/// A cursor over MessagePack bytes. Every read returns `None` on a marker it does not
-/// take or on the end of the bytes; nothing panics.
-struct Cur<'a> {
-    b: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Cur<'a> {
-    fn left(&self) -> usize {
-        self.b.len() - self.pos
-    }
-
-    fn peek(&self) -> Option<u8> {
-        self.b.get(self.pos).copied()
-    }
-
-    fn byte(&mut self) -> Option<u8> {
-        let v = *self.b.get(self.pos)?;
-        self.pos += 1;
-        Some(v)
-    }
-
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let end = self.pos.checked_add(n)?;
-        let s = self.b.get(self.pos..end)?;
-        self.pos = end;
-        Some(s)
-    }
-
-    fn be<const N: usize>(&mut self) -> Option<[u8; N]> {
-        self.take(N)?.try_into().ok()
-    }
-
-    fn u8(&mut self) -> Option<usize> {
-        self.byte().map(usize::from)
-    }
-
-    fn u16(&mut self) -> Option<usize> {
-        self.be().map(|b| usize::from(u16::from_be_bytes(b)))
-    }
-
-    fn u32(&mut self) -> Option<usize> {
-        self.be()
-            .and_then(|b| usize::try_from(u32::from_be_bytes(b)).ok())
-    }
-
-    /// An unsigned integer (a negative one is not what the node writes).
-    fn uint(&mut self) -> Option<u64> {
-        Some(match self.byte()? {
-            m @ 0x00..=0x7f => u64::from(m),
-            0xcc => u64::from(self.byte()?),
-            0xcd => u64::from(u16::from_be_bytes(self.be()?)),
-            0xce => u64::from(u32::from_be_bytes(self.be()?)),
-            0xcf => u64::from_be_bytes(self.be()?),
-            _ => return None,
-        })
-    }
-
-    /// A 128-bit integer as nodes write it: 16 bytes of bin, big-endian (a session id
-    /// in the previous rows), or an unsigned integer (the 0 of the current rows).
-    fn u128(&mut self) -> Option<u128> {
-        if self
-            .b
-            .get(self.pos..)
-            .is_some_and(|b| b.starts_with(&[0xc4, 16]))
-        {
-            self.pos += 2;
-            return Some(u128::from_be_bytes(self.be()?));
-        }
-        self.uint().map(u128::from)
-    }
-
-    fn bool(&mut self) -> Option<bool> {
-        match self.byte()? {
-            0xc2 => Some(false),
-            0xc3 => Some(true),
-            _ => None,
-        }
-    }
-
-    /// A number read as an f64: a float, or an unsigned integer (what nodes write for
-    /// whole weights), converted as serde converts it.
-    fn number(&mut self) -> Option<f64> {
-        match self.peek()? {
-            0xcb => {
-                self.pos += 1;
-                Some(f64::from_be_bytes(self.be()?))
-            }
-            0xca => {
-                self.pos += 1;
-                Some(f64::from(f32::from_be_bytes(self.be()?)))
-            }
-            _ => self.uint().map(|v| v as f64),
-        }
-    }
-
-    /// A string's bytes, not checked as UTF-8: to compare with names.
-    fn key(&mut self) -> Option<&'a [u8]> {
-        let len = match self.byte()? {
-            m @ 0xa0..=0xbf => usize::from(m & 0x1f),
-            0xd9 => self.u8()?,
-            0xda => self.u16()?,
-            0xdb => self.u32()?,
-            _ => return None,
-        };
-        self.take(len)
-    }
-
-    fn str(&mut self) -> Option<&'a str> {
-        std::str::from_utf8(self.key()?).ok()
-    }
-
-    fn string(&mut self) -> Option<String> {
-        self.str().map(String::from)
-    }
-
-    fn map_len(&mut self) -> Option<usize> {
-        match self.byte()? {
-            m @ 0x80..=0x8f => Some(usize::from(m & 0x0f)),
-            0xde => self.u16(),
-            0xdf => self.u32(),
-            _ => None,
-        }
-    }
-
-    fn array_len(&mut self) -> Option<usize> {
-        match self.byte()? {
-            m @ 0x90..=0x9f => Some(usize::from(m & 0x0f)),
-            0xdc => self.u16(),
-            0xdd => self.u32(),
-            _ => None,
-        }
-    }
-
-    /// Skips one value of any type, nested ones included.
-    fn skip(&mut self) -> Option<()> {
-        self.skip_nested(0)
-    }
-
-    fn skip_nested(&mut self, depth: usize) -> Option<()> {
-        let m = self.byte()?;
-        // Bytes to pass over, then values inside to skip.
-        let (bytes, values) = match m {
-            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
-            0x80..=0x8f => (0, 2 * usize::from(m & 0x0f)),
-            0x90..=0x9f => (0, usize::from(m & 0x0f)),
-            0xa0..=0xbf => (usize::from(m & 0x1f), 0),
-            0xc4 | 0xd9 => (self.u8()?, 0),
-            0xc5 | 0xda => (self.u16()?, 0),
-            0xc6 | 0xdb => (self.u32()?, 0),
-            0xc7 => (self.u8()? + 1, 0),
-            0xc8 => (self.u16()? + 1, 0),
-            0xc9 => (self.u32()?.checked_add(1)?, 0),
-            0xca => (4, 0),
-            0xcb => (8, 0),
-            0xcc | 0xd0 => (1, 0),
-            0xcd | 0xd1 => (2, 0),
-            0xce | 0xd2 => (4, 0),
-            0xcf | 0xd3 => (8, 0),
-            0xd4 => (2, 0),
-            0xd5 => (3, 0),
-            0xd6 => (5, 0),
-            0xd7 => (9, 0),
-            0xd8 => (17, 0),
-            0xdc => (0, self.u16()?),
-            0xdd => (0, self.u32()?),
-            0xde => (0, 2 * self.u16()?),
-            0xdf => (0, self.u32()?.checked_mul(2)?),
-            // 0xc1: never used.
-            _ => return None,
-        };
-        self.take(bytes)?;
-        if values > 0 {
-            // Each value takes at least a byte: more than the bytes left is a lie.
-            // Deep nesting is left to the generic decoding and its depth limit.
-            if depth >= MAX_SKIP_DEPTH || values > self.left() {
-                return None;
-            }
-            for _ in 0..values {
-                self.skip_nested(depth + 1)?;
-            }
-        }
-        Some(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,6 +277,7 @@ mod tests {
         append_response_frame, encode_frame, encode_result, ErrorBody, ErrorCode,
         DEFAULT_MAX_FRAME_BYTES,
     };
+    use std::collections::BTreeMap;
 
     fn inst(ip: &str, lease: Lease, meta: &[(&str, &str)]) -> Instance {
         Instance {
@@ -617,10 +467,7 @@ mod tests {
                 }),
             ),
         ] {
-            let mut c = Cur {
-                b: lease_bytes,
-                pos: 0,
-            };
+            let mut c = Cur::new(lease_bytes);
             assert_eq!(super::lease(&mut c), Some(lease));
             assert_eq!(c.left(), 0);
         }
@@ -851,6 +698,89 @@ mod tests {
         }
     }
 
+    /// A registration and a deregistration, as a client of this shape sends them.
+    fn client_writes() -> Vec<ClientFrame> {
+        let service = ServiceKey::new("prod", "payments", "orders-é");
+        let mut spec = shoal_storage::InstanceSpec::new("10.0.0.1", 8080);
+        spec.metadata.insert("zone".into(), "a".into());
+        let mut ttl = spec.clone();
+        ttl.ttl = Some(TtlLease::default());
+        ttl.weight = 0.25;
+        ttl.ip = "fe80::1".into();
+        [
+            Request::Register {
+                service: service.clone(),
+                instance: spec.clone(),
+            },
+            Request::Register {
+                service: service.clone(),
+                instance: ttl,
+            },
+            Request::Deregister {
+                service,
+                instance: spec.key(),
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, body)| ClientFrame::Request {
+            id: 1 << (i * 20),
+            body,
+        })
+        .collect()
+    }
+
+    #[test]
+    fn client_writes_take_the_fast_path_and_equal_serde() {
+        for frame in client_writes() {
+            let compact = crate::encode_frame_compact(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
+            let body = &compact[4..];
+            assert_eq!(client_frame(body), Some(frame.clone()));
+            assert_eq!(decode::<ClientFrame>(body).unwrap(), frame);
+            // With field names (a client of another shape): serde's.
+            let named = encode_frame(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
+            assert_eq!(client_frame(&named[4..]), None);
+            assert_eq!(decode_client_frame(&named[4..]).unwrap(), frame);
+        }
+        // Other requests, and the hello, are serde's.
+        for body in [Request::Ping, Request::Members] {
+            let frame = ClientFrame::Request { id: 3, body };
+            let compact = crate::encode_frame_compact(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
+            assert_eq!(client_frame(&compact[4..]), None);
+            assert_eq!(decode_client_frame(&compact[4..]).unwrap(), frame);
+        }
+    }
+
+    #[test]
+    fn damaged_client_writes_decode_as_serde_decodes_them() {
+        for frame in client_writes() {
+            let compact = crate::encode_frame_compact(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
+            let body = &compact[4..];
+            let agree = |m: &[u8]| match (decode_client_frame(m), decode::<ClientFrame>(m)) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{m:02x?}"),
+                (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+                (a, b) => panic!("fast {a:?}, serde {b:?}, body {m:02x?}"),
+            };
+            for end in 0..body.len() {
+                agree(&body[..end]);
+            }
+            for i in 0..body.len() {
+                for b in [
+                    0x00, 0x01, 0x02, 0x7f, 0x80, 0x81, 0x90, 0x92, 0x93, 0x9f, 0xa1, 0xc0, 0xc1,
+                    0xc2, 0xc3, 0xc4, 0xca, 0xcb, 0xcd, 0xcf, 0xd0, 0xdd, 0xdf, 0xff,
+                ] {
+                    let mut m = body.to_vec();
+                    m[i] = b;
+                    agree(&m);
+                }
+            }
+            // A byte too many at the end.
+            let mut m = body.to_vec();
+            m.push(0xc0);
+            agree(&m);
+        }
+    }
+
     #[test]
     fn lies_and_short_rows_are_refused() {
         let frame = ServerFrame::Push(view(20));
@@ -873,10 +803,7 @@ mod tests {
             assert!(decode_server_frame(lie).is_err());
         }
         // A short row is refused, as by serde.
-        let mut c = Cur {
-            b: &[0x92, 0xa1, b'a', 0x01],
-            pos: 0,
-        };
+        let mut c = Cur::new(&[0x92, 0xa1, b'a', 0x01]);
         assert!(row(&mut c, &mut "").is_none());
         // Invalid UTF-8 in an ip.
         let mut bad = body.to_vec();
@@ -901,7 +828,7 @@ mod tests {
         );
         let mut bytes = rmp_serde::to_vec(&value).unwrap();
         bytes.push(0x2a);
-        let mut c = Cur { b: &bytes, pos: 0 };
+        let mut c = Cur::new(&bytes);
         c.skip().unwrap();
         assert_eq!(c.uint(), Some(42));
         assert_eq!(c.left(), 0);
@@ -914,11 +841,11 @@ mod tests {
             &[0xc7, 2, 1, 0, 0],
             &[0xc8, 0, 1, 1, 0],
         ] {
-            let mut c = Cur { b: ext, pos: 0 };
+            let mut c = Cur::new(ext);
             c.skip().unwrap();
             assert_eq!(c.left(), 0, "{ext:?}");
         }
-        let mut c = Cur { b: &[0xc1], pos: 0 };
+        let mut c = Cur::new(&[0xc1]);
         assert!(c.skip().is_none());
     }
 }

@@ -284,6 +284,31 @@ impl<R: tokio::io::AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The next frame, decoded by `decode` (a decoder with a fast path for some
+    /// frames, such as [`crate::decode_client_frame`]). `Ok(None)` when the stream
+    /// ended cleanly between frames.
+    pub async fn next_with<T>(
+        &mut self,
+        decode: impl FnOnce(&[u8]) -> Result<T, FrameError>,
+    ) -> Result<Option<T>, FrameError> {
+        match self.next_body().await? {
+            Some(body) => decode(&self.buf[body]).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// As [`FrameReader::try_next`], decoded by `decode`.
+    pub fn try_next_with<T>(
+        &mut self,
+        decode: impl FnOnce(&[u8]) -> Result<T, FrameError>,
+    ) -> Option<Result<T, FrameError>> {
+        match self.split_body() {
+            Ok(Ok(body)) => Some(decode(&self.buf[body])),
+            Ok(Err(_)) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
     /// The next frame if the buffer already holds all of it, decoded by [`decode`];
     /// `None` when the next frame has not (wholly) arrived yet. Reads nothing from the
     /// stream: a reader takes what one read brought, frame by frame, and then waits.

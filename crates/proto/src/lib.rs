@@ -20,9 +20,10 @@ mod error;
 mod fast;
 mod frame;
 mod messages;
+pub mod mpack;
 
 pub use error::{ErrorBody, ErrorCode};
-pub use fast::decode_server_frame;
+pub use fast::{decode_client_frame, decode_server_frame};
 pub use frame::{
     append_frame, append_frame_compact, append_response_frame, decode, decode_len, encode_frame,
     encode_frame_compact, encode_result, FrameError, DEFAULT_MAX_FRAME_BYTES, LEN_PREFIX_BYTES,

@@ -146,6 +146,12 @@ impl From<ServiceKeyParts> for ServiceKey {
 }
 
 impl ServiceKey {
+    /// Whether two keys share their parts (one allocation, as the copies of one key
+    /// do), not only equal them.
+    pub fn ptr_eq(a: &ServiceKey, b: &ServiceKey) -> bool {
+        Arc::ptr_eq(&a.0, &b.0)
+    }
+
     /// A key in the given namespace and group.
     pub fn new(
         namespace: impl Into<String>,

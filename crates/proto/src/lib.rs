@@ -47,5 +47,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// whose own shape is the same may send its requests with structs as arrays
 /// ([`encode_frame_compact`]: no field names, so smaller and cheaper to decode). Bump it
 /// whenever a field is added to, removed from or moved in any of those types; a client
-/// and a node of different shapes then keep to maps, which both read.
+/// and a node of different shapes then keep to maps, which both read. The node's
+/// hand-written decoder of writes ([`decode_client_frame`]) reads this shape: change it
+/// with it (its tests compare it with serde).
 pub const REQUEST_SHAPE: u32 = 1;

@@ -49,15 +49,7 @@ fn peer_msg(body: &[u8], keys: &mut ServiceKeyCache) -> Option<PeerMsg> {
                 return None;
             }
             let id = c.uint()?;
-            let n = c.array_len()?;
-            // Each write takes more than a byte: a longer count is a lie.
-            if n > c.left() {
-                return None;
-            }
-            let mut writes = Vec::with_capacity(n);
-            for _ in 0..n {
-                writes.push(write(&mut c, keys)?);
-            }
+            let writes = c.seq(|c| write(c, keys))?;
             PeerMsg::ForwardMany {
                 id,
                 writes: WriteRuns::one(Arc::new(writes)),
@@ -69,20 +61,15 @@ fn peer_msg(body: &[u8], keys: &mut ServiceKeyCache) -> Option<PeerMsg> {
                 return None;
             }
             let id = c.uint()?;
-            let n = c.array_len()?;
-            if n > c.left() {
-                return None;
-            }
-            let mut outcomes = Vec::with_capacity(n);
-            for _ in 0..n {
-                // {"Applied": [revision]}; a refusal is left to serde.
+            // {"Applied": [revision]}; a refusal is left to serde.
+            let outcomes = c.seq(|c| {
                 if c.map_len()? != 1 || c.key()? != b"Applied" || c.array_len()? != 1 {
                     return None;
                 }
-                outcomes.push(ForwardOutcome::Applied {
+                Some(ForwardOutcome::Applied {
                     revision: c.uint()?,
-                });
-            }
+                })
+            })?;
             PeerMsg::ForwardManyReply { id, outcomes }
         }
         _ => return None,
@@ -95,22 +82,8 @@ fn batch(c: &mut Reader<'_>, keys: &mut ServiceKeyCache) -> Option<Batch> {
     if c.array_len()? != 2 {
         return None;
     }
-    let n = c.array_len()?;
-    if n > c.left() {
-        return None;
-    }
-    let mut ops = Vec::with_capacity(n);
-    for _ in 0..n {
-        ops.push(Arc::new(instance_op(c, keys)?));
-    }
-    let n = c.array_len()?;
-    if n > c.left() {
-        return None;
-    }
-    let mut sessions = Vec::with_capacity(n);
-    for _ in 0..n {
-        sessions.push(announce(c)?);
-    }
+    let ops = c.seq(|c| instance_op(c, keys).map(Arc::new))?;
+    let sessions = c.seq(announce)?;
     Some(Batch { ops, sessions })
 }
 

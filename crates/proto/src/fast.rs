@@ -1,6 +1,8 @@
 //! A hand-written decoder for the frames a client receives most: `View` answers and
 //! `Push` frames, whose instances are arrays (see [`crate::compact`]), and the
-//! `Applied` answers to writes.
+//! `Applied` answers to writes; and one for the frames a node receives most, a client's
+//! registrations and deregistrations in arrays ([`decode_client_frame`], which follows
+//! the same rule: exactly this version's shape, anything else to serde).
 //!
 //! It reads the MessagePack bytes directly: each string is checked as UTF-8 once and
 //! copied once into the `String` it becomes, and no field goes through serde's generic
@@ -173,17 +175,8 @@ fn service_key(c: &mut Cur<'_>) -> Option<ServiceKey> {
 }
 
 fn rows(c: &mut Cur<'_>) -> Option<Vec<Instance>> {
-    let n = c.array_len()?;
-    // Each row takes at least one byte: a length beyond the body is a lie.
-    if n > c.left() {
-        return None;
-    }
-    let mut out = Vec::with_capacity(n);
     let mut cluster = "";
-    for _ in 0..n {
-        out.push(row(c, &mut cluster)?);
-    }
-    Some(out)
+    c.seq(|c| row(c, &mut cluster))
 }
 
 /// One instance. `cluster` is the previous row's cluster: most rows repeat it, and

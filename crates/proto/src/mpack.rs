@@ -89,8 +89,9 @@ impl<'a> Reader<'a> {
         })
     }
 
-    /// A 128-bit integer as nodes write it: 16 bytes of bin, big-endian (a session id
-    /// in the previous rows), or an unsigned integer (the 0 of the current rows).
+    /// A 128-bit integer: 16 bytes of bin, big-endian (how serde's MessagePack writes
+    /// one, e.g. a session id), or an unsigned integer (the 0 that the compact rows of a
+    /// view write for a Ttl lease's session).
     pub fn u128(&mut self) -> Option<u128> {
         if self
             .b
@@ -158,6 +159,20 @@ impl<'a> Reader<'a> {
             0xdf => self.u32(),
             _ => None,
         }
+    }
+
+    /// An array, each value read by `read`. Each value takes at least a byte: a length
+    /// beyond the bytes left is a lie, refused before anything is allocated.
+    pub fn seq<T>(&mut self, mut read: impl FnMut(&mut Self) -> Option<T>) -> Option<Vec<T>> {
+        let n = self.array_len()?;
+        if n > self.left() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(read(self)?);
+        }
+        Some(out)
     }
 
     /// The length of an array (its values follow).

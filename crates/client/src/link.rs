@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shoal_proto::{
-    encode_frame, encode_frame_compact, read_frame, write_frame, ClientFrameRef, ErrorBody,
+    encode_frame, encode_request_compact, read_frame, write_frame, ClientFrameRef, ErrorBody,
     FrameReader, Hello, Request, RequestId, Response, ServerFrame, Welcome, REQUEST_SHAPE,
 };
 use shoal_storage::ServiceKey;
@@ -215,14 +215,13 @@ impl Link {
         id: RequestId,
         body: &Request,
     ) -> Result<oneshot::Receiver<Answer>> {
-        // Encoded by reference: the caller keeps the request to retry it.
-        let frame = ClientFrameRef::Request { id, body };
-        // A node of this SDK's request shape reads structs as arrays: sent so, without
-        // field names (docs/protocol.md, "Requests as arrays").
+        // Encoded by reference: the caller keeps the request to retry it. A node of
+        // this SDK's request shape reads structs as arrays: sent so, without field
+        // names (docs/protocol.md, "Requests as arrays"), writes encoded by hand.
         let bytes = if self.welcome.request_shape == REQUEST_SHAPE {
-            encode_frame_compact(&frame, self.max_frame_bytes)?
+            encode_request_compact(id, body, self.max_frame_bytes)?
         } else {
-            encode_frame(&frame, self.max_frame_bytes)?
+            encode_frame(&ClientFrameRef::Request { id, body }, self.max_frame_bytes)?
         };
         let kind = match body {
             Request::Subscribe { service } => CallKind::Subscribe(service.clone()),

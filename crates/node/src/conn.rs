@@ -662,7 +662,15 @@ async fn write_loop(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Outgoing
 /// Appends `frame`; a frame too large to send (a view over the limit) becomes an
 /// error answer to its request instead.
 fn append_or_refuse(buf: &mut Vec<u8>, frame: &ServerFrame, max: usize) {
-    if let Err(e) = shoal_proto::append_frame(buf, frame, max) {
+    let appended = match frame {
+        // The answer to every write, written by hand (the same bytes).
+        ServerFrame::Response {
+            id,
+            result: Ok(Response::Applied { revision }),
+        } => shoal_proto::append_applied_answer(buf, *id, *revision, max),
+        _ => shoal_proto::append_frame(buf, frame, max),
+    };
+    if let Err(e) = appended {
         let id = match frame {
             ServerFrame::Response { id, .. } => Some(*id),
             _ => None,

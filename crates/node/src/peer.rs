@@ -56,12 +56,12 @@ pub struct PeerHello {
     pub shape: u32,
 }
 
-/// How a link decodes the body of a peer message: serde's generic decoding, unless
-/// the type has a faster one that gives the same result ([`PeerMsg`]'s, in
+/// How a link encodes and decodes peer messages: serde's generic MessagePack, unless
+/// the type has a faster way that gives the same bytes and values ([`PeerMsg`]'s, in
 /// `peer_codec`).
 ///
 /// [`PeerMsg`]: shoal_replication::PeerMsg
-pub trait PeerDecode: DeserializeOwned {
+pub trait PeerCodec: Serialize + DeserializeOwned {
     /// Decodes one message body; `keys` are the service keys the link read before.
     fn decode_body(
         body: &[u8],
@@ -70,14 +70,24 @@ pub trait PeerDecode: DeserializeOwned {
         let _ = keys;
         shoal_proto::decode(body)
     }
+
+    /// Appends the message as one frame with structs as arrays (to a peer of the same
+    /// [`PEER_MESSAGE_SHAPE`]).
+    fn append_compact(&self, out: &mut Vec<u8>, max: usize) -> Result<(), shoal_proto::FrameError> {
+        shoal_proto::append_frame_compact(out, self, max)
+    }
 }
 
-impl PeerDecode for shoal_replication::PeerMsg {
+impl PeerCodec for shoal_replication::PeerMsg {
     fn decode_body(
         body: &[u8],
         keys: &mut ServiceKeyCache,
     ) -> Result<Self, shoal_proto::FrameError> {
         crate::peer_codec::decode_peer_msg(body, keys)
+    }
+
+    fn append_compact(&self, out: &mut Vec<u8>, max: usize) -> Result<(), shoal_proto::FrameError> {
+        crate::peer_codec::append_peer_msg(out, self, max)
     }
 }
 
@@ -133,7 +143,7 @@ pub struct Links<M> {
 
 impl<M> Links<M>
 where
-    M: Serialize + PeerDecode + Send + 'static,
+    M: PeerCodec + Send + 'static,
 {
     /// When a frame last arrived from each peer, whether or not the node has
     /// processed it yet (see `Replica::link_activity`).
@@ -327,9 +337,9 @@ where
 
         let max = self.max_frame;
         let append = if compact {
-            shoal_proto::append_frame_compact::<M>
+            M::append_compact
         } else {
-            shoal_proto::append_frame::<M>
+            |msg: &M, out: &mut Vec<u8>, max| shoal_proto::append_frame(out, msg, max)
         };
         let writer = tokio::spawn(async move {
             let mut buf = Vec::with_capacity(64 * 1024);
@@ -337,7 +347,7 @@ where
                 buf.clear();
                 let mut next = Some(msg);
                 while let Some(msg) = next.take() {
-                    if let Err(e) = append(&mut buf, &msg, max) {
+                    if let Err(e) = append(&msg, &mut buf, max) {
                         tracing::warn!("peer message not sent: {e}");
                     }
                     if buf.len() < 256 * 1024 {
@@ -410,7 +420,7 @@ mod tests {
         c: u32,
     }
 
-    impl PeerDecode for Newer {}
+    impl PeerCodec for Newer {}
 
     /// The same message as an older node has it.
     #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -419,12 +429,12 @@ mod tests {
         b: String,
     }
 
-    impl PeerDecode for Older {}
+    impl PeerCodec for Older {}
 
     /// Links of node `id` with its own endpoint on loopback, accepting peer links.
     fn node<M>(dir: &std::path::Path, id: &str, shape: u32) -> (Arc<Links<M>>, LinkRx<M>, String)
     where
-        M: Serialize + PeerDecode + Send + 'static,
+        M: PeerCodec + Send + 'static,
     {
         let files = crate::tls::issue_dev_cert(&dir.join("ca"), &dir.join(id), id, &[]).unwrap();
         let tls = crate::tls::server_config(&files, &[shoal_proto::PEER_ALPN]).unwrap();
@@ -480,7 +490,7 @@ mod tests {
     /// Sends `msg` once the link to `to` is up (10 s at most).
     async fn send_when_linked<M>(links: &Links<M>, to: &str, msg: M)
     where
-        M: Serialize + PeerDecode + Send + Clone + 'static,
+        M: PeerCodec + Send + Clone + 'static,
     {
         let to = NodeId(to.into());
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

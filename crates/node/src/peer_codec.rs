@@ -15,7 +15,9 @@
 use std::sync::Arc;
 
 use shoal_proto::mpack::{
-    instance_key, instance_spec, metadata, option, session_id, Reader, ServiceKeyCache,
+    instance_key, instance_spec, metadata, option, put_array_len, put_bool, put_f64,
+    put_instance_key, put_instance_spec, put_metadata, put_option, put_service_key, put_session_id,
+    put_str, put_ttl_lease, put_uint, put_variant, session_id, Reader, ServiceKeyCache,
 };
 use shoal_proto::FrameError;
 use shoal_replication::{
@@ -190,6 +192,171 @@ fn write(c: &mut Reader<'_>, keys: &mut ServiceKeyCache) -> Option<Write> {
             })
         }
         _ => None,
+    }
+}
+
+/// Appends a peer message as one frame with structs as arrays: the bytes of
+/// `shoal_proto::append_frame_compact(out, msg, max)`. The messages every write makes
+/// (batches of instance operations, forwarded registrations and deregistrations, their
+/// answers) are written by hand, in the shapes the readers above take; anything else
+/// by serde. An owner writes each batch once per peer, and serde's generic encoding
+/// took about as many instructions per operation as the decoding did.
+pub fn append_peer_msg(out: &mut Vec<u8>, msg: &PeerMsg, max: usize) -> Result<(), FrameError> {
+    if !by_hand(msg) {
+        return shoal_proto::append_frame_compact(out, msg, max);
+    }
+    shoal_proto::append_frame_with(out, max, |out| {
+        put_peer_msg(out, msg);
+        Ok(())
+    })
+}
+
+/// Whether [`put_peer_msg`] writes `msg`.
+fn by_hand(msg: &PeerMsg) -> bool {
+    match msg {
+        PeerMsg::Batch(b) => b.ops.iter().all(|op| matches!(**op, Op::Instance(_))),
+        PeerMsg::ForwardMany { writes, .. } => writes
+            .0
+            .iter()
+            .flat_map(|run| run.iter())
+            .all(|w| matches!(w, Write::Register { .. } | Write::Deregister { .. })),
+        PeerMsg::ForwardManyReply { outcomes, .. } => outcomes
+            .iter()
+            .all(|o| matches!(o, ForwardOutcome::Applied { .. })),
+        _ => false,
+    }
+}
+
+/// Writes a message [`by_hand`] takes.
+fn put_peer_msg(out: &mut Vec<u8>, msg: &PeerMsg) {
+    match msg {
+        PeerMsg::Batch(b) => {
+            put_variant(out, "Batch");
+            put_array_len(out, 2);
+            put_array_len(out, b.ops.len());
+            for op in &b.ops {
+                if let Op::Instance(op) = &**op {
+                    put_instance_op(out, op);
+                }
+            }
+            put_array_len(out, b.sessions.len());
+            for a in &b.sessions {
+                put_announce(out, a);
+            }
+        }
+        PeerMsg::ForwardMany {
+            id,
+            writes,
+            sent_ms,
+        } => {
+            put_variant(out, "ForwardMany");
+            put_array_len(out, 3);
+            put_uint(out, *id);
+            put_array_len(out, writes.len());
+            for w in writes.0.iter().flat_map(|run| run.iter()) {
+                put_write(out, w);
+            }
+            put_uint(out, *sent_ms);
+        }
+        PeerMsg::ForwardManyReply { id, outcomes } => {
+            put_variant(out, "ForwardManyReply");
+            put_array_len(out, 2);
+            put_uint(out, *id);
+            put_array_len(out, outcomes.len());
+            for o in outcomes {
+                if let ForwardOutcome::Applied { revision } = o {
+                    put_variant(out, "Applied");
+                    put_array_len(out, 1);
+                    put_uint(out, *revision);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `{"Instance": [service, key, stamp, state, lapsed, reaped]}`.
+fn put_instance_op(out: &mut Vec<u8>, op: &InstanceOp) {
+    put_variant(out, "Instance");
+    put_array_len(out, 6);
+    put_service_key(out, &op.service);
+    put_instance_key(out, &op.key);
+    put_stamp(out, op.stamp);
+    put_option(out, op.state.as_ref(), put_instance);
+    put_option(out, op.lapsed.as_ref(), |out, v| put_bool(out, *v));
+    put_bool(out, op.reaped);
+}
+
+/// `[time, origin]`.
+fn put_stamp(out: &mut Vec<u8>, stamp: Stamp) {
+    put_array_len(out, 2);
+    put_uint(out, stamp.time);
+    put_uint(out, stamp.origin);
+}
+
+/// `[ip, port, cluster, weight, healthy, enabled, metadata, lease, last_beat_ms,
+/// stamp]`.
+fn put_instance(out: &mut Vec<u8>, i: &Instance) {
+    put_array_len(out, 10);
+    put_str(out, &i.ip);
+    put_uint(out, u64::from(i.port));
+    put_str(out, &i.cluster);
+    put_f64(out, i.weight);
+    put_bool(out, i.healthy);
+    put_bool(out, i.enabled);
+    put_metadata(out, &i.metadata);
+    match &i.lease {
+        Lease::Session(id) => {
+            put_variant(out, "Session");
+            put_session_id(out, *id);
+        }
+        Lease::Ttl(ttl) => {
+            put_variant(out, "Ttl");
+            put_ttl_lease(out, ttl);
+        }
+    }
+    put_uint(out, i.last_beat_ms);
+    put_uint(out, i.stamp);
+}
+
+/// `[session, home, state, stamp]`, the state by name.
+fn put_announce(out: &mut Vec<u8>, a: &SessionAnnounce) {
+    put_array_len(out, 4);
+    put_session_id(out, a.session);
+    put_str(out, a.home.as_str());
+    put_str(
+        out,
+        match a.state {
+            SessionState::Live => "Live",
+            SessionState::Disconnected => "Disconnected",
+            SessionState::Closed => "Closed",
+        },
+    );
+    put_stamp(out, a.stamp);
+}
+
+/// `{"Register": [service, instance, session]}` or `{"Deregister": [service,
+/// instance]}` (the writes [`by_hand`] takes).
+fn put_write(out: &mut Vec<u8>, w: &Write) {
+    match w {
+        Write::Register {
+            service,
+            instance,
+            session,
+        } => {
+            put_variant(out, "Register");
+            put_array_len(out, 3);
+            put_service_key(out, service);
+            put_instance_spec(out, instance);
+            put_session_id(out, *session);
+        }
+        Write::Deregister { service, instance } => {
+            put_variant(out, "Deregister");
+            put_array_len(out, 2);
+            put_service_key(out, service);
+            put_instance_key(out, instance);
+        }
+        _ => {}
     }
 }
 
@@ -443,6 +610,57 @@ mod tests {
             assert_eq!(agree(&named, &mut keys), Some(msg.clone()));
             assert!(peer_msg(&named, &mut keys).is_none());
         }
+    }
+
+    #[test]
+    fn hand_written_messages_are_serde_s_bytes() {
+        let max = 1 << 20;
+        let mut msgs = messages();
+        // Forwards in several runs are one sequence on the wire.
+        let run = |svc: usize| {
+            Arc::new(vec![Write::Register {
+                service: service(svc),
+                instance: spec(&format!("10.2.0.{svc}"), None),
+                session: SessionId(1 << 100),
+            }])
+        };
+        msgs.push((
+            PeerMsg::ForwardMany {
+                id: u64::MAX,
+                writes: WriteRuns(vec![run(1), run(2), Arc::new(vec![]), run(3)]),
+                sent_ms: 0,
+            },
+            true,
+        ));
+        // Long batches (array lengths past 15) and long names.
+        let long = "n".repeat(300);
+        msgs.push((
+            PeerMsg::Batch(Batch {
+                ops: (0..40)
+                    .map(|i| {
+                        let mut inst = instance("10.0.0.9", Lease::Session(SessionId(i)));
+                        inst.cluster = long[..(i as usize * 7)].to_string();
+                        inst.port = [1, 127, 128, 255, 256, 65_535][i as usize % 6];
+                        op(i as usize, Some(inst), None, i % 2 == 0)
+                    })
+                    .collect(),
+                sessions: vec![],
+            }),
+            true,
+        ));
+        for (msg, fast) in msgs {
+            let mut want = vec![1, 2, 3];
+            shoal_proto::append_frame_compact(&mut want, &msg, max).unwrap();
+            let mut got = vec![1, 2, 3];
+            append_peer_msg(&mut got, &msg, max).unwrap();
+            assert_eq!(got, want, "{msg:?}");
+            assert_eq!(by_hand(&msg), fast, "{msg:?}");
+        }
+        // Over the limit: refused, nothing appended.
+        let (msg, _) = messages().swap_remove(0);
+        let mut got = vec![1];
+        assert!(append_peer_msg(&mut got, &msg, 10).is_err());
+        assert_eq!(got, [1]);
     }
 
     #[test]

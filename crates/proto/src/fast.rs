@@ -18,8 +18,8 @@
 
 use shoal_storage::{Instance, Lease, ServiceKey, ServiceView, SessionId, TtlLease};
 
-use crate::frame::{decode, FrameError};
-use crate::messages::{ClientFrame, Request, Response, ServerFrame};
+use crate::frame::{append_frame_with, decode, new_frame, FrameError};
+use crate::messages::{ClientFrame, ClientFrameRef, Request, RequestId, Response, ServerFrame};
 use crate::mpack::{self, instance_key, instance_spec, metadata, Reader as Cur};
 
 /// Fields of an instance in the array form (the ones this version knows).
@@ -81,6 +81,64 @@ fn client_frame(body: &[u8]) -> Option<ClientFrame> {
     };
     c.at_end()
         .then_some(ClientFrame::Request { id, body: request })
+}
+
+/// Encodes `ClientFrame::Request { id, body }` with structs as arrays: the bytes of
+/// [`crate::encode_frame_compact`] for the same frame. Registrations and
+/// deregistrations, the requests a client sends most, are written by hand; every other
+/// request by serde.
+pub fn encode_request_compact(
+    id: RequestId,
+    body: &Request,
+    max: usize,
+) -> Result<Vec<u8>, FrameError> {
+    let (name, service) = match body {
+        Request::Register { service, .. } => ("Register", service),
+        Request::Deregister { service, .. } => ("Deregister", service),
+        _ => return crate::encode_frame_compact(&ClientFrameRef::Request { id, body }, max),
+    };
+    new_frame(|out| {
+        append_frame_with(out, max, |out| {
+            // {"Request": [id, {name: [service, instance]}]}
+            mpack::put_variant(out, "Request");
+            mpack::put_array_len(out, 2);
+            mpack::put_uint(out, id);
+            mpack::put_variant(out, name);
+            mpack::put_array_len(out, 2);
+            mpack::put_service_key(out, service);
+            match body {
+                Request::Register { instance, .. } => mpack::put_instance_spec(out, instance),
+                Request::Deregister { instance, .. } => mpack::put_instance_key(out, instance),
+                _ => unreachable!("only the requests matched above"),
+            }
+            Ok(())
+        })
+    })
+}
+
+/// Appends the frame `ServerFrame::Response { id, result: Ok(Response::Applied {
+/// revision }) }`, the answer to every write, as [`crate::append_frame`] writes it
+/// (with field names): the same bytes, written by hand.
+pub fn append_applied_answer(
+    out: &mut Vec<u8>,
+    id: RequestId,
+    revision: u64,
+    max: usize,
+) -> Result<(), FrameError> {
+    append_frame_with(out, max, |out| {
+        // {"Response": {"id": id, "result": {"Ok": {"Applied": {"revision": n}}}}}
+        mpack::put_variant(out, "Response");
+        mpack::put_map_len(out, 2);
+        mpack::put_str(out, "id");
+        mpack::put_uint(out, id);
+        mpack::put_str(out, "result");
+        mpack::put_variant(out, "Ok");
+        mpack::put_variant(out, "Applied");
+        mpack::put_map_len(out, 1);
+        mpack::put_str(out, "revision");
+        mpack::put_uint(out, revision);
+        Ok(())
+    })
 }
 
 /// The fast path: `None` when the body is not of the shape it takes.
@@ -742,6 +800,119 @@ mod tests {
             assert_eq!(client_frame(&compact[4..]), None);
             assert_eq!(decode_client_frame(&compact[4..]).unwrap(), frame);
         }
+    }
+
+    /// Writes over the edges of every MessagePack form their fields can take: string
+    /// lengths around 32, 256 and 65 536, maps past 15 entries, numbers past each width.
+    fn varied_client_writes() -> Vec<(RequestId, Request)> {
+        let long = |n: usize| "x".repeat(n);
+        let mut out = Vec::new();
+        let mut id = 0u64;
+        let ids = [
+            0,
+            127,
+            128,
+            255,
+            256,
+            65_535,
+            65_536,
+            u32::MAX as u64,
+            u64::MAX,
+        ];
+        for name_len in [1, 31, 32, 255, 256, 65_535, 65_536] {
+            let service = ServiceKey::new(long(name_len), "g", "é".repeat(name_len / 2 + 1));
+            for port in [1u16, 127, 128, 255, 256, 65_535] {
+                let mut spec = shoal_storage::InstanceSpec::new("10.1.2.3", port);
+                spec.cluster = long(name_len.min(300));
+                spec.weight = [0.0, 1.0, 0.125, 1e300][usize::from(port) % 4];
+                spec.healthy = port % 2 == 0;
+                spec.enabled = port % 3 == 0;
+                let entries = [0usize, 1, 15, 16, 17][usize::from(port) % 5];
+                for k in 0..entries {
+                    spec.metadata.insert(format!("k{k}"), long(k * 20));
+                }
+                if port > 200 {
+                    spec.ttl = Some(TtlLease {
+                        unhealthy_after_ms: u64::from(port) << 20,
+                        remove_after_ms: u64::MAX,
+                    });
+                }
+                id += 1;
+                out.push((
+                    ids[id as usize % ids.len()],
+                    Request::Register {
+                        service: service.clone(),
+                        instance: spec.clone(),
+                    },
+                ));
+                out.push((
+                    ids[(id as usize + 3) % ids.len()],
+                    Request::Deregister {
+                        service: service.clone(),
+                        instance: spec.key(),
+                    },
+                ));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn hand_written_requests_are_serde_s_bytes() {
+        let max = 1 << 20;
+        for (id, body) in varied_client_writes() {
+            let frame = ClientFrameRef::Request { id, body: &body };
+            let want = crate::encode_frame_compact(&frame, max).unwrap();
+            assert_eq!(encode_request_compact(id, &body, max).unwrap(), want);
+            // And the node reads it back, on the fast path.
+            let back = client_frame(&want[4..]).expect("fast path");
+            assert_eq!(back, ClientFrame::Request { id, body });
+        }
+        // Too large for the limit: the same error as serde's path.
+        let (id, body) = varied_client_writes().pop().unwrap();
+        let frame = ClientFrameRef::Request { id, body: &body };
+        let len = crate::encode_frame_compact(&frame, max).unwrap().len() - 4;
+        let want = crate::encode_frame_compact(&frame, len - 1).unwrap_err();
+        let got = encode_request_compact(id, &body, len - 1).unwrap_err();
+        assert_eq!(got.to_string(), want.to_string());
+        // Other requests are serde's.
+        for body in [Request::Ping, Request::Members] {
+            let frame = ClientFrameRef::Request { id: 9, body: &body };
+            let want = crate::encode_frame_compact(&frame, max).unwrap();
+            assert_eq!(encode_request_compact(9, &body, max).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn hand_written_applied_answers_are_serde_s_bytes() {
+        let values = [
+            0,
+            1,
+            127,
+            128,
+            255,
+            256,
+            65_535,
+            65_536,
+            u32::MAX as u64,
+            u64::MAX,
+        ];
+        for id in values {
+            for revision in values {
+                let frame = ServerFrame::Response {
+                    id,
+                    result: Ok(Response::Applied { revision }),
+                };
+                let want = encode_frame(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
+                let mut got = vec![7];
+                append_applied_answer(&mut got, id, revision, DEFAULT_MAX_FRAME_BYTES).unwrap();
+                assert_eq!(&got[1..], &want[..]);
+                assert_eq!(decode_server_frame(&want[4..]).unwrap(), frame);
+            }
+        }
+        let mut out = vec![7];
+        assert!(append_applied_answer(&mut out, 1, 1, 10).is_err());
+        assert_eq!(out, [7]);
     }
 
     #[test]

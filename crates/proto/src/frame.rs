@@ -9,6 +9,7 @@ use thiserror::Error;
 
 use crate::error::ErrorBody;
 use crate::messages::{RequestId, Response};
+use crate::mpack;
 
 /// Default largest frame body, in bytes (1 MiB).
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 1 << 20;
@@ -59,8 +60,15 @@ pub fn encode_frame_compact<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>
 const FIRST_FRAME_BYTES: usize = 256;
 
 fn encode_with<T: Serialize>(msg: &T, max: usize, named: bool) -> Result<Vec<u8>, FrameError> {
+    new_frame(|out| append_with(out, msg, max, named))
+}
+
+/// A new frame buffer holding what `append` appends to it (a frame).
+pub(crate) fn new_frame(
+    append: impl FnOnce(&mut Vec<u8>) -> Result<(), FrameError>,
+) -> Result<Vec<u8>, FrameError> {
     let mut out = Vec::with_capacity(FIRST_FRAME_BYTES);
-    append_with(&mut out, msg, max, named)?;
+    append(&mut out)?;
     Ok(out)
 }
 
@@ -91,24 +99,14 @@ fn append_with<T: Serialize>(
     max: usize,
     named: bool,
 ) -> Result<(), FrameError> {
-    let start = out.len();
-    out.extend_from_slice(&[0u8; LEN_PREFIX_BYTES]);
-    let written = if named {
-        rmp_serde::encode::write_named(out, msg)
-    } else {
-        rmp_serde::encode::write(out, msg)
-    };
-    if let Err(e) = written {
-        out.truncate(start);
-        return Err(FrameError::Encode(e.to_string()));
-    }
-    let len = out.len() - start - LEN_PREFIX_BYTES;
-    if len > max {
-        out.truncate(start);
-        return Err(FrameError::TooLarge { len, max });
-    }
-    out[start..start + LEN_PREFIX_BYTES].copy_from_slice(&(len as u32).to_be_bytes());
-    Ok(())
+    append_frame_with(out, max, |out| {
+        if named {
+            rmp_serde::encode::write_named(out, msg)
+        } else {
+            rmp_serde::encode::write(out, msg)
+        }
+        .map_err(|e| FrameError::Encode(e.to_string()))
+    })
 }
 
 /// Encodes the `result` of a [`ServerFrame::Response`](crate::ServerFrame::Response)
@@ -130,17 +128,34 @@ pub fn append_response_frame(
     result: &[u8],
     max: usize,
 ) -> Result<(), FrameError> {
+    append_frame_with(out, max, |out| {
+        // {"Response": {"id": id, "result": result}}: a one-entry map naming the
+        // variant, then the variant's fields as a map (as rmp_serde's named encoding
+        // writes them).
+        mpack::put_variant(out, "Response");
+        mpack::put_map_len(out, 2);
+        mpack::put_str(out, "id");
+        mpack::put_uint(out, id);
+        mpack::put_str(out, "result");
+        out.extend_from_slice(result);
+        Ok(())
+    })
+}
+
+/// Appends one frame whose body `body` writes (serde's encoding, or a hand-written
+/// one), with its length in front. On error (the body's own, or a body over `max`)
+/// `out` is left as it was.
+pub fn append_frame_with(
+    out: &mut Vec<u8>,
+    max: usize,
+    body: impl FnOnce(&mut Vec<u8>) -> Result<(), FrameError>,
+) -> Result<(), FrameError> {
     let start = out.len();
     out.extend_from_slice(&[0u8; LEN_PREFIX_BYTES]);
-    // {"Response": {"id": id, "result": result}}: a one-entry map naming the variant,
-    // then the variant's fields as a map (as rmp_serde's named encoding writes them).
-    out.push(0x81);
-    push_fixstr(out, "Response");
-    out.push(0x82);
-    push_fixstr(out, "id");
-    push_uint(out, id);
-    push_fixstr(out, "result");
-    out.extend_from_slice(result);
+    if let Err(e) = body(out) {
+        out.truncate(start);
+        return Err(e);
+    }
     let len = out.len() - start - LEN_PREFIX_BYTES;
     if len > max {
         out.truncate(start);
@@ -148,31 +163,6 @@ pub fn append_response_frame(
     }
     out[start..start + LEN_PREFIX_BYTES].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(())
-}
-
-/// A MessagePack fixstr (shorter than 32 bytes).
-fn push_fixstr(out: &mut Vec<u8>, s: &str) {
-    debug_assert!(s.len() < 32);
-    out.push(0xa0 | s.len() as u8);
-    out.extend_from_slice(s.as_bytes());
-}
-
-/// A MessagePack unsigned integer in its shortest form.
-fn push_uint(out: &mut Vec<u8>, v: u64) {
-    if v < 0x80 {
-        out.push(v as u8);
-    } else if v <= u8::MAX as u64 {
-        out.extend_from_slice(&[0xcc, v as u8]);
-    } else if v <= u16::MAX as u64 {
-        out.push(0xcd);
-        out.extend_from_slice(&(v as u16).to_be_bytes());
-    } else if v <= u32::MAX as u64 {
-        out.push(0xce);
-        out.extend_from_slice(&(v as u32).to_be_bytes());
-    } else {
-        out.push(0xcf);
-        out.extend_from_slice(&v.to_be_bytes());
-    }
 }
 
 /// Reads the body length from a length prefix, refusing lengths above `max`.

@@ -23,10 +23,13 @@ mod messages;
 pub mod mpack;
 
 pub use error::{ErrorBody, ErrorCode};
-pub use fast::{decode_client_frame, decode_server_frame};
+pub use fast::{
+    append_applied_answer, decode_client_frame, decode_server_frame, encode_request_compact,
+};
 pub use frame::{
-    append_frame, append_frame_compact, append_response_frame, decode, decode_len, encode_frame,
-    encode_frame_compact, encode_result, FrameError, DEFAULT_MAX_FRAME_BYTES, LEN_PREFIX_BYTES,
+    append_frame, append_frame_compact, append_frame_with, append_response_frame, decode,
+    decode_len, encode_frame, encode_frame_compact, encode_result, FrameError,
+    DEFAULT_MAX_FRAME_BYTES, LEN_PREFIX_BYTES,
 };
 #[cfg(feature = "tokio")]
 pub use frame::{read_frame, write_frame, FrameReader};

@@ -382,3 +382,158 @@ pub fn instance_spec(c: &mut Reader<'_>) -> Option<InstanceSpec> {
         ttl: option(c, ttl_lease)?,
     })
 }
+
+// Writing: the mirror of the readers above, for the hand-written encoders of the same
+// messages. Each writer gives exactly the bytes rmp-serde's default (structs as arrays,
+// numbers in their shortest form) gives for the same value; the tests compare them.
+
+/// Nil (`None`).
+pub fn put_nil(out: &mut Vec<u8>) {
+    out.push(0xc0);
+}
+
+/// A boolean.
+pub fn put_bool(out: &mut Vec<u8>, v: bool) {
+    out.push(if v { 0xc3 } else { 0xc2 });
+}
+
+/// An unsigned integer in its shortest form.
+pub fn put_uint(out: &mut Vec<u8>, v: u64) {
+    if v < 0x80 {
+        out.push(v as u8);
+    } else if v <= u64::from(u8::MAX) {
+        out.extend_from_slice(&[0xcc, v as u8]);
+    } else if v <= u64::from(u16::MAX) {
+        out.push(0xcd);
+        out.extend_from_slice(&(v as u16).to_be_bytes());
+    } else if v <= u64::from(u32::MAX) {
+        out.push(0xce);
+        out.extend_from_slice(&(v as u32).to_be_bytes());
+    } else {
+        out.push(0xcf);
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+}
+
+/// A 64-bit float.
+pub fn put_f64(out: &mut Vec<u8>, v: f64) {
+    out.push(0xcb);
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+/// A 128-bit integer as serde's MessagePack writes one: 16 bytes of bin, big-endian.
+pub fn put_u128(out: &mut Vec<u8>, v: u128) {
+    out.extend_from_slice(&[0xc4, 16]);
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+/// A string.
+pub fn put_str(out: &mut Vec<u8>, s: &str) {
+    let n = s.len();
+    if n < 32 {
+        out.push(0xa0 | n as u8);
+    } else if n <= usize::from(u8::MAX) {
+        out.extend_from_slice(&[0xd9, n as u8]);
+    } else if n <= usize::from(u16::MAX) {
+        out.push(0xda);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        out.push(0xdb);
+        out.extend_from_slice(&len32(n).to_be_bytes());
+    }
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// The length of an array (its values follow).
+pub fn put_array_len(out: &mut Vec<u8>, n: usize) {
+    put_len(out, n, 0x90, 0xdc);
+}
+
+/// The length of a map (its pairs follow).
+pub fn put_map_len(out: &mut Vec<u8>, n: usize) {
+    put_len(out, n, 0x80, 0xde);
+}
+
+/// An enum variant with data, as serde writes one: a map of one entry, from the
+/// variant's name to what follows.
+pub fn put_variant(out: &mut Vec<u8>, name: &str) {
+    out.push(0x81);
+    put_str(out, name);
+}
+
+fn put_len(out: &mut Vec<u8>, n: usize, fix: u8, m16: u8) {
+    if n < 16 {
+        out.push(fix | n as u8);
+    } else if n <= usize::from(u16::MAX) {
+        out.push(m16);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        // The 32-bit form's marker follows the 16-bit one's.
+        out.push(m16 + 1);
+        out.extend_from_slice(&len32(n).to_be_bytes());
+    }
+}
+
+/// A length in the 32-bit form. Nothing Shoal writes comes near 4 GiB (frames are
+/// refused long before); a longer one would be a bug.
+fn len32(n: usize) -> u32 {
+    u32::try_from(n).expect("a MessagePack length fits in 32 bits")
+}
+
+/// A [`ServiceKey`]: `[namespace, group, service]`.
+pub fn put_service_key(out: &mut Vec<u8>, key: &ServiceKey) {
+    out.push(0x93);
+    put_str(out, &key.namespace);
+    put_str(out, &key.group);
+    put_str(out, &key.service);
+}
+
+/// A [`SessionId`].
+pub fn put_session_id(out: &mut Vec<u8>, id: SessionId) {
+    put_u128(out, id.0);
+}
+
+/// An [`InstanceKey`]: `[cluster, ip, port]`.
+pub fn put_instance_key(out: &mut Vec<u8>, key: &InstanceKey) {
+    out.push(0x93);
+    put_str(out, &key.cluster);
+    put_str(out, &key.ip);
+    put_uint(out, u64::from(key.port));
+}
+
+/// Metadata: a map of strings.
+pub fn put_metadata(out: &mut Vec<u8>, meta: &BTreeMap<String, String>) {
+    put_map_len(out, meta.len());
+    for (k, v) in meta {
+        put_str(out, k);
+        put_str(out, v);
+    }
+}
+
+/// A [`TtlLease`]: `[unhealthy_after_ms, remove_after_ms]`.
+pub fn put_ttl_lease(out: &mut Vec<u8>, ttl: &TtlLease) {
+    out.push(0x92);
+    put_uint(out, ttl.unhealthy_after_ms);
+    put_uint(out, ttl.remove_after_ms);
+}
+
+/// `None` as nil, `Some` as its value written by `put`.
+pub fn put_option<T>(out: &mut Vec<u8>, v: Option<&T>, put: impl FnOnce(&mut Vec<u8>, &T)) {
+    match v {
+        Some(v) => put(out, v),
+        None => put_nil(out),
+    }
+}
+
+/// An [`InstanceSpec`]: `[ip, port, cluster, weight, healthy, enabled, metadata, ttl]`.
+pub fn put_instance_spec(out: &mut Vec<u8>, spec: &InstanceSpec) {
+    out.push(0x98);
+    put_str(out, &spec.ip);
+    put_uint(out, u64::from(spec.port));
+    put_str(out, &spec.cluster);
+    put_f64(out, spec.weight);
+    put_bool(out, spec.healthy);
+    put_bool(out, spec.enabled);
+    put_metadata(out, &spec.metadata);
+    put_option(out, spec.ttl.as_ref(), put_ttl_lease);
+}

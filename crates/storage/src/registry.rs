@@ -13,8 +13,9 @@ use crate::replica::{
     instance_hash, meta_hash, InstanceOp, MetaOp, Op, ReplicationSettings, Stamp, Tomb, Tombs,
 };
 use crate::validate::{
-    canonical_ip, validate_instance, validate_instance_key, validate_name, validate_service_key,
-    validate_service_meta, NameKind,
+    canonical_ip, validate_address, validate_instance, validate_instance_key,
+    validate_instance_settings, validate_name, validate_service_key, validate_service_meta,
+    NameKind,
 };
 
 /// Bounds that validation enforces. Defaults are documented in docs/configuration.md.
@@ -436,8 +437,9 @@ impl Registry {
         now_ms: u64,
     ) -> Result<Change, StorageError> {
         self.check_service(service)?;
-        validate_instance(&spec, &self.limits)?;
-        let ip = match canonical_ip(&spec.ip)? {
+        let (addr, text) = validate_address(&spec.cluster, &spec.ip, spec.port, &self.limits)?;
+        validate_instance_settings(&spec, &self.limits)?;
+        let ip = match text {
             Cow::Borrowed(_) => spec.ip,
             Cow::Owned(text) => text,
         };
@@ -460,7 +462,7 @@ impl Registry {
             stamp,
         };
         self.record_instance(service, &inst.key(), version, Some(&inst), None, false);
-        self.put_live(service, inst, version, None, stamp);
+        self.put_live(service, inst, addr, version, None, stamp);
         Ok(Change {
             key: service.clone(),
             revision: stamp,
@@ -495,7 +497,7 @@ impl Registry {
         inst.healthy = lapsed.is_none() && spec.healthy;
         inst.stamp = stamp;
         self.record_instance(service, &key, version, Some(&inst), lapsed, false);
-        self.put_live(service, inst, version, lapsed, stamp);
+        self.put_live(service, inst, k.ip, version, lapsed, stamp);
         Ok(Change {
             key: service.clone(),
             revision: stamp,
@@ -595,7 +597,7 @@ impl Registry {
             inst.stamp = stamp;
             inst.last_beat_ms = inst.last_beat_ms.max(now_ms);
             self.record_instance(service, &key, version, Some(&inst), None, false);
-            self.put_live(service, inst, version, None, stamp);
+            self.put_live(service, inst, k.ip, version, None, stamp);
             return Ok(Some(Change {
                 key: service.clone(),
                 revision: stamp,
@@ -806,7 +808,7 @@ impl Registry {
                             false,
                         );
                         let revision = inst.stamp;
-                        self.put_live(&service, inst, version, Some(true), revision);
+                        self.put_live(&service, inst, k.ip, version, Some(true), revision);
                     } else {
                         let slot = self
                             .services
@@ -886,10 +888,12 @@ impl Registry {
     /// On the path of every write and every replicated operation: the service is looked
     /// up twice (whether it has an entry, then the entry) and the instance once (an
     /// entry, not a remove and an insert); the revision is set on the entry at hand.
+    /// `addr` is `inst.ip` parsed, which every caller has at hand already.
     pub(crate) fn put_live(
         &mut self,
         service: &ServiceKey,
         inst: Instance,
+        addr: IpAddr,
         version: Stamp,
         lapsed: Option<bool>,
         revision: u64,
@@ -914,7 +918,7 @@ impl Registry {
         // back, so that the name is never dropped in between.
         let k = Key {
             cluster: self.clusters.acquire(&cluster),
-            ip: ip.parse::<IpAddr>().expect("a canonical address"),
+            ip: addr,
             port,
         };
         self.drop_tomb(service, Some(k));

@@ -11,6 +11,7 @@
 //! Merging is idempotent and commutative: applying the same set of operations in any
 //! order, with any duplicates, gives the same [`Registry::dump_replicated`].
 
+use std::net::IpAddr;
 use std::ops::Bound;
 
 use foldhash::HashMap;
@@ -21,8 +22,8 @@ use crate::error::StorageError;
 use crate::model::*;
 use crate::registry::{Change, Registry};
 use crate::validate::{
-    canonical_ip, validate_instance_key, validate_instance_state, validate_name,
-    validate_service_key, validate_service_meta, NameKind,
+    validate_address, validate_instance_state, validate_name, validate_service_key,
+    validate_service_meta, NameKind,
 };
 
 /// The version of a record: a hybrid logical clock value and the origin that assigned
@@ -333,8 +334,13 @@ impl Registry {
 
     /// The version of an instance here: live, deleted, or [`Stamp::ZERO`] if unknown.
     pub fn instance_version(&self, service: &ServiceKey, key: &InstanceKey) -> Stamp {
-        // A key whose cluster name is not held is neither live nor deleted.
-        let Some(k) = self.find_key(key) else {
+        self.version_at(service, self.find_key(key))
+    }
+
+    /// The version of the instance at compact key `k`; `None` (a key whose cluster name
+    /// is not held) is neither live nor deleted.
+    fn version_at(&self, service: &ServiceKey, k: Option<Key>) -> Stamp {
+        let Some(k) = k else {
             return Stamp::ZERO;
         };
         if let Some(slot) = self.services.get(service).and_then(|e| e.instances.get(&k)) {
@@ -373,12 +379,13 @@ impl Registry {
 
     /// Checks a remote operation before anything is applied. Returns the canonical
     /// instance key for instance operations.
-    fn check_op(&self, op: &Op) -> Result<(), StorageError> {
+    fn check_op(&self, op: &Op) -> Result<Option<IpAddr>, StorageError> {
         validate_service_key(op.service(), &self.limits)?;
         match op {
             Op::Instance(op) => {
-                validate_instance_key(&op.key, &self.limits)?;
-                if canonical_ip(&op.key.ip)? != op.key.ip.as_str() {
+                let (addr, text) =
+                    validate_address(&op.key.cluster, &op.key.ip, op.key.port, &self.limits)?;
+                if text != op.key.ip.as_str() {
                     return Err(StorageError::InvalidIp(op.key.ip.clone()));
                 }
                 if let Some(inst) = &op.state {
@@ -395,9 +402,9 @@ impl Registry {
                     // Its address is the key's, checked above.
                     validate_instance_state(inst, &self.limits)?;
                 }
-                Ok(())
+                Ok(Some(addr))
             }
-            Op::Meta(op) => validate_service_meta(&op.meta, &self.limits),
+            Op::Meta(op) => validate_service_meta(&op.meta, &self.limits).map(|()| None),
         }
     }
 
@@ -409,7 +416,7 @@ impl Registry {
     /// node holds every namespace's data. On error (a malformed operation) nothing
     /// changes.
     pub fn apply_remote(&mut self, op: Op, now_ms: u64) -> Result<Option<Change>, StorageError> {
-        self.check_op(&op)?;
+        let addr = self.check_op(&op)?;
         self.note_now(now_ms);
         self.observe(op.stamp());
         let ns = &op.service().namespace;
@@ -417,14 +424,21 @@ impl Registry {
             validate_name(NameKind::Namespace, ns, &self.limits)?;
             self.namespaces.insert(ns.clone());
         }
-        Ok(match op {
-            Op::Instance(op) => self.apply_instance_op(op, now_ms),
-            Op::Meta(op) => self.apply_meta_op(op, now_ms),
+        Ok(match (op, addr) {
+            (Op::Instance(op), Some(addr)) => self.apply_instance_op(op, addr, now_ms),
+            (Op::Instance(_), None) => unreachable!("an instance operation's address is checked"),
+            (Op::Meta(op), _) => self.apply_meta_op(op, now_ms),
         })
     }
 
-    fn apply_instance_op(&mut self, op: InstanceOp, now_ms: u64) -> Option<Change> {
-        if op.stamp <= self.instance_version(&op.service, &op.key) {
+    /// `addr` is the operation's address, parsed.
+    fn apply_instance_op(&mut self, op: InstanceOp, addr: IpAddr, now_ms: u64) -> Option<Change> {
+        let k = self.clusters.find(&op.key.cluster).map(|cluster| Key {
+            cluster,
+            ip: addr,
+            port: op.key.port,
+        });
+        if op.stamp <= self.version_at(&op.service, k) {
             return None;
         }
         let service = op.service;
@@ -439,7 +453,7 @@ impl Registry {
                     Lease::Ttl(_) => op.lapsed,
                     Lease::Session(_) => None,
                 };
-                self.put_live(&service, inst, op.stamp, lapsed, revision);
+                self.put_live(&service, inst, addr, op.stamp, lapsed, revision);
                 Some(Change {
                     key: service,
                     revision,
@@ -1131,6 +1145,53 @@ mod tests {
             r.namespaces(),
             vec!["dev".to_string(), "public".to_string()]
         );
+        r.check_invariants();
+    }
+
+    /// Malformed operations of a service the replica holds change nothing either.
+    #[test]
+    fn malformed_operations_of_known_services_change_nothing() {
+        let s = svc("orders");
+        let mut w = writer(1);
+        w.register(&s, InstanceSpec::new("10.0.0.2", 80), SessionId(1), 0)
+            .unwrap();
+        let mut r = replica();
+        for op in w.take_ops() {
+            r.apply_remote(op, 0).unwrap();
+        }
+        let before = r.dump_replicated();
+        let good = w.instance(&s, &ikey("10.0.0.2")).unwrap();
+        let op = |key: InstanceKey, state: Option<Instance>| {
+            Op::Instance(InstanceOp {
+                service: s.clone(),
+                key,
+                stamp: Stamp { time: 9, origin: 1 },
+                state,
+                lapsed: None,
+                reaped: false,
+            })
+        };
+        let mut port0 = ikey("10.0.0.3");
+        port0.port = 0;
+        let mut nan = good.clone();
+        nan.weight = f64::NAN;
+        for bad in [
+            op(port0, None),
+            op(ikey("0:0::1"), None),
+            op(ikey("10.0.0.256"), None),
+            op(ikey("10.0.0.3"), Some(good.clone())),
+            op(ikey("10.0.0.2"), Some(nan)),
+        ] {
+            assert!(r.apply_remote(bad.clone(), 5).is_err(), "{bad:?}");
+        }
+        assert_eq!(r.dump_replicated(), before);
+        // A valid one still applies.
+        let mut moved = good.clone();
+        moved.weight = 3.0;
+        assert!(r
+            .apply_remote(op(ikey("10.0.0.2"), Some(moved)), 5)
+            .unwrap()
+            .is_some());
         r.check_invariants();
     }
 

@@ -39,6 +39,23 @@ impl NameKind {
 /// The characters a name may contain besides ASCII letters and digits.
 const NAME_PUNCTUATION: &[u8] = b"-_.:@";
 
+/// Whether each byte may be in a name: ASCII letters, digits and [`NAME_PUNCTUATION`]
+/// (every name of every write is checked, on every node: a look-up per byte).
+const NAME_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = (b as u8).is_ascii_alphanumeric();
+        b += 1;
+    }
+    let mut i = 0;
+    while i < NAME_PUNCTUATION.len() {
+        table[NAME_PUNCTUATION[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
+
 /// Longest excerpt of user input quoted in an error message, in bytes.
 const QUOTE_MAX: usize = 64;
 
@@ -81,9 +98,9 @@ pub fn validate_name(kind: NameKind, name: &str, limits: &Limits) -> Result<(), 
             ),
         });
     }
-    if let Some((at, c)) = name.char_indices().find(|&(_, c)| {
-        !(c.is_ascii_alphanumeric() || (c.is_ascii() && NAME_PUNCTUATION.contains(&(c as u8))))
-    }) {
+    if let Some(at) = name.bytes().position(|b| !NAME_BYTES[usize::from(b)]) {
+        // Every byte before is ASCII: `at` starts a character.
+        let c = name[at..].chars().next().unwrap_or_default();
         return Err(StorageError::InvalidName {
             what,
             reason: format!(
@@ -106,6 +123,14 @@ pub fn validate_service_key(key: &ServiceKey, limits: &Limits) -> Result<(), Sto
 /// Checks an instance spec: cluster name, ip, port, weight, metadata, Ttl timings.
 pub fn validate_instance(spec: &InstanceSpec, limits: &Limits) -> Result<(), StorageError> {
     validate_address(&spec.cluster, &spec.ip, spec.port, limits)?;
+    validate_instance_settings(spec, limits)
+}
+
+/// Checks what an instance spec holds besides its address (see [`validate_instance`]).
+pub(crate) fn validate_instance_settings(
+    spec: &InstanceSpec,
+    limits: &Limits,
+) -> Result<(), StorageError> {
     validate_settings(spec.weight, &spec.metadata, spec.ttl.as_ref(), limits)
 }
 
@@ -126,7 +151,7 @@ fn validate_settings(
 
 /// Checks an instance key: cluster name, ip and port.
 pub fn validate_instance_key(key: &InstanceKey, limits: &Limits) -> Result<(), StorageError> {
-    validate_address(&key.cluster, &key.ip, key.port, limits)
+    validate_address(&key.cluster, &key.ip, key.port, limits).map(|_| ())
 }
 
 /// Checks a service's settings: protection threshold in 0.0..=1.0 and bounded metadata.
@@ -158,32 +183,43 @@ pub(crate) fn validate_instance_state(
 /// IPv4 address that parses is: the parser takes only four decimal octets without
 /// leading zeros). Errors as [`validate_instance`] does on a bad ip.
 pub(crate) fn canonical_ip(ip: &str) -> Result<Cow<'_, str>, StorageError> {
+    canonical_addr(ip).map(|(_, text)| text)
+}
+
+/// The address `ip` names, parsed, and its canonical text (see [`canonical_ip`]): one
+/// parse for both.
+pub(crate) fn canonical_addr(ip: &str) -> Result<(IpAddr, Cow<'_, str>), StorageError> {
     match ip.parse::<IpAddr>() {
-        Ok(IpAddr::V4(_)) => Ok(Cow::Borrowed(ip)),
+        Ok(a @ IpAddr::V4(_)) => Ok((a, Cow::Borrowed(ip))),
         Ok(a) => {
             let text = a.to_string();
-            Ok(if text == ip {
-                Cow::Borrowed(ip)
-            } else {
-                Cow::Owned(text)
-            })
+            Ok((
+                a,
+                if text == ip {
+                    Cow::Borrowed(ip)
+                } else {
+                    Cow::Owned(text)
+                },
+            ))
         }
         Err(_) => Err(StorageError::InvalidIp(ip.to_string())),
     }
 }
 
-fn validate_address(
+/// Checks an instance's cluster name, ip and port; returns the address parsed and its
+/// canonical text.
+pub(crate) fn validate_address<'a>(
     cluster: &str,
-    ip: &str,
+    ip: &'a str,
     port: u16,
     limits: &Limits,
-) -> Result<(), StorageError> {
+) -> Result<(IpAddr, Cow<'a, str>), StorageError> {
     validate_name(NameKind::Cluster, cluster, limits)?;
-    canonical_ip(ip)?;
+    let addr = canonical_addr(ip)?;
     if port == 0 {
         return Err(StorageError::InvalidPort(0));
     }
-    Ok(())
+    Ok(addr)
 }
 
 fn validate_weight(weight: f64) -> Result<(), StorageError> {
@@ -547,5 +583,21 @@ mod tests {
             e.to_string(),
             "invalid service: \"a/b\" has character '/' at byte 1; only ASCII letters, digits and - _ . : @ are allowed"
         );
+        // A character of several bytes is named whole, at the byte it starts at.
+        let e = validate_name(NameKind::Group, "ab-é", &lim()).unwrap_err();
+        assert!(
+            e.to_string().contains("has character 'é' at byte 3;"),
+            "{e}"
+        );
+        // Every byte is judged: each allowed one alone passes, every other fails.
+        for b in 0..=255u8 {
+            let allowed = b.is_ascii_alphanumeric() || NAME_PUNCTUATION.contains(&b);
+            let name = String::from_utf8_lossy(&[b]).into_owned();
+            assert_eq!(
+                validate_name(NameKind::Cluster, &name, &lim()).is_ok(),
+                allowed,
+                "byte {b:#x}"
+            );
+        }
     }
 }

@@ -168,7 +168,11 @@ async fn request_loop(
     let end = loop {
         let next = match held.take() {
             Some(frame) => frame.map(Some),
-            None => frames.next_with(decode_client_frame).await,
+            None => {
+                frames
+                    .next_with(|b| decode_client_frame(b, &mut lock(&shared.client_keys)))
+                    .await
+            }
         };
         let frame = match next {
             Ok(Some(f)) => f,
@@ -204,7 +208,9 @@ async fn request_loop(
                 // batch: applied under one lock, one message per owner.
                 let mut run = vec![(id, first)];
                 while run.len() < shoal_proto::MAX_BATCH_ITEMS {
-                    match frames.try_next_with(decode_client_frame) {
+                    match frames
+                        .try_next_with(|b| decode_client_frame(b, &mut lock(&shared.client_keys)))
+                    {
                         Some(Ok(ClientFrame::Request { id, body })) => {
                             match write_of(body, session) {
                                 Ok(w) => run.push((id, w)),

@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use shoal_proto::mpack::ServiceKeyCache;
 use shoal_proto::ServerFrame;
 use shoal_replication::{Action, ForwardOutcome, PeerMsg, Replica};
 use shoal_storage::{Change, NodeId, ServiceKey, SessionId};
@@ -141,7 +142,14 @@ pub struct Shared {
     pub forward_wake: tokio::sync::Notify,
     /// Encoded query answers by service revision.
     pub query_cache: crate::query_cache::QueryCache,
+    /// The service keys clients' writes named, by their bytes, for all the node's
+    /// client connections (see `shoal_proto::decode_client_frame`).
+    pub client_keys: Mutex<ServiceKeyCache>,
 }
+
+/// How many service keys [`Shared::client_keys`] holds (about 100 bytes each): one set
+/// per node, not per connection, whatever the number of sessions.
+const CLIENT_SERVICE_KEYS: usize = 16_384;
 
 /// The outcome of attaching a connection to a session.
 pub struct Attached {
@@ -188,6 +196,7 @@ impl Shared {
             forward_wake: tokio::sync::Notify::new(),
             query_cache: crate::query_cache::QueryCache::new(config.query_cache_bytes),
             config,
+            client_keys: Mutex::new(ServiceKeyCache::new(CLIENT_SERVICE_KEYS)),
         });
         // The push thread holds the state weakly: it ends when the state is dropped
         // (which closes the queue), so a stopped node leaves nothing running.

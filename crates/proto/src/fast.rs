@@ -20,7 +20,7 @@ use shoal_storage::{Instance, Lease, ServiceKey, ServiceView, SessionId, TtlLeas
 
 use crate::frame::{append_frame_with, decode, new_frame, FrameError};
 use crate::messages::{ClientFrame, ClientFrameRef, Request, RequestId, Response, ServerFrame};
-use crate::mpack::{self, instance_key, instance_spec, metadata, Reader as Cur};
+use crate::mpack::{self, instance_key, instance_spec, metadata, Reader as Cur, ServiceKeyCache};
 
 /// Fields of an instance in the array form (the ones this version knows).
 const INSTANCE_FIELDS: usize = 10;
@@ -39,9 +39,13 @@ pub fn decode_server_frame(body: &[u8]) -> Result<ServerFrame, FrameError> {
 /// structs as arrays (what a client of this request shape sends, see
 /// [`crate::REQUEST_SHAPE`]) take the fast path; every other frame, and any body the
 /// fast path does not take, is decoded by serde ([`decode`]): the result is the same as
-/// `decode::<ClientFrame>(body)`.
-pub fn decode_client_frame(body: &[u8]) -> Result<ClientFrame, FrameError> {
-    match client_frame(body) {
+/// `decode::<ClientFrame>(body)`. `keys` are service keys read before (a node keeps
+/// one set for all its clients: they write to the same services again and again).
+pub fn decode_client_frame(
+    body: &[u8],
+    keys: &mut ServiceKeyCache,
+) -> Result<ClientFrame, FrameError> {
+    match client_frame(body, keys) {
         Some(frame) => Ok(frame),
         None => decode(body),
     }
@@ -49,7 +53,7 @@ pub fn decode_client_frame(body: &[u8]) -> Result<ClientFrame, FrameError> {
 
 /// The fast path of [`decode_client_frame`]: `{"Request": [id, {"Register": [service,
 /// instance]}]}` or the same with `"Deregister"`; `None` for anything else.
-fn client_frame(body: &[u8]) -> Option<ClientFrame> {
+fn client_frame(body: &[u8], keys: &mut ServiceKeyCache) -> Option<ClientFrame> {
     let mut c = Cur::new(body);
     if c.map_len()? != 1 || c.key()? != b"Request" || c.array_len()? != 2 {
         return None;
@@ -64,7 +68,7 @@ fn client_frame(body: &[u8]) -> Option<ClientFrame> {
                 return None;
             }
             Request::Register {
-                service: mpack::service_key(&mut c)?,
+                service: keys.read(&mut c)?,
                 instance: instance_spec(&mut c)?,
             }
         }
@@ -73,7 +77,7 @@ fn client_frame(body: &[u8]) -> Option<ClientFrame> {
                 return None;
             }
             Request::Deregister {
-                service: mpack::service_key(&mut c)?,
+                service: keys.read(&mut c)?,
                 instance: instance_key(&mut c)?,
             }
         }
@@ -329,6 +333,10 @@ mod tests {
         DEFAULT_MAX_FRAME_BYTES,
     };
     use std::collections::BTreeMap;
+
+    fn keys() -> ServiceKeyCache {
+        ServiceKeyCache::new(64)
+    }
 
     fn inst(ip: &str, lease: Lease, meta: &[(&str, &str)]) -> Instance {
         Instance {
@@ -786,19 +794,25 @@ mod tests {
         for frame in client_writes() {
             let compact = crate::encode_frame_compact(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
             let body = &compact[4..];
-            assert_eq!(client_frame(body), Some(frame.clone()));
+            assert_eq!(client_frame(body, &mut keys()), Some(frame.clone()));
             assert_eq!(decode::<ClientFrame>(body).unwrap(), frame);
             // With field names (a client of another shape): serde's.
             let named = encode_frame(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
-            assert_eq!(client_frame(&named[4..]), None);
-            assert_eq!(decode_client_frame(&named[4..]).unwrap(), frame);
+            assert_eq!(client_frame(&named[4..], &mut keys()), None);
+            assert_eq!(
+                decode_client_frame(&named[4..], &mut keys()).unwrap(),
+                frame
+            );
         }
         // Other requests, and the hello, are serde's.
         for body in [Request::Ping, Request::Members] {
             let frame = ClientFrame::Request { id: 3, body };
             let compact = crate::encode_frame_compact(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
-            assert_eq!(client_frame(&compact[4..]), None);
-            assert_eq!(decode_client_frame(&compact[4..]).unwrap(), frame);
+            assert_eq!(client_frame(&compact[4..], &mut keys()), None);
+            assert_eq!(
+                decode_client_frame(&compact[4..], &mut keys()).unwrap(),
+                frame
+            );
         }
     }
 
@@ -865,7 +879,7 @@ mod tests {
             let want = crate::encode_frame_compact(&frame, max).unwrap();
             assert_eq!(encode_request_compact(id, &body, max).unwrap(), want);
             // And the node reads it back, on the fast path.
-            let back = client_frame(&want[4..]).expect("fast path");
+            let back = client_frame(&want[4..], &mut keys()).expect("fast path");
             assert_eq!(back, ClientFrame::Request { id, body });
         }
         // Too large for the limit: the same error as serde's path.
@@ -920,11 +934,14 @@ mod tests {
         for frame in client_writes() {
             let compact = crate::encode_frame_compact(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap();
             let body = &compact[4..];
-            let agree = |m: &[u8]| match (decode_client_frame(m), decode::<ClientFrame>(m)) {
-                (Ok(a), Ok(b)) => assert_eq!(a, b, "{m:02x?}"),
-                (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
-                (a, b) => panic!("fast {a:?}, serde {b:?}, body {m:02x?}"),
-            };
+            // One cache for every damaged copy, as a node keeps one for all its clients.
+            let mut cache = keys();
+            let mut agree =
+                |m: &[u8]| match (decode_client_frame(m, &mut cache), decode::<ClientFrame>(m)) {
+                    (Ok(a), Ok(b)) => assert_eq!(a, b, "{m:02x?}"),
+                    (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+                    (a, b) => panic!("fast {a:?}, serde {b:?}, body {m:02x?}"),
+                };
             for end in 0..body.len() {
                 agree(&body[..end]);
             }

@@ -377,35 +377,41 @@ impl Registry {
         self.tomb_total
     }
 
-    /// Checks a remote operation before anything is applied. Returns the canonical
-    /// instance key for instance operations.
-    fn check_op(&self, op: &Op) -> Result<Option<IpAddr>, StorageError> {
-        validate_service_key(op.service(), &self.limits)?;
+    /// Checks a remote operation before anything is applied.
+    fn check_op(&self, op: &Op) -> Result<(), StorageError> {
         match op {
-            Op::Instance(op) => {
-                let (addr, text) =
-                    validate_address(&op.key.cluster, &op.key.ip, op.key.port, &self.limits)?;
-                if text != op.key.ip.as_str() {
-                    return Err(StorageError::InvalidIp(op.key.ip.clone()));
-                }
-                if let Some(inst) = &op.state {
-                    if inst.ip != op.key.ip
-                        || inst.port != op.key.port
-                        || inst.cluster != op.key.cluster
-                    {
-                        return Err(StorageError::InvalidSetting(format!(
-                            "operation for {} carries instance {}",
-                            op.key,
-                            inst.key()
-                        )));
-                    }
-                    // Its address is the key's, checked above.
-                    validate_instance_state(inst, &self.limits)?;
-                }
-                Ok(Some(addr))
-            }
-            Op::Meta(op) => validate_service_meta(&op.meta, &self.limits).map(|()| None),
+            Op::Instance(op) => self.check_instance_op(op).map(|_| ()),
+            Op::Meta(op) => self.check_meta_op(op),
         }
+    }
+
+    /// Checks a remote instance operation; returns its address, parsed (once: the
+    /// version look-up and the store take it from here).
+    fn check_instance_op(&self, op: &InstanceOp) -> Result<IpAddr, StorageError> {
+        validate_service_key(&op.service, &self.limits)?;
+        let (addr, text) =
+            validate_address(&op.key.cluster, &op.key.ip, op.key.port, &self.limits)?;
+        if text != op.key.ip.as_str() {
+            return Err(StorageError::InvalidIp(op.key.ip.clone()));
+        }
+        if let Some(inst) = &op.state {
+            if inst.ip != op.key.ip || inst.port != op.key.port || inst.cluster != op.key.cluster {
+                return Err(StorageError::InvalidSetting(format!(
+                    "operation for {} carries instance {}",
+                    op.key,
+                    inst.key()
+                )));
+            }
+            // Its address is the key's, checked above.
+            validate_instance_state(inst, &self.limits)?;
+        }
+        Ok(addr)
+    }
+
+    /// Checks a remote settings operation.
+    fn check_meta_op(&self, op: &MetaOp) -> Result<(), StorageError> {
+        validate_service_key(&op.service, &self.limits)?;
+        validate_service_meta(&op.meta, &self.limits)
     }
 
     /// Applies an operation from another node if it is newer than what this registry
@@ -416,19 +422,36 @@ impl Registry {
     /// node holds every namespace's data. On error (a malformed operation) nothing
     /// changes.
     pub fn apply_remote(&mut self, op: Op, now_ms: u64) -> Result<Option<Change>, StorageError> {
-        let addr = self.check_op(&op)?;
+        match op {
+            Op::Instance(op) => {
+                let addr = self.check_instance_op(&op)?;
+                self.admit(&op.service, op.stamp, now_ms)?;
+                Ok(self.apply_instance_op(op, addr, now_ms))
+            }
+            Op::Meta(op) => {
+                self.check_meta_op(&op)?;
+                self.admit(&op.service, op.stamp, now_ms)?;
+                Ok(self.apply_meta_op(op, now_ms))
+            }
+        }
+    }
+
+    /// What every checked remote operation does before it is applied: the clocks
+    /// observe it, and its namespace is created if this node lacks it.
+    fn admit(
+        &mut self,
+        service: &ServiceKey,
+        stamp: Stamp,
+        now_ms: u64,
+    ) -> Result<(), StorageError> {
         self.note_now(now_ms);
-        self.observe(op.stamp());
-        let ns = &op.service().namespace;
+        self.observe(stamp);
+        let ns = &service.namespace;
         if !self.namespaces.contains(ns) {
             validate_name(NameKind::Namespace, ns, &self.limits)?;
             self.namespaces.insert(ns.clone());
         }
-        Ok(match (op, addr) {
-            (Op::Instance(op), Some(addr)) => self.apply_instance_op(op, addr, now_ms),
-            (Op::Instance(_), None) => unreachable!("an instance operation's address is checked"),
-            (Op::Meta(op), _) => self.apply_meta_op(op, now_ms),
-        })
+        Ok(())
     }
 
     /// `addr` is the operation's address, parsed.

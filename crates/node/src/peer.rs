@@ -29,8 +29,8 @@ pub const PEER_PROTOCOL_VERSION: u32 = 1;
 /// (a quarter less node CPU per batched registration, docs/benchmarks.md); otherwise
 /// maps with field names, which a node of another version reads whatever fields it
 /// lacks or does not know. Raise it whenever a field of any peer message is added,
-/// removed or moved, and change the readers of `peer_codec` with it (they read the
-/// arrays of this shape; their tests compare them with serde).
+/// removed or moved, and change the readers and writers of `peer_codec` with it (they
+/// read and write the arrays of this shape; their tests compare them with serde).
 pub const PEER_MESSAGE_SHAPE: u32 = 1;
 
 /// Close code: a duplicate link between the same pair of nodes.

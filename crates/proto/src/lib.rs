@@ -51,6 +51,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// ([`encode_frame_compact`]: no field names, so smaller and cheaper to decode). Bump it
 /// whenever a field is added to, removed from or moved in any of those types; a client
 /// and a node of different shapes then keep to maps, which both read. The node's
-/// hand-written decoder of writes ([`decode_client_frame`]) reads this shape: change it
-/// with it (its tests compare it with serde).
+/// hand-written decoder of writes ([`decode_client_frame`]) reads this shape, and the
+/// SDK's hand-written encoder of writes ([`encode_request_compact`]) writes it: change
+/// them with it (their tests compare them with serde).
 pub const REQUEST_SHAPE: u32 = 1;

@@ -18,7 +18,7 @@
 
 use shoal_storage::{Instance, Lease, ServiceKey, ServiceView, SessionId, TtlLease};
 
-use crate::frame::{append_frame_with, decode, new_frame, FrameError};
+use crate::frame::{append_frame_with, decode, new_frame, put_response_head, FrameError};
 use crate::messages::{ClientFrame, ClientFrameRef, Request, RequestId, Response, ServerFrame};
 use crate::mpack::{self, instance_key, instance_spec, metadata, Reader as Cur, ServiceKeyCache};
 
@@ -131,11 +131,7 @@ pub fn append_applied_answer(
 ) -> Result<(), FrameError> {
     append_frame_with(out, max, |out| {
         // {"Response": {"id": id, "result": {"Ok": {"Applied": {"revision": n}}}}}
-        mpack::put_variant(out, "Response");
-        mpack::put_map_len(out, 2);
-        mpack::put_str(out, "id");
-        mpack::put_uint(out, id);
-        mpack::put_str(out, "result");
+        put_response_head(out, id);
         mpack::put_variant(out, "Ok");
         mpack::put_variant(out, "Applied");
         mpack::put_map_len(out, 1);
@@ -816,23 +812,26 @@ mod tests {
         }
     }
 
+    /// Unsigned integers at the edges of each MessagePack width.
+    const EDGE_UINTS: [u64; 10] = [
+        0,
+        1,
+        127,
+        128,
+        255,
+        256,
+        65_535,
+        65_536,
+        u32::MAX as u64,
+        u64::MAX,
+    ];
+
     /// Writes over the edges of every MessagePack form their fields can take: string
     /// lengths around 32, 256 and 65 536, maps past 15 entries, numbers past each width.
     fn varied_client_writes() -> Vec<(RequestId, Request)> {
         let long = |n: usize| "x".repeat(n);
         let mut out = Vec::new();
         let mut id = 0u64;
-        let ids = [
-            0,
-            127,
-            128,
-            255,
-            256,
-            65_535,
-            65_536,
-            u32::MAX as u64,
-            u64::MAX,
-        ];
         for name_len in [1, 31, 32, 255, 256, 65_535, 65_536] {
             let service = ServiceKey::new(long(name_len), "g", "é".repeat(name_len / 2 + 1));
             for port in [1u16, 127, 128, 255, 256, 65_535] {
@@ -853,14 +852,14 @@ mod tests {
                 }
                 id += 1;
                 out.push((
-                    ids[id as usize % ids.len()],
+                    EDGE_UINTS[id as usize % EDGE_UINTS.len()],
                     Request::Register {
                         service: service.clone(),
                         instance: spec.clone(),
                     },
                 ));
                 out.push((
-                    ids[(id as usize + 3) % ids.len()],
+                    EDGE_UINTS[(id as usize + 3) % EDGE_UINTS.len()],
                     Request::Deregister {
                         service: service.clone(),
                         instance: spec.key(),
@@ -899,20 +898,8 @@ mod tests {
 
     #[test]
     fn hand_written_applied_answers_are_serde_s_bytes() {
-        let values = [
-            0,
-            1,
-            127,
-            128,
-            255,
-            256,
-            65_535,
-            65_536,
-            u32::MAX as u64,
-            u64::MAX,
-        ];
-        for id in values {
-            for revision in values {
+        for id in EDGE_UINTS {
+            for revision in EDGE_UINTS {
                 let frame = ServerFrame::Response {
                     id,
                     result: Ok(Response::Applied { revision }),

@@ -129,17 +129,22 @@ pub fn append_response_frame(
     max: usize,
 ) -> Result<(), FrameError> {
     append_frame_with(out, max, |out| {
-        // {"Response": {"id": id, "result": result}}: a one-entry map naming the
-        // variant, then the variant's fields as a map (as rmp_serde's named encoding
-        // writes them).
-        mpack::put_variant(out, "Response");
-        mpack::put_map_len(out, 2);
-        mpack::put_str(out, "id");
-        mpack::put_uint(out, id);
-        mpack::put_str(out, "result");
+        put_response_head(out, id);
         out.extend_from_slice(result);
         Ok(())
     })
+}
+
+/// The start of `ServerFrame::Response { id, result }` with field names, up to the
+/// result, which follows: `{"Response": {"id": id, "result": `, a one-entry map naming
+/// the variant, then the variant's fields as a map (as rmp_serde's named encoding
+/// writes them).
+pub(crate) fn put_response_head(out: &mut Vec<u8>, id: RequestId) {
+    mpack::put_variant(out, "Response");
+    mpack::put_map_len(out, 2);
+    mpack::put_str(out, "id");
+    mpack::put_uint(out, id);
+    mpack::put_str(out, "result");
 }
 
 /// Appends one frame whose body `body` writes (serde's encoding, or a hand-written

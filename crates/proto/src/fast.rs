@@ -324,6 +324,7 @@ fn lease(c: &mut Cur<'_>) -> Option<Lease> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mpack::EDGE_UINTS;
     use crate::{
         append_response_frame, encode_frame, encode_result, ErrorBody, ErrorCode,
         DEFAULT_MAX_FRAME_BYTES,
@@ -811,20 +812,6 @@ mod tests {
             );
         }
     }
-
-    /// Unsigned integers at the edges of each MessagePack width.
-    const EDGE_UINTS: [u64; 10] = [
-        0,
-        1,
-        127,
-        128,
-        255,
-        256,
-        65_535,
-        65_536,
-        u32::MAX as u64,
-        u64::MAX,
-    ];
 
     /// Writes over the edges of every MessagePack form their fields can take: string
     /// lengths around 32, 256 and 65 536, maps past 15 entries, numbers past each width.

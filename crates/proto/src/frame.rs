@@ -458,19 +458,7 @@ mod tests {
         ];
         for result in results {
             let body = encode_result(&result).unwrap();
-            for id in [
-                0,
-                1,
-                127,
-                128,
-                255,
-                256,
-                65_535,
-                65_536,
-                u32::MAX as u64,
-                u32::MAX as u64 + 1,
-                u64::MAX,
-            ] {
+            for id in crate::mpack::EDGE_UINTS {
                 let frame = ServerFrame::Response {
                     id,
                     result: result.clone(),

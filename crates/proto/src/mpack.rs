@@ -383,6 +383,23 @@ pub fn instance_spec(c: &mut Reader<'_>) -> Option<InstanceSpec> {
     })
 }
 
+/// Unsigned integers at the edges of each MessagePack width, for the tests of the
+/// hand-written readers and writers.
+#[cfg(test)]
+pub(crate) const EDGE_UINTS: [u64; 11] = [
+    0,
+    1,
+    127,
+    128,
+    255,
+    256,
+    65_535,
+    65_536,
+    u32::MAX as u64,
+    u32::MAX as u64 + 1,
+    u64::MAX,
+];
+
 // Writing: the mirror of the readers above, for the hand-written encoders of the same
 // messages. Each writer gives exactly the bytes rmp-serde's default (structs as arrays,
 // numbers in their shortest form) gives for the same value; the tests compare them.

@@ -1,8 +1,10 @@
-//! A reader of MessagePack bytes for the hand-written decoders of the hottest
-//! messages (a client's answers and pushes here, a node's requests and peer batches in
-//! the node): every read returns `None` on a marker it does not take, a short body or a
-//! length that cannot be true, so that its caller gives up and decodes the bytes with
-//! the generic serde decoding instead. Nothing panics.
+//! A reader and writers of MessagePack bytes for the hand-written decoders and encoders
+//! of the hottest messages (a client's answers, pushes and writes here, a node's
+//! requests and peer messages in the node). Every read returns `None` on a marker it
+//! does not take, a short body or a length that cannot be true, so that its caller gives
+//! up and decodes the bytes with the generic serde decoding instead; no read panics.
+//! Every writer writes the bytes serde's encoding writes for the same value; the only
+//! panic is on a string, array or map longer than 4 GiB, which no frame can carry.
 
 /// How deep [`Reader::skip`] follows nested arrays and maps before giving up (the
 /// generic decoding's limit, 1024 levels, is far above).
@@ -499,7 +501,7 @@ fn len32(n: usize) -> u32 {
 
 /// A [`ServiceKey`]: `[namespace, group, service]`.
 pub fn put_service_key(out: &mut Vec<u8>, key: &ServiceKey) {
-    out.push(0x93);
+    put_array_len(out, 3);
     put_str(out, &key.namespace);
     put_str(out, &key.group);
     put_str(out, &key.service);
@@ -512,7 +514,7 @@ pub fn put_session_id(out: &mut Vec<u8>, id: SessionId) {
 
 /// An [`InstanceKey`]: `[cluster, ip, port]`.
 pub fn put_instance_key(out: &mut Vec<u8>, key: &InstanceKey) {
-    out.push(0x93);
+    put_array_len(out, 3);
     put_str(out, &key.cluster);
     put_str(out, &key.ip);
     put_uint(out, u64::from(key.port));
@@ -529,7 +531,7 @@ pub fn put_metadata(out: &mut Vec<u8>, meta: &BTreeMap<String, String>) {
 
 /// A [`TtlLease`]: `[unhealthy_after_ms, remove_after_ms]`.
 pub fn put_ttl_lease(out: &mut Vec<u8>, ttl: &TtlLease) {
-    out.push(0x92);
+    put_array_len(out, 2);
     put_uint(out, ttl.unhealthy_after_ms);
     put_uint(out, ttl.remove_after_ms);
 }
@@ -544,7 +546,7 @@ pub fn put_option<T>(out: &mut Vec<u8>, v: Option<&T>, put: impl FnOnce(&mut Vec
 
 /// An [`InstanceSpec`]: `[ip, port, cluster, weight, healthy, enabled, metadata, ttl]`.
 pub fn put_instance_spec(out: &mut Vec<u8>, spec: &InstanceSpec) {
-    out.push(0x98);
+    put_array_len(out, 8);
     put_str(out, &spec.ip);
     put_uint(out, u64::from(spec.port));
     put_str(out, &spec.cluster);

@@ -417,6 +417,6 @@ pub fn ring(shared: &Shared, service: Option<&ServiceKey>) -> Result<RingView, E
         vnodes: ring.vnodes_per_weight(),
         shares,
         owner: service.and_then(|k| replica.owner(k)),
-        position: service.map(|k| shoal_ring::position(&k.placement_bytes())),
+        position: service.map(|k| k.position()),
     })
 }

@@ -386,7 +386,7 @@ impl Replica {
 
     /// The owner of a service on this node's ring (`None` while the ring is empty).
     pub fn owner(&self, service: &ServiceKey) -> Option<NodeId> {
-        let id = service.with_placement_bytes(|b| self.ring.owner(b))?;
+        let id = self.ring.owner_at(service.position())?;
         Some(self.member_id(id))
     }
 
@@ -1571,11 +1571,15 @@ impl Replica {
         if op.stamp <= self.registry.instance_version(&op.service, &op.key) {
             return None;
         }
-        let inst = self.registry.instance(&op.service, &op.key)?;
-        let session = inst.session()?;
+        // The session first: most reaped instances belong to sessions that ended, and
+        // building the instance allocates.
+        let session = self.registry.instance_session(&op.service, &op.key)?;
         let e = self.sessions.get(&session)?;
-        (e.home == self.me && e.state == SessionState::Live)
-            .then(|| (op.service.clone(), session, inst.clone()))
+        if e.home != self.me || e.state != SessionState::Live {
+            return None;
+        }
+        let inst = self.registry.instance(&op.service, &op.key)?;
+        Some((op.service.clone(), session, inst))
     }
 
     fn reassert(
@@ -1952,7 +1956,7 @@ impl Replica {
 }
 
 fn owns(ring: &Ring, me: &NodeId, service: &ServiceKey) -> bool {
-    service.with_placement_bytes(|b| ring.owner(b)) == Some(me.as_str())
+    ring.owner_at(service.position()) == Some(me.as_str())
 }
 
 fn valid_id(id: &NodeId) -> bool {
@@ -1973,5 +1977,33 @@ fn spec_of(inst: &Instance) -> InstanceSpec {
             Lease::Ttl(t) => Some(t.clone()),
             Lease::Session(_) => None,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shoal_storage::ServiceKey;
+
+    /// The engine places a service by the position its key computed when it was made
+    /// (`ServiceKey::position`, storage's hash): it must be the ring's own position of
+    /// the key's placement bytes, or nodes would disagree on owners with older nodes.
+    #[test]
+    fn a_service_keys_position_is_its_ring_position() {
+        let long = "x".repeat(300);
+        for (ns, g, s) in [
+            ("public", "DEFAULT_GROUP", "orders"),
+            ("", "", ""),
+            ("dev", "g", "svc-1"),
+            ("dev", "g", "svc-2"),
+            ("ns", "g", long.as_str()),
+            ("ns", "g", "é"),
+        ] {
+            let k = ServiceKey::new(ns, g, s);
+            assert_eq!(
+                k.position(),
+                shoal_ring::position(&k.placement_bytes()),
+                "{k}"
+            );
+        }
     }
 }

@@ -98,9 +98,64 @@ impl fmt::Display for NodeId {
 /// each copy is a reference count, not three strings. It reads as its parts
 /// (`key.service`), compares, hashes and orders as they do, and is on the wire exactly
 /// what [`ServiceKeyParts`] is.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(transparent)]
-pub struct ServiceKey(Arc<ServiceKeyParts>);
+///
+/// Its ring position and its hash are computed once, when the key is made: a write's
+/// key is looked up in several maps and placed on the ring on every node it passes, and
+/// each of those hashed the three strings again.
+#[derive(Clone)]
+pub struct ServiceKey(Arc<KeyInner>);
+
+struct KeyInner {
+    parts: ServiceKeyParts,
+    /// [`stable_hash`](crate::stable_hash) of the placement bytes: the ring position.
+    position: u64,
+    /// What the key hashes as in maps: the parts hashed with this process's seed (not
+    /// the position, which anyone can compute: many names of one position would
+    /// share a bucket).
+    hash: u64,
+}
+
+/// The seed of [`ServiceKey`]'s hash: random, once per process.
+fn key_hasher() -> &'static foldhash::fast::FixedState {
+    static STATE: std::sync::OnceLock<foldhash::fast::FixedState> = std::sync::OnceLock::new();
+    STATE.get_or_init(|| {
+        use std::hash::BuildHasher;
+        foldhash::fast::FixedState::with_seed(foldhash::fast::RandomState::default().hash_one(0u64))
+    })
+}
+
+impl PartialEq for ServiceKey {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+            || (self.0.hash == other.0.hash && self.0.parts == other.0.parts)
+    }
+}
+
+impl Eq for ServiceKey {}
+
+impl std::hash::Hash for ServiceKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.0.hash);
+    }
+}
+
+impl PartialOrd for ServiceKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ServiceKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.parts.cmp(&other.0.parts)
+    }
+}
+
+impl Serialize for ServiceKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.parts.serialize(s)
+    }
+}
 
 // By hand: serde's `Arc<T>` decodes into a `Box<T>` first and copies it into the `Arc`,
 // two allocations where one will do.
@@ -125,7 +180,7 @@ impl std::ops::Deref for ServiceKey {
     type Target = ServiceKeyParts;
 
     fn deref(&self) -> &ServiceKeyParts {
-        &self.0
+        &self.0.parts
     }
 }
 
@@ -141,7 +196,14 @@ impl fmt::Debug for ServiceKey {
 
 impl From<ServiceKeyParts> for ServiceKey {
     fn from(parts: ServiceKeyParts) -> Self {
-        ServiceKey(Arc::new(parts))
+        use std::hash::BuildHasher;
+        let position = parts.with_placement_bytes(crate::stable_hash);
+        let hash = key_hasher().hash_one(&parts);
+        ServiceKey(Arc::new(KeyInner {
+            parts,
+            position,
+            hash,
+        }))
     }
 }
 
@@ -166,11 +228,19 @@ impl ServiceKey {
         .into()
     }
 
+    /// The key's ring position: `shoal_ring::position` of its
+    /// [`placement_bytes`](ServiceKeyParts::placement_bytes), computed once.
+    pub fn position(&self) -> u64 {
+        self.0.position
+    }
+
     /// A key in the default namespace and group.
     pub fn named(service: impl Into<String>) -> Self {
         Self::new(DEFAULT_NAMESPACE, DEFAULT_GROUP, service)
     }
+}
 
+impl ServiceKeyParts {
     /// The bytes that placement hashes: the three parts, each length-prefixed (u32 LE),
     /// so that `("a","bc")` and `("ab","c")` never collide. Stable across versions.
     pub fn placement_bytes(&self) -> Vec<u8> {
@@ -437,6 +507,38 @@ mod tests {
             format!("{a:?}"),
             r#"ServiceKey { namespace: "public", group: "g", service: "a" }"#
         );
+    }
+
+    /// Keys made apart from the same parts are equal, hash alike, and carry the
+    /// position of their placement bytes; keys of different parts are told apart
+    /// (the cached hash is only a shortcut before the parts are compared).
+    #[test]
+    fn a_key_made_twice_is_equal_hashes_alike_and_is_placed_alike() {
+        use std::hash::BuildHasher;
+        let h = std::collections::hash_map::RandomState::new();
+        let parts = [
+            ("public", "g", "a"),
+            ("public", "g", "b"),
+            ("p", "ublicg", "a"),
+            ("", "", ""),
+        ];
+        for (ns, g, s) in parts {
+            let (x, y) = (ServiceKey::new(ns, g, s), ServiceKey::new(ns, g, s));
+            assert!(!ServiceKey::ptr_eq(&x, &y));
+            assert_eq!(x, y);
+            assert_eq!(h.hash_one(&x), h.hash_one(&y));
+            assert_eq!(x.position(), crate::stable_hash(&x.placement_bytes()));
+            for (ns2, g2, s2) in parts {
+                let z = ServiceKey::new(ns2, g2, s2);
+                assert_eq!(x == z, (ns, g, s) == (ns2, g2, s2));
+                assert_eq!(x.cmp(&z), (ns, g, s).cmp(&(ns2, g2, s2)));
+            }
+        }
+        let set: std::collections::HashSet<ServiceKey> = parts
+            .iter()
+            .map(|(n, g, s)| ServiceKey::new(*n, *g, *s))
+            .collect();
+        assert_eq!(set.len(), parts.len());
     }
 
     #[test]

@@ -331,7 +331,7 @@ impl Registry {
     pub(crate) fn find_key(&self, key: &InstanceKey) -> Option<Key> {
         Some(Key {
             cluster: self.clusters.find(&key.cluster)?,
-            ip: key.ip.parse().ok()?,
+            ip: crate::compact::parse_ip(&key.ip)?,
             port: key.port,
         })
     }
@@ -979,7 +979,7 @@ impl Registry {
         // last live use goes here is kept.
         let k = Key {
             cluster: self.clusters.acquire(&key.cluster),
-            ip: key.ip.parse::<IpAddr>().expect("a canonical address"),
+            ip: crate::compact::parse_ip(&key.ip).expect("a canonical address"),
             port: key.port,
         };
         self.kill_at(service, k, key, version, now_ms, reaped)

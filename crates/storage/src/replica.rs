@@ -372,6 +372,16 @@ impl Registry {
             .map(|(_, k, slot)| self.materialize(&k, slot))
     }
 
+    /// The session of a live instance held with a session lease, without building the
+    /// instance.
+    pub fn instance_session(&self, service: &ServiceKey, key: &InstanceKey) -> Option<SessionId> {
+        let (_, _, slot) = self.find_slot(service, key)?;
+        match slot.ttl() {
+            Some(_) => None,
+            None => Some(self.index.sessions.session(slot.session)),
+        }
+    }
+
     /// Number of tombstones held (instances and settings).
     pub fn tombstone_count(&self) -> usize {
         self.tomb_total

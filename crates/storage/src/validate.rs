@@ -189,9 +189,9 @@ pub(crate) fn canonical_ip(ip: &str) -> Result<Cow<'_, str>, StorageError> {
 /// The address `ip` names, parsed, and its canonical text (see [`canonical_ip`]): one
 /// parse for both.
 pub(crate) fn canonical_addr(ip: &str) -> Result<(IpAddr, Cow<'_, str>), StorageError> {
-    match ip.parse::<IpAddr>() {
-        Ok(a @ IpAddr::V4(_)) => Ok((a, Cow::Borrowed(ip))),
-        Ok(a) => {
+    match crate::compact::parse_ip(ip) {
+        Some(a @ IpAddr::V4(_)) => Ok((a, Cow::Borrowed(ip))),
+        Some(a) => {
             let text = a.to_string();
             Ok((
                 a,
@@ -202,7 +202,7 @@ pub(crate) fn canonical_addr(ip: &str) -> Result<(IpAddr, Cow<'_, str>), Storage
                 },
             ))
         }
-        Err(_) => Err(StorageError::InvalidIp(ip.to_string())),
+        None => Err(StorageError::InvalidIp(ip.to_string())),
     }
 }
 

@@ -1461,23 +1461,29 @@ impl Replica {
     fn queue(&mut self, ops: Vec<Op>, anns: Vec<SessionAnnounce>, now_ms: u64) -> Vec<Action> {
         // One copy of each operation, shared by every peer's queue.
         let ops: Vec<Arc<Op>> = ops.into_iter().map(Arc::new).collect();
-        let peers: Vec<NodeId> = self
-            .members
-            .iter()
-            .filter(|(_, m)| m.state != MemberState::Down)
-            .map(|(id, _)| id.clone())
-            .collect();
-        let mut actions = Vec::new();
-        for id in peers {
-            let q = self.queues.entry(id.clone()).or_default();
+        // On the path of every local write: no list of the peers is made, and a peer's
+        // id is copied only for a queue it did not have.
+        let mut full = Vec::new();
+        for (id, m) in &self.members {
+            if m.state == MemberState::Down {
+                continue;
+            }
+            if !self.queues.contains_key(id) {
+                self.queues.insert(id.clone(), Outq::default());
+            }
+            let q = self.queues.get_mut(id).expect("just ensured");
             if q.len() == 0 {
                 q.since_ms = now_ms;
             }
             q.ops.extend(ops.iter().cloned());
             q.sessions.extend(anns.iter().cloned());
             if q.len() >= self.config.batch_max_ops {
-                actions.extend(self.flush(&id));
+                full.push(id.clone());
             }
+        }
+        let mut actions = Vec::new();
+        for id in full {
+            actions.extend(self.flush(&id));
         }
         actions
     }

@@ -113,6 +113,9 @@ struct KeyInner {
     /// the position, which anyone can compute: many names of one position would
     /// share a bucket).
     hash: u64,
+    /// When every part is a valid name as far as its characters go: the longest
+    /// part's length (which the limits judge).
+    longest_valid_part: Option<usize>,
 }
 
 /// The seed of [`ServiceKey`]'s hash: random, once per process.
@@ -199,10 +202,13 @@ impl From<ServiceKeyParts> for ServiceKey {
         use std::hash::BuildHasher;
         let position = parts.with_placement_bytes(crate::stable_hash);
         let hash = key_hasher().hash_one(&parts);
+        let longest_valid_part =
+            crate::validate::names_are_valid([&parts.namespace, &parts.group, &parts.service]);
         ServiceKey(Arc::new(KeyInner {
             parts,
             position,
             hash,
+            longest_valid_part,
         }))
     }
 }
@@ -232,6 +238,12 @@ impl ServiceKey {
     /// [`placement_bytes`](ServiceKeyParts::placement_bytes), computed once.
     pub fn position(&self) -> u64 {
         self.0.position
+    }
+
+    /// When every part is a valid name but for its length: the longest part's
+    /// length. Judged once, when the key was made.
+    pub(crate) fn longest_valid_part(&self) -> Option<usize> {
+        self.0.longest_valid_part
     }
 
     /// A key in the default namespace and group.

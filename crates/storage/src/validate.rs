@@ -41,6 +41,15 @@ const NAME_PUNCTUATION: &[u8] = b"-_.:@";
 
 /// Whether each byte may be in a name: ASCII letters, digits and [`NAME_PUNCTUATION`]
 /// (every name of every write is checked, on every node: a look-up per byte).
+/// Whether every part is non-empty and of allowed characters only (lengths aside):
+/// the longest part's length if so.
+pub(crate) fn names_are_valid(parts: [&str; 3]) -> Option<usize> {
+    let ok = parts
+        .iter()
+        .all(|p| !p.is_empty() && p.bytes().all(|b| NAME_BYTES[usize::from(b)]));
+    ok.then(|| parts.iter().map(|p| p.len()).max().unwrap_or(0))
+}
+
 const NAME_BYTES: [bool; 256] = {
     let mut table = [false; 256];
     let mut b = 0;
@@ -114,6 +123,14 @@ pub fn validate_name(kind: NameKind, name: &str, limits: &Limits) -> Result<(), 
 
 /// Checks the three parts of a service key.
 pub fn validate_service_key(key: &ServiceKey, limits: &Limits) -> Result<(), StorageError> {
+    // The key judged its own characters when it was made: a key seen before (every
+    // write of a service, on every node) is checked by its length alone.
+    if key
+        .longest_valid_part()
+        .is_some_and(|n| n <= limits.max_name_len)
+    {
+        return Ok(());
+    }
     validate_name(NameKind::Namespace, &key.namespace, limits)?;
     validate_name(NameKind::Group, &key.group, limits)?;
     validate_name(NameKind::Service, &key.service, limits)?;
@@ -376,6 +393,36 @@ mod tests {
         assert_eq!(what(ServiceKey::new("", "g", "s")), "namespace");
         assert_eq!(what(ServiceKey::new("n", "g/", "s")), "group");
         assert_eq!(what(ServiceKey::new("n", "g", "")), "service");
+    }
+
+    /// A key judges its characters once, when it is made; the limits still judge its
+    /// length on every check, and a refused key gets the full check's error.
+    #[test]
+    fn a_service_key_is_judged_as_each_of_its_names_is() {
+        for limits in [lim(), small()] {
+            for (ns, g, s) in [
+                ("public", "DEFAULT_GROUP", "orders"),
+                ("ns", "g", "12345678"),
+                ("ns", "g", "123456789"),
+                ("123456789", "g", "s"),
+                ("ns", "g", &"x".repeat(lim().max_name_len)),
+                ("ns", "g", &"x".repeat(lim().max_name_len + 1)),
+                ("ns", "g/", "s"),
+                ("ns", "g", "é"),
+                ("", "g", "s"),
+                ("a b", "g", "s"),
+            ] {
+                let alone = validate_name(NameKind::Namespace, ns, &limits)
+                    .and_then(|()| validate_name(NameKind::Group, g, &limits))
+                    .and_then(|()| validate_name(NameKind::Service, s, &limits));
+                let key = ServiceKey::new(ns, g, s);
+                assert_eq!(
+                    validate_service_key(&key, &limits).map_err(|e| e.to_string()),
+                    alone.map_err(|e| e.to_string()),
+                    "{key}"
+                );
+            }
+        }
     }
 
     #[test]

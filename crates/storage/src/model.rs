@@ -96,8 +96,8 @@ impl fmt::Display for NodeId {
 /// Its parts are shared: a write's key is copied into the replication queue, the
 /// forwarded message, the change pushed to subscribers and the registry's indexes, and
 /// each copy is a reference count, not three strings. It reads as its parts
-/// (`key.service`), compares, hashes and orders as they do, and is on the wire exactly
-/// what [`ServiceKeyParts`] is.
+/// (`key.service`), compares and orders as they do, and is on the wire exactly what
+/// [`ServiceKeyParts`] is.
 ///
 /// Its ring position and its hash are computed once, when the key is made: a write's
 /// key is looked up in several maps and placed on the ring on every node it passes, and

@@ -41,15 +41,6 @@ const NAME_PUNCTUATION: &[u8] = b"-_.:@";
 
 /// Whether each byte may be in a name: ASCII letters, digits and [`NAME_PUNCTUATION`]
 /// (every name of every write is checked, on every node: a look-up per byte).
-/// Whether every part is non-empty and of allowed characters only (lengths aside):
-/// the longest part's length if so.
-pub(crate) fn names_are_valid(parts: [&str; 3]) -> Option<usize> {
-    let ok = parts
-        .iter()
-        .all(|p| !p.is_empty() && p.bytes().all(|b| NAME_BYTES[usize::from(b)]));
-    ok.then(|| parts.iter().map(|p| p.len()).max().unwrap_or(0))
-}
-
 const NAME_BYTES: [bool; 256] = {
     let mut table = [false; 256];
     let mut b = 0;
@@ -78,6 +69,16 @@ pub(crate) fn quote(s: &str) -> String {
         end -= 1;
     }
     format!("{:?}...", &s[..end])
+}
+
+/// Whether the three names of a service key are non-empty and of allowed characters
+/// only, their lengths aside: the longest one's length if so. A `ServiceKey` asks this
+/// once, when it is made (see [`validate_service_key`]).
+pub(crate) fn names_are_valid(parts: [&str; 3]) -> Option<usize> {
+    let ok = parts
+        .iter()
+        .all(|p| !p.is_empty() && p.bytes().all(|b| NAME_BYTES[usize::from(b)]));
+    ok.then(|| parts.iter().map(|p| p.len()).max().unwrap_or(0))
 }
 
 /// Checks a name: non-empty, at most `limits.max_name_len` bytes, and only the

@@ -15,6 +15,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use shoal_client::{ClientError, ErrorCode};
 
+/// mimalloc, not the system allocator: a node frees most of what it allocates on
+/// another thread than the one that allocated it (a write decoded on one, applied and
+/// dropped on the other), where glibc's per-thread caches miss and its arenas lock.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Shoal: a service registry cluster.
 #[derive(Parser, Debug)]
 #[command(name = "shoal", version, about, propagate_version = true)]

@@ -92,3 +92,36 @@ async fn the_cli_reports_bad_input_with_the_servers_reason() {
         "nothing registered"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_serves_on_the_worker_threads_it_is_given_and_refuses_too_many() {
+    // One worker thread, as `shoal dev` and the benchmark give each of three nodes on
+    // a two-CPU machine: every path (client session, HTTP, timers) still runs.
+    let node = Node::start(NodeOptions::default().arg("--worker-threads").arg("1")).await;
+    let mut held = CliProcess::spawn(&node, &["register", "one-worker", "10.0.0.1:80"]);
+    wait_for("the instance listed", PATIENCE, || async {
+        listed(&node, "one-worker", "10.0.0.1", 80).await
+    })
+    .await;
+    held.terminate().await;
+    wait_for("the instance gone", PATIENCE, || async {
+        !listed(&node, "one-worker", "10.0.0.1", 80).await
+    })
+    .await;
+
+    let mut too_many = shoal_command();
+    too_many.args([
+        "server",
+        "--worker-threads",
+        "5000",
+        "--listen-addr",
+        "127.0.0.1:0",
+    ]);
+    let out = run_to_end(too_many, "shoal server --worker-threads 5000").await;
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("worker_threads (5000) must be at most 1024"),
+        "{out:?}"
+    );
+}

@@ -178,6 +178,18 @@ pub struct Cluster {
     pub ca_file: PathBuf,
     /// Every node started, in order; killed ones stay, without a process.
     pub nodes: Vec<ClusterNode>,
+    /// Worker threads of each node: the machine's CPUs divided among the nodes first
+    /// started (a restarted node gets as many).
+    worker_threads: usize,
+}
+
+/// Worker threads for each of `nodes` nodes on this machine: its CPUs divided among
+/// them, at least one each (as `shoal dev` gives its nodes). Three nodes of two
+/// threads each on two CPUs spent about a fifth of their time waking each other's
+/// threads (docs/benchmarks.md, twenty-fourth series).
+pub fn shared_worker_threads(nodes: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cpus / nodes.max(1)).max(1)
 }
 
 /// `n` distinct free UDP ports on 127.0.0.1: all sockets are bound before any is
@@ -219,6 +231,7 @@ impl Cluster {
             ca_dir,
             ca_file: PathBuf::new(),
             nodes: Vec::new(),
+            worker_threads: shared_worker_threads(n),
         };
         let started = Instant::now();
         let seeds_of = |i: usize| -> Vec<String> {
@@ -270,6 +283,7 @@ impl Cluster {
             listen_addr: listen.to_string(),
             seeds,
             log_path: self.dir.join(format!("{id}{suffix}.log")),
+            worker_threads: self.worker_threads,
         }
     }
 

@@ -364,6 +364,9 @@ pub struct CompareResult {
     pub machine: Machine,
     pub command: String,
     pub nodes: usize,
+    /// The worker threads each Shoal node was given (`SHOAL_WORKER_THREADS`); rnacos
+    /// runs with its defaults.
+    pub shoal_worker_threads: String,
     pub runs: Vec<TargetRun>,
 }
 
@@ -396,6 +399,8 @@ pub async fn run(args: CompareArgs) -> Result<()> {
         machine,
         command: std::env::args().collect::<Vec<_>>().join(" "),
         nodes: args.nodes,
+        shoal_worker_threads: std::env::var("SHOAL_WORKER_THREADS")
+            .unwrap_or_else(|_| crate::cluster::shared_worker_threads(args.nodes).to_string()),
         runs: Vec::new(),
     };
     for &kind in &args.targets {

@@ -120,8 +120,9 @@ pub fn table(r: &CompareResult) -> String {
     let m = &r.machine;
     let _ = writeln!(
         out,
-        "compare on {} CPUs ({}), started {}, {} nodes per cluster",
-        m.cpus, m.cpu_model, m.started_utc, r.nodes
+        "compare on {} CPUs ({}), started {}, {} nodes per cluster \
+         (Shoal nodes with {} worker threads each, rnacos with its defaults)",
+        m.cpus, m.cpu_model, m.started_utc, r.nodes, r.shoal_worker_threads
     );
     for (i, row) in rows.iter().enumerate() {
         let mut line = String::new();

@@ -46,6 +46,9 @@ pub struct NodeSpec {
     pub seeds: Vec<String>,
     /// Where its stderr goes.
     pub log_path: PathBuf,
+    /// `SHOAL_WORKER_THREADS`, unless this process's environment sets it (then the
+    /// node inherits that).
+    pub worker_threads: usize,
 }
 
 /// What the node prints on stdout once it serves:
@@ -135,6 +138,9 @@ impl SpawnedNode {
         }
         for seed in &spec.seeds {
             command.args(["--seed", seed]);
+        }
+        if std::env::var_os("SHOAL_WORKER_THREADS").is_none() {
+            command.env("SHOAL_WORKER_THREADS", spec.worker_threads.to_string());
         }
         Self::spawn(command, &spec.log_path)
             .await

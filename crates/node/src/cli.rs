@@ -65,6 +65,9 @@ pub struct ServerArgs {
     /// Namespaces besides `public` (comma-separated or repeated).
     #[arg(long, env = "SHOAL_NAMESPACES", value_delimiter = ',')]
     pub namespace: Vec<String>,
+    /// Threads that run the node's tasks (0: one per CPU).
+    #[arg(long, env = "SHOAL_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
 }
 
 impl ServerArgs {
@@ -112,7 +115,8 @@ impl ServerArgs {
             keep_alive_interval_ms,
             heartbeat_interval_ms,
             max_frame_bytes,
-            forward_timeout_ms
+            forward_timeout_ms,
+            worker_threads
         );
         if !self.seed.is_empty() {
             c.seeds = self.seed.clone();
@@ -138,8 +142,22 @@ fn init_tracing() {
 pub fn run_server(args: ServerArgs) -> Result<()> {
     init_tracing();
     let config = args.to_config()?;
-    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.worker_threads > 0 {
+        builder.worker_threads(config.worker_threads);
+    }
+    let rt = builder
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
     rt.block_on(crate::server::run(config))
+}
+
+/// Worker threads for each of `nodes` nodes that share this machine: its CPUs divided
+/// among them, at least one each.
+pub fn shared_worker_threads(nodes: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cpus / nodes.max(1)).max(1)
 }
 
 /// Arguments of `shoal dev`.
@@ -182,6 +200,8 @@ pub fn run_dev(args: DevArgs) -> Result<()> {
     let all: Vec<String> = (0..args.nodes)
         .map(|i| format!("127.0.0.1:{}", args.base_port as usize + 10 * i))
         .collect();
+    // The nodes share this machine: each gets its share of the CPUs.
+    let workers = shared_worker_threads(args.nodes);
     for i in 0..args.nodes {
         let port = args.base_port as usize + 10 * i;
         anyhow::ensure!(port < u16::MAX as usize, "--base-port too high");
@@ -198,6 +218,7 @@ pub fn run_dev(args: DevArgs) -> Result<()> {
             .arg("--dev-ca-dir")
             .arg(&dir)
             .args(["--listen-addr", &quic, "--http-addr", &http])
+            .args(["--worker-threads", &workers.to_string()])
             .args(
                 all.iter()
                     .filter(|a| **a != quic)

@@ -49,6 +49,11 @@ pub struct Config {
     /// The kernel caps it at `net.core.rmem_max` / `wmem_max`; the node logs a warning
     /// when it got less.
     pub udp_buffer_bytes: usize,
+    /// Threads that run the node's tasks (0: one per CPU the process may use). Nodes
+    /// that share a machine do better with its CPUs divided among them: three nodes
+    /// of two threads each on two CPUs spent a fifth of their time waking each
+    /// other's threads (docs/benchmarks.md, twenty-fourth series).
+    pub worker_threads: usize,
     /// Frames queued towards one client before the node gives up on it as too slow
     /// and closes its connection (the client then resumes and re-subscribes).
     pub outbound_queue_frames: usize,
@@ -153,6 +158,9 @@ impl From<&LimitsConfig> for shoal_storage::Limits {
     }
 }
 
+/// The most worker threads a node may be given.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -168,6 +176,7 @@ impl Default for Config {
             heartbeat_interval_ms: 5_000,
             max_frame_bytes: shoal_proto::DEFAULT_MAX_FRAME_BYTES,
             udp_buffer_bytes: 4 << 20,
+            worker_threads: 0,
             outbound_queue_frames: 4_096,
             query_cache_bytes: 64 << 20,
             shutdown_timeout_ms: 3_000,
@@ -192,6 +201,11 @@ impl Config {
 
     /// Checks values that would make the node misbehave.
     pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(
+            self.worker_threads <= MAX_WORKER_THREADS,
+            "worker_threads ({}) must be at most {MAX_WORKER_THREADS} (0: one per CPU)",
+            self.worker_threads
+        );
         anyhow::ensure!(
             self.keep_alive_interval_ms > 0 && self.keep_alive_interval_ms < self.idle_timeout_ms,
             "keep_alive_interval_ms ({}) must be above 0 and below idle_timeout_ms ({})",

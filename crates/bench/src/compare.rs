@@ -364,9 +364,10 @@ pub struct CompareResult {
     pub machine: Machine,
     pub command: String,
     pub nodes: usize,
-    /// The worker threads each Shoal node was given (`SHOAL_WORKER_THREADS`); rnacos
-    /// runs with its defaults.
+    /// The worker threads each Shoal node was given (`SHOAL_WORKER_THREADS`).
     pub shoal_worker_threads: String,
+    /// The HTTP workers each rnacos node was given (`RNACOS_HTTP_WORKERS`).
+    pub rnacos_http_workers: String,
     pub runs: Vec<TargetRun>,
 }
 
@@ -400,6 +401,8 @@ pub async fn run(args: CompareArgs) -> Result<()> {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         nodes: args.nodes,
         shoal_worker_threads: std::env::var("SHOAL_WORKER_THREADS")
+            .unwrap_or_else(|_| crate::cluster::shared_worker_threads(args.nodes).to_string()),
+        rnacos_http_workers: std::env::var("RNACOS_HTTP_WORKERS")
             .unwrap_or_else(|_| crate::cluster::shared_worker_threads(args.nodes).to_string()),
         runs: Vec::new(),
     };

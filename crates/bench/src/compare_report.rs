@@ -121,8 +121,8 @@ pub fn table(r: &CompareResult) -> String {
     let _ = writeln!(
         out,
         "compare on {} CPUs ({}), started {}, {} nodes per cluster \
-         (Shoal nodes with {} worker threads each, rnacos with its defaults)",
-        m.cpus, m.cpu_model, m.started_utc, r.nodes, r.shoal_worker_threads
+         (each Shoal node {} worker threads, each rnacos node {} HTTP workers)",
+        m.cpus, m.cpu_model, m.started_utc, r.nodes, r.shoal_worker_threads, r.rnacos_http_workers
     );
     for (i, row) in rows.iter().enumerate() {
         let mut line = String::new();

@@ -159,6 +159,16 @@ impl RnacosCluster {
                 .stdout(Stdio::from(log.try_clone()?))
                 .stderr(Stdio::from(log))
                 .kill_on_drop(true);
+            // Its HTTP workers: the machine's CPUs divided among the nodes, as Shoal's
+            // nodes get worker threads (measured faster for rnacos too, docs/
+            // benchmarks.md, twenty-fourth series), unless this process's environment
+            // says (then the node inherits that).
+            if std::env::var_os("RNACOS_HTTP_WORKERS").is_none() {
+                command.env(
+                    "RNACOS_HTTP_WORKERS",
+                    crate::cluster::shared_worker_threads(n).to_string(),
+                );
+            }
             if i > 0 {
                 command.env("RNACOS_RAFT_JOIN_ADDR", &first_grpc);
             }

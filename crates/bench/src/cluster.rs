@@ -185,8 +185,9 @@ pub struct Cluster {
 
 /// Worker threads for each of `nodes` nodes on this machine: its CPUs divided among
 /// them, at least one each (as `shoal dev` gives its nodes). Three nodes of two
-/// threads each on two CPUs spent about a fifth of their time waking each other's
-/// threads (docs/benchmarks.md, twenty-fourth series).
+/// threads each on two CPUs used 30 % more CPU per registration than of one thread
+/// each, much of it waking and switching threads (docs/benchmarks.md, twenty-fourth
+/// series).
 pub fn shared_worker_threads(nodes: usize) -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     (cpus / nodes.max(1)).max(1)

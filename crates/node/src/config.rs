@@ -51,8 +51,9 @@ pub struct Config {
     pub udp_buffer_bytes: usize,
     /// Threads that run the node's tasks (0: one per CPU the process may use). Nodes
     /// that share a machine do better with its CPUs divided among them: three nodes
-    /// of two threads each on two CPUs spent a fifth of their time waking each
-    /// other's threads (docs/benchmarks.md, twenty-fourth series).
+    /// of two threads each on two CPUs used 30 % more CPU per registration than of
+    /// one thread each, much of it waking and switching threads (docs/benchmarks.md,
+    /// twenty-fourth series).
     pub worker_threads: usize,
     /// Frames queued towards one client before the node gives up on it as too slow
     /// and closes its connection (the client then resumes and re-subscribes).

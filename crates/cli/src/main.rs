@@ -15,9 +15,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use shoal_client::{ClientError, ErrorCode};
 
-/// mimalloc, not the system allocator: a node frees most of what it allocates on
-/// another thread than the one that allocated it (a write decoded on one, applied and
-/// dropped on the other), where glibc's per-thread caches miss and its arenas lock.
+/// mimalloc, not the system allocator: measured faster for a node both with two
+/// worker threads, where much of what one thread allocates another frees (glibc's
+/// per-thread caches miss there), and with one (docs/benchmarks.md, twenty-fourth
+/// series).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

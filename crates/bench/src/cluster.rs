@@ -92,6 +92,8 @@ pub struct RunConfig {
     pub visibility_in_flight: usize,
     pub remap_keys: usize,
     pub quiet_share: f64,
+    /// The threads of the load generator (`SHOAL_BENCH_THREADS`).
+    pub load_generator_threads: usize,
     /// The command line of the run.
     pub command: String,
 }
@@ -496,7 +498,7 @@ pub fn all_seconds(per_node: &[NodeSeconds]) -> Option<f64> {
         .map(|v| v.into_iter().fold(0.0, f64::max))
 }
 
-pub async fn run(args: ClusterArgs) -> Result<()> {
+pub async fn run(args: ClusterArgs, load_generator_threads: usize) -> Result<()> {
     if args.nodes < 2 {
         bail!("--nodes must be at least 2");
     }
@@ -529,6 +531,7 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
         visibility_in_flight: args.visibility_in_flight,
         remap_keys: args.remap_keys,
         quiet_share: args.quiet_share,
+        load_generator_threads,
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
     eprintln!(

@@ -368,10 +368,12 @@ pub struct CompareResult {
     pub shoal_worker_threads: String,
     /// The HTTP workers each rnacos node was given (`RNACOS_HTTP_WORKERS`).
     pub rnacos_http_workers: String,
+    /// The threads of the load generator, for both targets (`SHOAL_BENCH_THREADS`).
+    pub load_generator_threads: usize,
     pub runs: Vec<TargetRun>,
 }
 
-pub async fn run(args: CompareArgs) -> Result<()> {
+pub async fn run(args: CompareArgs, load_generator_threads: usize) -> Result<()> {
     if args.nodes < 2 {
         bail!("--nodes must be at least 2");
     }
@@ -404,6 +406,7 @@ pub async fn run(args: CompareArgs) -> Result<()> {
             .unwrap_or_else(|_| crate::cluster::shared_worker_threads(args.nodes).to_string()),
         rnacos_http_workers: std::env::var("RNACOS_HTTP_WORKERS")
             .unwrap_or_else(|_| crate::cluster::shared_worker_threads(args.nodes).to_string()),
+        load_generator_threads,
         runs: Vec::new(),
     };
     for &kind in &args.targets {

@@ -121,8 +121,15 @@ pub fn table(r: &CompareResult) -> String {
     let _ = writeln!(
         out,
         "compare on {} CPUs ({}), started {}, {} nodes per cluster \
-         (each Shoal node {} worker threads, each rnacos node {} HTTP workers)",
-        m.cpus, m.cpu_model, m.started_utc, r.nodes, r.shoal_worker_threads, r.rnacos_http_workers
+         (each Shoal node {} worker threads, each rnacos node {} HTTP workers, \
+         the load generator {} threads)",
+        m.cpus,
+        m.cpu_model,
+        m.started_utc,
+        r.nodes,
+        r.shoal_worker_threads,
+        r.rnacos_http_workers,
+        r.load_generator_threads
     );
     for (i, row) in rows.iter().enumerate() {
         let mut line = String::new();

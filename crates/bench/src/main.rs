@@ -20,7 +20,7 @@
 
 /// The load generator allocates and frees every instance of every answer it decodes
 /// (a few strings each, 140 instances an answer, 30 000 answers a second); with the
-/// system allocator that was a third of its CPU. The nodes keep the system allocator.
+/// system allocator that was a third of its CPU.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -199,6 +199,30 @@ pub struct SingleNodeArgs {
     pub out: PathBuf,
 }
 
+/// Sets the load generator's threads, overriding [`load_threads`]' choice.
+pub const THREADS_ENV: &str = "SHOAL_BENCH_THREADS";
+
+/// The threads the load generator runs its clients on: [`THREADS_ENV`] when set (at
+/// least 1); else, for `compare` and `cluster`, whose nodes run on this machine, the
+/// share of its CPUs that each of those nodes gets
+/// ([`cluster::shared_worker_threads`]): the load generator is one more process on the
+/// same CPUs, and on two CPUs one thread of its own made registrations cheaper for both
+/// targets (docs/benchmarks.md, twenty-fifth series); else (`single-node`, whose node
+/// may run elsewhere) one per CPU. One thread runs on a current-thread runtime.
+fn load_threads(command: &Command) -> anyhow::Result<usize> {
+    if let Ok(text) = std::env::var(THREADS_ENV) {
+        return match text.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => anyhow::bail!("{THREADS_ENV} must be a whole number of at least 1, not {text:?}"),
+        };
+    }
+    Ok(match command {
+        Command::Compare(args) => cluster::shared_worker_threads(args.nodes),
+        Command::Cluster(args) => cluster::shared_worker_threads(args.nodes),
+        Command::SingleNode(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    })
+}
+
 /// `mi_option_arena_eager_commit` in mimalloc's `mi_option_t` (v2 and v3 alike).
 const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 
@@ -211,19 +235,27 @@ fn main() -> anyhow::Result<()> {
     // with it, 4.8 GB without).
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let threads = load_threads(&cli.command)?;
+    let runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
+    };
     match cli.command {
         Command::SingleNode(args) => runtime.block_on(single_node::run(args)),
-        Command::Cluster(args) => runtime.block_on(cluster::run(args)),
+        Command::Cluster(args) => runtime.block_on(cluster::run(args, threads)),
         Command::Compare(args) => runtime.block_on(async {
             // On Ctrl-C or SIGTERM the run is dropped, and with it every node process it
             // started (they are killed on drop), so none is left behind.
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
-                result = compare::run(*args) => result,
+                result = compare::run(*args, threads) => result,
                 _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the nodes were stopped"),
                 _ = term.recv() => anyhow::bail!("terminated; the nodes were stopped"),
             }

@@ -666,7 +666,7 @@ impl Registry {
             return Vec::new();
         };
         let mut by_id: HashMap<u32, Vec<Key>> = HashMap::new();
-        for (id, k) in &members.members {
+        for (id, k) in members.members() {
             by_id.entry(*id).or_default().push(*k);
         }
         // The services in key order, each with its instances in key order (by their
@@ -721,10 +721,7 @@ impl Registry {
 
     /// How many instances are bound to `session`.
     pub fn session_instance_count(&self, session: SessionId) -> usize {
-        self.index
-            .sessions
-            .get(session)
-            .map_or(0, |s| s.members.len())
+        self.index.sessions.get(session).map_or(0, |s| s.len())
     }
 
     /// Ttl expiry at `now_ms`: instances without a beat for `unhealthy_after_ms` become

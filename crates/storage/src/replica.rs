@@ -823,7 +823,7 @@ impl Registry {
         let Some(s) = self.index.sessions.get(session) else {
             return Vec::new();
         };
-        let ids: std::collections::BTreeSet<u32> = s.members.iter().map(|(id, _)| *id).collect();
+        let ids: std::collections::BTreeSet<u32> = s.members().map(|(id, _)| *id).collect();
         let mut out: Vec<ServiceKey> = ids
             .into_iter()
             .map(|id| self.service_key(id).clone())

@@ -327,8 +327,8 @@ pub(crate) struct Sessions {
 ///
 /// Its instances are a list that a registration appends to, not a hash set: inserting
 /// into a set of thousands of entries (one per session, each instance in a random place
-/// of it) missed the cache on every registration, on every node; without it a node
-/// took 8-15 % less CPU per registration (docs/benchmarks.md, twenty-fifth series). An
+/// of it) missed the cache on every registration, on every node; with the list a node
+/// took about 7 % less CPU per registration (docs/benchmarks.md, twenty-fifth series). An
 /// instance that leaves is noted in `gone` and dropped from the list once `gone` holds
 /// more than half of it, so the list never holds more than twice what the session has.
 #[derive(Debug)]

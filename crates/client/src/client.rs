@@ -314,26 +314,26 @@ impl Client {
     /// reconnect. With a Ttl it must be kept alive with [`Client::beat`].
     pub async fn register(&self, service: &ServiceKey, instance: InstanceSpec) -> Result<u64> {
         let shared = self.shared();
-        let key = instance.key();
         // Remember it before sending, so that a reconnect racing with this request
-        // re-asserts it; undo on failure.
-        lock(&shared.deregistered).remove(service, &key);
+        // re-asserts it; undo on failure. The map takes the key: an undo (rare) makes
+        // it again from the request, which is kept for that.
         let before = {
+            let key = instance.key();
+            lock(&shared.deregistered).remove(service, &key);
             let mut regs = lock(&shared.registrations);
             if instance.ttl.is_none() {
-                regs.insert(service, key.clone(), instance.clone())
+                regs.insert(service, key, instance.clone())
             } else {
                 regs.remove(service, &key)
             }
         };
-        let result = shared
-            .request(Request::Register {
-                service: service.clone(),
-                instance,
-            })
-            .await
-            .and_then(applied);
-        if result.is_err() {
+        let body = Request::Register {
+            service: service.clone(),
+            instance,
+        };
+        let result = shared.request_tracked(&body).await.0.and_then(applied);
+        if let (Err(_), Request::Register { instance, .. }) = (&result, body) {
+            let key = instance.key();
             let mut regs = lock(&shared.registrations);
             match before {
                 Some(spec) => regs.insert(service, key, spec),
@@ -457,7 +457,7 @@ impl Client {
             recent.insert(service, instance.clone(), Instant::now());
         }
         let (result, retried) = shared
-            .request_tracked(Request::Deregister {
+            .request_tracked(&Request::Deregister {
                 service: service.clone(),
                 instance: instance.clone(),
             })
@@ -726,23 +726,23 @@ impl Shared {
     /// on the next link if the connection is lost in flight, and after a short pause if
     /// the node answers `Unavailable` or `NotReady`; all within the request timeout.
     async fn request(&self, body: Request) -> Result<Response> {
-        self.request_tracked(body).await.0
+        self.request_tracked(&body).await.0
     }
 
     /// Like [`Shared::request`], and says whether the request was sent more than once.
-    async fn request_tracked(&self, body: Request) -> (Result<Response>, bool) {
+    async fn request_tracked(&self, body: &Request) -> (Result<Response>, bool) {
         let timeout = self.config.request_timeout;
         let deadline = Instant::now() + timeout;
         let mut retried = false;
         let mut pause = RETRY_PAUSE_FIRST;
         loop {
-            match self.attempt(&body, deadline).await {
-                Err(ClientError::Disconnected) if retryable(&body) && Instant::now() < deadline => {
+            match self.attempt(body, deadline).await {
+                Err(ClientError::Disconnected) if retryable(body) && Instant::now() < deadline => {
                     debug!("connection lost with a request in flight; retrying after reconnect");
                     retried = true;
                 }
                 Err(ClientError::Server(b))
-                    if retryable(&body)
+                    if retryable(body)
                         && matches!(b.code, ErrorCode::Unavailable | ErrorCode::NotReady)
                         && Instant::now() + pause < deadline =>
                 {
@@ -820,6 +820,15 @@ impl Shared {
 
     /// Waits for a live link until `deadline`.
     async fn usable_link(&self, deadline: Instant) -> Result<Arc<Link>> {
+        // Nearly always there is one: take it without subscribing to the state.
+        {
+            let state = self.state.borrow();
+            if let (Some(link), false) = (&state.link, state.closed) {
+                if !link.is_dead() {
+                    return Ok(link.clone());
+                }
+            }
+        }
         let mut rx = self.state.subscribe();
         let waited = tokio::time::timeout_at(
             deadline,

@@ -397,3 +397,71 @@ async fn a_beat_for_an_unknown_instance_is_not_found() {
         .await;
     assert_err(&r, ErrorCode::NotFound);
 }
+
+/// SDK clients that share one UDP endpoint (`Client::connect_on`, as a process that
+/// registers for many applications would) are separate sessions: each holds its own
+/// instances, and closing one ends its session only, not the endpoint: the other keeps
+/// working, and a client connected on the endpoint afterwards works too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_sharing_an_endpoint_are_separate_sessions() {
+    use shoal_client::{new_endpoint, Client, ClientConfig, QueryOptions};
+    let node = Node::start(NodeOptions::default()).await;
+    let orders = svc("orders");
+    let config = || ClientConfig::new([node.quic_addr().to_string()], node.ca_file());
+    let endpoint = new_endpoint(false).expect("an endpoint");
+    let a = Client::connect_on(config(), endpoint.clone())
+        .await
+        .expect("a connects");
+    let b = Client::connect_on(config(), endpoint.clone())
+        .await
+        .expect("b connects");
+    assert_ne!(a.session_id(), b.session_id());
+    a.register(&orders, inst("10.0.0.1", 8080))
+        .await
+        .expect("a registers");
+    b.register(&orders, inst("10.0.0.2", 8080))
+        .await
+        .expect("b registers");
+    let view = b
+        .query(&orders, QueryOptions::default())
+        .await
+        .expect("b queries");
+    assert_eq!(
+        addrs(&view),
+        vec![addr("10.0.0.1", 8080), addr("10.0.0.2", 8080)]
+    );
+
+    // Closing a ends a's session (Goodbye removes its instance), and only a's.
+    a.close().await.expect("a closes");
+    wait_for("a's instance removed by its Goodbye", PATIENCE, || async {
+        node.instance(&orders, "10.0.0.1", 8080).await.is_none()
+    })
+    .await;
+    let view = b
+        .query(&orders, QueryOptions::default())
+        .await
+        .expect("b still queries after a closed");
+    assert_eq!(addrs(&view), vec![addr("10.0.0.2", 8080)]);
+    b.register(&orders, inst("10.0.0.3", 8080))
+        .await
+        .expect("b still registers after a closed");
+
+    // The endpoint is still open: a new client connects on it.
+    let c = Client::connect_on(config(), endpoint.clone())
+        .await
+        .expect("c connects on the endpoint a used");
+    let view = c
+        .query(&orders, QueryOptions::default())
+        .await
+        .expect("c queries");
+    assert_eq!(
+        addrs(&view),
+        vec![addr("10.0.0.2", 8080), addr("10.0.0.3", 8080)]
+    );
+    c.close().await.expect("c closes");
+    b.close().await.expect("b closes");
+    wait_for("b's instances removed by its Goodbye", PATIENCE, || async {
+        node.instances(&orders).await.is_empty()
+    })
+    .await;
+}

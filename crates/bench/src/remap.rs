@@ -221,7 +221,7 @@ async fn clients_of(cluster: &Cluster) -> Result<Vec<Client>> {
     let mut clients = Vec::new();
     for node in cluster.live() {
         clients.push(
-            Client::connect(cluster.client_config(node))
+            crate::target::connect_shoal(cluster.client_config(node))
                 .await
                 .with_context(|| format!("connecting to {}", node.id))?,
         );

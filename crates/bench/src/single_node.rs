@@ -336,7 +336,7 @@ pub(crate) async fn connect_all(config: &ClientConfig, n: usize) -> Result<Vec<C
         let mut connecting = JoinSet::new();
         for &i in chunk {
             let config = config.clone();
-            connecting.spawn(async move { (i, Client::connect(config).await) });
+            connecting.spawn(async move { (i, crate::target::connect_shoal(config).await) });
         }
         let mut batch = Vec::with_capacity(chunk.len());
         while let Some(joined) = connecting.join_next().await {

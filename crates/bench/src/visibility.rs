@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
-use shoal_client::{Client, InstanceSpec, ServiceKey, Subscription};
+use shoal_client::{InstanceSpec, ServiceKey, Subscription};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -258,7 +258,7 @@ pub async fn run(
     let mut arrivals: Vec<Arrivals> = Vec::new();
     let mut seen: Vec<Arc<AtomicU64>> = Vec::new();
     for node in cluster.live() {
-        let client = Client::connect(cluster.client_config(node))
+        let client = crate::target::connect_shoal(cluster.client_config(node))
             .await
             .with_context(|| format!("connecting the subscriber on {}", node.id))?;
         let cells: Arrivals = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());

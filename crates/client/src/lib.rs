@@ -64,9 +64,11 @@ mod subscription;
 mod tls;
 
 pub use balance::{choose_weighted, is_usable};
-pub use client::{Client, QueryOptions};
+pub use client::{new_endpoint, Client, QueryOptions};
 pub use config::{ClientConfig, DEFAULT_SERVER};
 pub use error::{ClientError, Result};
+/// The QUIC endpoint type that [`Client::connect_on`] takes ([`new_endpoint`] makes one).
+pub use quinn::Endpoint;
 pub use subscription::Subscription;
 
 pub use shoal_proto::{ErrorBody, ErrorCode, MemberView, RingView, Welcome};

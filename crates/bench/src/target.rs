@@ -512,8 +512,9 @@ where
 /// Connects a Shoal client on the load generator's one UDP endpoint (per address
 /// family), which all its clients share ([`Client::connect_on`]): one socket and one
 /// receiving task for hundreds of sessions instead of one each. A load generator of 100
-/// sessions used 10-18 % less CPU per registration so (docs/benchmarks.md,
-/// twenty-fifth series); the nodes see the same sessions, connections and packets.
+/// sessions used 13-28 % less CPU per registration so (four alternating pairs, median
+/// 15 %; docs/benchmarks.md, twenty-fifth series); the nodes see the same sessions,
+/// connections and packets.
 pub async fn connect_shoal(config: shoal_client::ClientConfig) -> shoal_client::Result<Client> {
     static V4: std::sync::OnceLock<shoal_client::Endpoint> = std::sync::OnceLock::new();
     static V6: std::sync::OnceLock<shoal_client::Endpoint> = std::sync::OnceLock::new();

@@ -199,8 +199,8 @@ impl Client {
     /// other clients of this process share (make one with [`new_endpoint`]): many
     /// clients in one process (an agent that registers for many applications, a load
     /// generator) then take one socket and one receiving task between them, not one
-    /// each. A load generator of 100 sessions used 10-18 % less CPU per registration so
-    /// (docs/benchmarks.md, twenty-fifth series). Closing the client closes its
+    /// each. A load generator of 100 sessions used 13-28 % less CPU per registration so
+    /// (four alternating pairs, median 15 %; docs/benchmarks.md, twenty-fifth series). Closing the client closes its
     /// connection, not the endpoint; a connection that a reconnect was opening at that
     /// moment ends with its idle timeout. A node address of the other address family
     /// than `endpoint`'s gets an endpoint of the client's own, as with `connect`.

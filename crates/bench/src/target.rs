@@ -514,7 +514,7 @@ where
 /// receiving task for hundreds of sessions instead of one each. A load generator of 100
 /// sessions used 13-28 % less CPU per registration so (four alternating pairs, median
 /// 15 %; docs/benchmarks.md, twenty-fifth series); the nodes see the same sessions,
-/// connections and packets.
+/// connections and packets, all from one port.
 pub async fn connect_shoal(config: shoal_client::ClientConfig) -> shoal_client::Result<Client> {
     static V4: std::sync::OnceLock<shoal_client::Endpoint> = std::sync::OnceLock::new();
     static V6: std::sync::OnceLock<shoal_client::Endpoint> = std::sync::OnceLock::new();

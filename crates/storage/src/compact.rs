@@ -330,7 +330,8 @@ pub(crate) struct Sessions {
 /// of it) missed the cache on every registration, on every node; with the list a node
 /// took about 7 % less CPU per registration (docs/benchmarks.md, twenty-fifth series). An
 /// instance that leaves is noted in `gone` and dropped from the list once `gone` holds
-/// more than half of it, so the list never holds more than twice what the session has.
+/// more than half of it (and more than 16), so the list holds at most twice what the
+/// session has, plus 16.
 #[derive(Debug)]
 pub(crate) struct SessionSlot {
     pub(crate) id: SessionId,

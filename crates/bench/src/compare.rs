@@ -921,7 +921,7 @@ async fn register(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> R
         let g = s * per + i;
         let k = services[s][g % services[s].len()];
         let names = registering.clone();
-        Box::pin(async move { lane.register(&names, k, &Inst::numbered(g)).await })
+        Box::pin(async move { lane.register_new(&names, k, Inst::numbered(g)).await })
     })
     .await?;
     finish_register(

@@ -74,12 +74,20 @@ pub struct Inst {
 impl Inst {
     /// Instance number `g` of a run: 10.x.y.z from the low 24 bits, port 8080 + the rest.
     pub fn numbered(g: usize) -> Inst {
-        let spec = crate::single_node::instance_spec(g);
         Inst {
-            ip: spec.ip,
-            port: spec.port,
+            ip: crate::single_node::numbered_ip(g),
+            port: 8080 + u16::try_from(g >> 24).unwrap_or(0),
             meta: Vec::new(),
         }
+    }
+
+    /// As [`Inst::spec`], taking the address instead of copying it.
+    pub fn into_spec(self) -> InstanceSpec {
+        let mut spec = InstanceSpec::new(self.ip, self.port);
+        for (k, v) in self.meta {
+            spec.metadata.insert(k.to_string(), v);
+        }
+        spec
     }
 
     pub fn spec(&self) -> InstanceSpec {
@@ -135,6 +143,19 @@ impl Lane {
                 )
                 .await
             }
+        }
+    }
+
+    /// As [`Lane::register`], for an instance made for this call: Shoal's SDK takes it
+    /// without a copy.
+    pub async fn register_new(&mut self, names: &Names, k: usize, inst: Inst) -> Result<()> {
+        match self {
+            Lane::Shoal(c) => c
+                .register(&names.keys[k], inst.into_spec())
+                .await
+                .map(drop)
+                .map_err(Into::into),
+            Lane::Rnacos(_) => self.register(names, k, &inst).await,
         }
     }
 

@@ -2,7 +2,7 @@
 CARGO ?= cargo
 NODES ?= 3
 
-.PHONY: run test build lint fmt bench bench-compare clean chaos
+.PHONY: run test build lint fmt bench bench-compare clean chaos docker-image docker-up docker-down docker-clean
 
 ## Build, then start a local cluster with development certificates (Ctrl-C stops it).
 run:
@@ -48,3 +48,32 @@ clean:
 chaos:
 	$(CARGO) build --bin shoal
 	SHOAL_CHAOS_SEED=$(SEED) $(CARGO) test -p shoal-tests --test chaos --test chaos_partition -- --include-ignored --test-threads 1
+
+## Containers (deploy/README.md): the node image, FROM scratch with a static binary.
+COMPOSE ?= docker-compose -p shoal -f deploy/docker-compose.yml
+SHOAL_STATIC = target/static/$(shell rustc -vV | sed -n 's/^host: //p')/release/shoal
+
+docker-image:
+	./deploy/build-image.sh
+
+## A 3-node cluster in containers on a network of its own; prints how to use it.
+docker-up: docker-image
+	$(COMPOSE) up -d
+	@mkdir -p target/docker
+	docker cp "$$($(COMPOSE) ps -q node-1)":/ca/ca.pem target/docker/ca.pem
+	@echo
+	@echo "Shoal in containers: node-1 172.28.0.11, node-2 172.28.0.12, node-3 172.28.0.13"
+	@echo "(QUIC on port 7400, HTTP on 7401). From this machine:"
+	@echo
+	@echo "  export SHOAL_SERVERS=172.28.0.11:7400,172.28.0.12:7400,172.28.0.13:7400"
+	@echo "  export SHOAL_CA=target/docker/ca.pem"
+	@echo "  $(SHOAL_STATIC) members"
+	@echo "  curl http://172.28.0.11:7401/metrics"
+	@echo
+	@echo "make docker-down stops it (its volumes stay); make docker-clean removes them too."
+
+docker-down:
+	$(COMPOSE) down
+
+docker-clean:
+	$(COMPOSE) down -v

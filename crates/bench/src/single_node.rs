@@ -352,8 +352,12 @@ pub(crate) async fn connect_all(config: &ClientConfig, n: usize) -> Result<Vec<C
 /// The instance number `g` (0-based over the whole run) as a distinct address:
 /// 10.x.y.z from the low 24 bits, the port from the rest.
 pub(crate) fn instance_spec(g: usize) -> InstanceSpec {
-    let port = 8080 + u16::try_from(g >> 24).unwrap_or(0);
-    InstanceSpec::new(numbered_ip(g), port)
+    InstanceSpec::new(numbered_ip(g), numbered_port(g))
+}
+
+/// The port of instance number `g`: 8080 plus the bits above the address's 24.
+pub(crate) fn numbered_port(g: usize) -> u16 {
+    8080 + u16::try_from(g >> 24).unwrap_or(0)
 }
 
 /// `10.x.y.z` from the low 24 bits of `g`. Written digit by digit: the load generator

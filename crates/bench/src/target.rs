@@ -76,7 +76,7 @@ impl Inst {
     pub fn numbered(g: usize) -> Inst {
         Inst {
             ip: crate::single_node::numbered_ip(g),
-            port: 8080 + u16::try_from(g >> 24).unwrap_or(0),
+            port: crate::single_node::numbered_port(g),
             meta: Vec::new(),
         }
     }

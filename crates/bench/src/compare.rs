@@ -554,7 +554,7 @@ async fn register_many_over(
                 let g = s * per + i;
                 (
                     names.keys[g % names.len()].clone(),
-                    Inst::numbered(g).spec(),
+                    Inst::numbered(g).into_spec(),
                 )
             })
             .collect();
@@ -921,7 +921,7 @@ async fn register(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> R
         let g = s * per + i;
         let k = services[s][g % services[s].len()];
         let names = registering.clone();
-        Box::pin(async move { lane.register_new(&names, k, Inst::numbered(g)).await })
+        Box::pin(async move { lane.register(&names, k, Inst::numbered(g)).await })
     })
     .await?;
     finish_register(
@@ -1782,7 +1782,7 @@ async fn poll_visibility(args: &CompareArgs, h: &mut Harness, run: &mut TargetRu
                             let t0 = Instant::now();
                             sent_at[n as usize]
                                 .store(micros_since(epoch).max(1), Ordering::Relaxed);
-                            let r = lane.register(&names, k, &inst).await;
+                            let r = lane.register(&names, k, inst).await;
                             r.map(|_| t0.elapsed())
                         })
                     })
@@ -2139,7 +2139,7 @@ async fn churn(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> Resu
                     .with(move |lane| {
                         Box::pin(async move {
                             let t0 = Instant::now();
-                            lane.register(&names2, k, &inst).await.map(|_| t0.elapsed())
+                            lane.register(&names2, k, inst).await.map(|_| t0.elapsed())
                         })
                     })
                     .await
@@ -2325,7 +2325,7 @@ async fn probe_round(probes: &mut [(usize, Vec<Lane>)], names: &Names) -> usize 
                         port: 9000,
                         meta: Vec::new(),
                     };
-                    if lane.register(names, k, &inst).await.is_err() {
+                    if lane.register(names, k, inst).await.is_err() {
                         failed += 1;
                     }
                 }

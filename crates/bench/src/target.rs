@@ -81,7 +81,7 @@ impl Inst {
         }
     }
 
-    /// As [`Inst::spec`], taking the address instead of copying it.
+    /// The instance as the SDK takes it.
     pub fn into_spec(self) -> InstanceSpec {
         let mut spec = InstanceSpec::new(self.ip, self.port);
         for (k, v) in self.meta {
@@ -91,11 +91,7 @@ impl Inst {
     }
 
     pub fn spec(&self) -> InstanceSpec {
-        let mut spec = InstanceSpec::new(self.ip.clone(), self.port);
-        for (k, v) in &self.meta {
-            spec.metadata.insert((*k).to_string(), v.clone());
-        }
-        spec
+        self.clone().into_spec()
     }
 
     fn meta_json(&self) -> Option<String> {
@@ -124,10 +120,11 @@ pub enum Lane {
 }
 
 impl Lane {
-    pub async fn register(&mut self, names: &Names, k: usize, inst: &Inst) -> Result<()> {
+    /// Registers `inst` in service `k`; Shoal's SDK takes the instance without a copy.
+    pub async fn register(&mut self, names: &Names, k: usize, inst: Inst) -> Result<()> {
         match self {
             Lane::Shoal(c) => c
-                .register(&names.keys[k], inst.spec())
+                .register(&names.keys[k], inst.into_spec())
                 .await
                 .map(drop)
                 .map_err(Into::into),
@@ -143,19 +140,6 @@ impl Lane {
                 )
                 .await
             }
-        }
-    }
-
-    /// As [`Lane::register`], for an instance made for this call: Shoal's SDK takes it
-    /// without a copy.
-    pub async fn register_new(&mut self, names: &Names, k: usize, inst: Inst) -> Result<()> {
-        match self {
-            Lane::Shoal(c) => c
-                .register(&names.keys[k], inst.into_spec())
-                .await
-                .map(drop)
-                .map_err(Into::into),
-            Lane::Rnacos(_) => self.register(names, k, &inst).await,
         }
     }
 

@@ -354,6 +354,21 @@ impl TargetRun {
             cpu.others_seconds
                 .map(|s| 100.0 * s / (cpu.wall_seconds * cpus)),
         );
+        self.steal_figure(scenario, cpu);
+    }
+
+    /// What the hypervisor took of "other processes" (steal): on a shared host, the
+    /// share of the run's CPU time that went to other guests.
+    fn steal_figure(&mut self, scenario: &'static str, cpu: &PhaseCpu) {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        self.fig(
+            scenario,
+            "of which stolen by the hypervisor",
+            "% of machine",
+            Better::Neither,
+            cpu.steal_seconds
+                .map(|s| 100.0 * s / (cpu.wall_seconds * cpus)),
+        );
     }
 }
 
@@ -1583,6 +1598,7 @@ async fn keepalive(
             100.0 * s / (wall * std::thread::available_parallelism().map_or(1, |n| n.get()) as f64)
         }),
     );
+    run.steal_figure(S, &cpu);
     run.fig(
         S,
         "RSS per instance per node, held",

@@ -41,6 +41,9 @@ pub struct PhaseCpu {
     /// Busy CPU seconds of the whole machine minus the nodes' and the benchmark's:
     /// other processes. Near zero on a quiet machine.
     pub others_seconds: Option<f64>,
+    /// Of `others_seconds`: CPU time the hypervisor gave to other guests while this
+    /// machine's CPUs had work (steal). Near zero on a host that is not shared.
+    pub steal_seconds: Option<f64>,
 }
 
 /// Counters at the start of a phase.
@@ -49,6 +52,7 @@ pub struct CpuMark {
     nodes: Vec<(String, u32, Option<f64>, Option<u64>)>,
     bench: Option<f64>,
     machine: Option<f64>,
+    steal: Option<f64>,
 }
 
 impl CpuMark {
@@ -69,6 +73,7 @@ impl CpuMark {
                 .collect(),
             bench: procstat::cpu_seconds(std::process::id()),
             machine: procstat::machine_busy_seconds(),
+            steal: procstat::machine_steal_seconds(),
         }
     }
 
@@ -109,6 +114,9 @@ impl CpuMark {
             bench_seconds: bench,
             bench_percent: bench.map(|s| 100.0 * s / wall),
             others_seconds: others,
+            steal_seconds: procstat::machine_steal_seconds()
+                .zip(self.steal)
+                .map(|(b, a)| (b - a).max(0.0)),
         }
     }
 }

@@ -56,6 +56,24 @@ fn parse_machine_busy_ticks(stat: &str) -> Option<u64> {
     Some(at(0) + at(1) + at(2) + at(5) + at(6) + at(7))
 }
 
+/// CPU seconds the hypervisor gave this machine's virtual CPUs to others while they
+/// had work (`steal` in /proc/stat) since boot. Part of [`machine_busy_seconds`]: on a
+/// shared host it is what slows a run down without any process here using the CPU.
+pub fn machine_steal_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_machine_steal_ticks(&stat).map(|ticks| ticks as f64 / clock_ticks())
+}
+
+/// The eighth field of the `cpu ` line (0 on a kernel too old to count it).
+fn parse_machine_steal_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let field = line.split_whitespace().nth(8);
+    match field {
+        Some(f) => f.parse().ok(),
+        None => Some(0),
+    }
+}
+
 /// Resident set size in bytes (`VmRSS` of `/proc/<pid>/status`).
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -98,6 +116,21 @@ mod tests {
         let stat = "cpu  100 1 20 5000 7 2 3 4 0 0\ncpu0 50 0 10 2500 3 1 1 2 0 0\n";
         assert_eq!(parse_machine_busy_ticks(stat), Some(130));
         assert_eq!(parse_machine_busy_ticks("intr 1 2 3"), None);
+    }
+
+    #[test]
+    fn machine_steal_is_the_eighth_field() {
+        let stat = "cpu  100 1 20 5000 7 2 3 4 0 0\ncpu0 50 0 10 2500 3 1 1 2 0 0\n";
+        assert_eq!(parse_machine_steal_ticks(stat), Some(4));
+        assert_eq!(
+            parse_machine_steal_ticks("cpu  100 1 20 5000 7 2 3\n"),
+            Some(0)
+        );
+        assert_eq!(
+            parse_machine_steal_ticks("cpu  100 1 20 5000 7 2 3 x\n"),
+            None
+        );
+        assert_eq!(parse_machine_steal_ticks("intr 1 2 3"), None);
     }
 
     #[test]

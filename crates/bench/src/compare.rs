@@ -357,8 +357,9 @@ impl TargetRun {
         self.steal_figure(scenario, cpu);
     }
 
-    /// What the hypervisor took of "other processes" (steal): on a shared host, the
-    /// share of the run's CPU time that went to other guests.
+    /// What the hypervisor took (steal), which "other processes" counts: on a shared
+    /// host, the share of the run's CPU time that went to other guests. It can be the
+    /// larger of the two (see [`PhaseCpu::steal_seconds`]).
     fn steal_figure(&mut self, scenario: &'static str, cpu: &PhaseCpu) {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         self.fig(

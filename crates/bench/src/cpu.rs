@@ -41,8 +41,11 @@ pub struct PhaseCpu {
     /// Busy CPU seconds of the whole machine minus the nodes' and the benchmark's:
     /// other processes. Near zero on a quiet machine.
     pub others_seconds: Option<f64>,
-    /// Of `others_seconds`: CPU time the hypervisor gave to other guests while this
-    /// machine's CPUs had work (steal). Near zero on a host that is not shared.
+    /// CPU time the hypervisor gave to other guests while this machine's CPUs had work
+    /// (steal), which the machine's busy time, and so `others_seconds`, counts. Near
+    /// zero on a host that is not shared. It can exceed `others_seconds`: the nodes' and
+    /// the benchmark's own counters can include time stolen while they ran (seen on a
+    /// host whose hypervisor took a third of the machine).
     pub steal_seconds: Option<f64>,
 }
 

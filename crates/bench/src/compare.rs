@@ -338,7 +338,6 @@ impl TargetRun {
 
     /// CPU figures common to every scenario.
     fn cpu_figures(&mut self, scenario: &'static str, cpu: &PhaseCpu) {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         self.fig(
             scenario,
             "CPU of all nodes",
@@ -346,29 +345,27 @@ impl TargetRun {
             Better::Lower,
             Some(100.0 * cpu.nodes_seconds / cpu.wall_seconds),
         );
+        self.machine_figures(scenario, cpu);
+    }
+
+    /// What else used the machine during the phase: other processes, and of that what
+    /// the hypervisor took (steal), the share of the run's CPU time that went to other
+    /// guests on a shared host. The second can be the larger (see
+    /// [`PhaseCpu::steal_seconds`]).
+    fn machine_figures(&mut self, scenario: &'static str, cpu: &PhaseCpu) {
         self.fig(
             scenario,
             "other processes",
             "% of machine",
             Better::Neither,
-            cpu.others_seconds
-                .map(|s| 100.0 * s / (cpu.wall_seconds * cpus)),
+            cpu.others_seconds.map(|s| cpu.machine_percent(s)),
         );
-        self.steal_figure(scenario, cpu);
-    }
-
-    /// What the hypervisor took (steal), which "other processes" counts: on a shared
-    /// host, the share of the run's CPU time that went to other guests. It can be the
-    /// larger of the two (see [`PhaseCpu::steal_seconds`]).
-    fn steal_figure(&mut self, scenario: &'static str, cpu: &PhaseCpu) {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         self.fig(
             scenario,
             "of which stolen by the hypervisor",
             "% of machine",
             Better::Neither,
-            cpu.steal_seconds
-                .map(|s| 100.0 * s / (cpu.wall_seconds * cpus)),
+            cpu.steal_seconds.map(|s| cpu.machine_percent(s)),
         );
     }
 }
@@ -1590,16 +1587,7 @@ async fn keepalive(
         Better::Lower,
         cpu.bench_percent,
     );
-    run.fig(
-        S,
-        "other processes",
-        "% of machine",
-        Better::Neither,
-        cpu.others_seconds.map(|s| {
-            100.0 * s / (wall * std::thread::available_parallelism().map_or(1, |n| n.get()) as f64)
-        }),
-    );
-    run.steal_figure(S, &cpu);
+    run.machine_figures(S, &cpu);
     run.fig(
         S,
         "RSS per instance per node, held",

@@ -49,6 +49,14 @@ pub struct PhaseCpu {
     pub steal_seconds: Option<f64>,
 }
 
+impl PhaseCpu {
+    /// CPU seconds as a percentage of the whole machine (every CPU) over the phase.
+    pub fn machine_percent(&self, seconds: f64) -> f64 {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        100.0 * seconds / (self.wall_seconds * cpus)
+    }
+}
+
 /// Counters at the start of a phase.
 pub struct CpuMark {
     at: Instant,

@@ -124,4 +124,22 @@ async fn a_node_serves_on_the_worker_threads_it_is_given_and_refuses_too_many() 
             .contains("worker_threads (5000) must be at most 1024"),
         "{out:?}"
     );
+
+    // The node above spun before its parks (the default); a spin beyond the bound
+    // is refused the same way.
+    let mut too_long = shoal_command();
+    too_long.args([
+        "server",
+        "--idle-spin-us",
+        "5000",
+        "--listen-addr",
+        "127.0.0.1:0",
+    ]);
+    let out = run_to_end(too_long, "shoal server --idle-spin-us 5000").await;
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("idle_spin_us (5000) must be at most 1000"),
+        "{out:?}"
+    );
 }

@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a Shoal node until SIGTERM or Ctrl-C.
-    Server(shoal_node::cli::ServerArgs),
+    Server(Box<shoal_node::cli::ServerArgs>),
     /// Run a local development cluster until Ctrl-C.
     Dev(shoal_node::cli::DevArgs),
     /// Register an instance and hold it until Ctrl-C (which removes it).
@@ -70,7 +70,7 @@ fn main() -> ExitCode {
         Err(e) => return clap_failure(e),
     };
     let result = match cli.command {
-        Command::Server(args) => shoal_node::cli::run_server(args),
+        Command::Server(args) => shoal_node::cli::run_server(*args),
         Command::Dev(args) => shoal_node::cli::run_dev(args),
         Command::Register(args) => client_command(|| cmd::register::run(args)),
         Command::Deregister(args) => client_command(|| cmd::deregister::run(args)),

@@ -68,6 +68,9 @@ pub struct ServerArgs {
     /// Threads that run the node's tasks (0: one per CPU).
     #[arg(long, env = "SHOAL_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+    /// Longest spin of a busy worker before it parks (µs; 0: never).
+    #[arg(long, env = "SHOAL_IDLE_SPIN_US")]
+    pub idle_spin_us: Option<u64>,
 }
 
 impl ServerArgs {
@@ -116,7 +119,8 @@ impl ServerArgs {
             heartbeat_interval_ms,
             max_frame_bytes,
             forward_timeout_ms,
-            worker_threads
+            worker_threads,
+            idle_spin_us
         );
         if !self.seed.is_empty() {
             c.seeds = self.seed.clone();
@@ -146,6 +150,10 @@ pub fn run_server(args: ServerArgs) -> Result<()> {
     if config.worker_threads > 0 {
         builder.worker_threads(config.worker_threads);
     }
+    crate::idle_spin::install(
+        &mut builder,
+        std::time::Duration::from_micros(config.idle_spin_us),
+    );
     let rt = builder
         .enable_all()
         .build()

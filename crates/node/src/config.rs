@@ -55,6 +55,11 @@ pub struct Config {
     /// one thread each, much of it waking and switching threads (docs/benchmarks.md,
     /// twenty-fourth series).
     pub worker_threads: usize,
+    /// Longest a worker thread that parks often and briefly (a busy node) yields its
+    /// CPU before it parks, so that the next packet finds it awake instead of waking a
+    /// halted CPU (µs; 0: never). Adapted park by park, so an idle node does not spin
+    /// (`idle_spin` module; docs/benchmarks.md, twenty-eighth series).
+    pub idle_spin_us: u64,
     /// Frames queued towards one client before the node gives up on it as too slow
     /// and closes its connection (the client then resumes and re-subscribes).
     pub outbound_queue_frames: usize,
@@ -162,6 +167,10 @@ impl From<&LimitsConfig> for shoal_storage::Limits {
 /// The most worker threads a node may be given.
 pub const MAX_WORKER_THREADS: usize = 1024;
 
+/// The longest spin before a park a node may be given (µs): beyond a millisecond a
+/// spin costs more CPU than the wake-up it saves.
+pub const MAX_IDLE_SPIN_US: u64 = 1_000;
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -178,6 +187,7 @@ impl Default for Config {
             max_frame_bytes: shoal_proto::DEFAULT_MAX_FRAME_BYTES,
             udp_buffer_bytes: 4 << 20,
             worker_threads: 0,
+            idle_spin_us: 50,
             outbound_queue_frames: 4_096,
             query_cache_bytes: 64 << 20,
             shutdown_timeout_ms: 3_000,
@@ -206,6 +216,11 @@ impl Config {
             self.worker_threads <= MAX_WORKER_THREADS,
             "worker_threads ({}) must be at most {MAX_WORKER_THREADS} (0: one per CPU)",
             self.worker_threads
+        );
+        anyhow::ensure!(
+            self.idle_spin_us <= MAX_IDLE_SPIN_US,
+            "idle_spin_us ({}) must be at most {MAX_IDLE_SPIN_US}",
+            self.idle_spin_us
         );
         anyhow::ensure!(
             self.keep_alive_interval_ms > 0 && self.keep_alive_interval_ms < self.idle_timeout_ms,

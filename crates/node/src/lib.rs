@@ -10,6 +10,7 @@ mod cluster;
 pub mod config;
 mod conn;
 mod http;
+mod idle_spin;
 pub mod metrics;
 pub mod peer;
 mod peer_codec;

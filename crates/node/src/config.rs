@@ -167,8 +167,9 @@ impl From<&LimitsConfig> for shoal_storage::Limits {
 /// The most worker threads a node may be given.
 pub const MAX_WORKER_THREADS: usize = 1024;
 
-/// The longest spin before a park a node may be given (µs): beyond a millisecond a
-/// spin costs more CPU than the wake-up it saves.
+/// The longest spin before a park a node may be given (µs): a bound on the CPU a
+/// worker may spend waiting awake; the windows measured (20-200 µs) all helped under
+/// load (docs/benchmarks.md, twenty-eighth series).
 pub const MAX_IDLE_SPIN_US: u64 = 1_000;
 
 impl Default for Config {

@@ -109,37 +109,27 @@ async fn a_node_serves_on_the_worker_threads_it_is_given_and_refuses_too_many() 
     })
     .await;
 
-    let mut too_many = shoal_command();
-    too_many.args([
-        "server",
-        "--worker-threads",
-        "5000",
-        "--listen-addr",
-        "127.0.0.1:0",
-    ]);
-    let out = run_to_end(too_many, "shoal server --worker-threads 5000").await;
-    assert!(!out.status.success(), "{out:?}");
-    assert!(
-        out.stderr
-            .contains("worker_threads (5000) must be at most 1024"),
-        "{out:?}"
-    );
-
+    refused_at_start(
+        &["--worker-threads", "5000"],
+        "worker_threads (5000) must be at most 1024",
+    )
+    .await;
     // The node above spun before its parks (the default); a spin beyond the bound
     // is refused the same way.
-    let mut too_long = shoal_command();
-    too_long.args([
-        "server",
-        "--idle-spin-us",
-        "5000",
-        "--listen-addr",
-        "127.0.0.1:0",
-    ]);
-    let out = run_to_end(too_long, "shoal server --idle-spin-us 5000").await;
+    refused_at_start(
+        &["--idle-spin-us", "5000"],
+        "idle_spin_us (5000) must be at most 1000",
+    )
+    .await;
+}
+
+/// `shoal server` with `flags` exits with an error that says `why`.
+async fn refused_at_start(flags: &[&str], why: &str) {
+    let mut cmd = shoal_command();
+    cmd.arg("server")
+        .args(flags)
+        .args(["--listen-addr", "127.0.0.1:0"]);
+    let out = run_to_end(cmd, &format!("shoal server {}", flags.join(" "))).await;
     assert!(!out.status.success(), "{out:?}");
-    assert!(
-        out.stderr
-            .contains("idle_spin_us (5000) must be at most 1000"),
-        "{out:?}"
-    );
+    assert!(out.stderr.contains(why), "{out:?}");
 }

@@ -169,14 +169,48 @@ struct Endpoints {
     v6: Option<quinn::Endpoint>,
 }
 
-/// A client endpoint (a UDP socket on an ephemeral port, IPv6 or IPv4), as each client
-/// makes for itself, for clients to share ([`Client::connect_on`]).
+/// The receive buffer a client endpoint asks of the kernel: 4 MiB, as a node's socket.
+///
+/// Every connection of an endpoint receives on its one socket, and a node sends the
+/// heartbeats of all its sessions in one pass: an endpoint that many clients share
+/// ([`Client::connect_on`]) gets them in bursts of thousands. With the system's
+/// default (about 200 KB on Linux) 10 000 sessions over three nodes lost about a
+/// quarter of the datagrams there, and each loss cost its node a QUIC loss-recovery
+/// round (probes, a retransmission) on top (docs/benchmarks.md, twenty-ninth series).
+/// The kernel grants at most `net.core.rmem_max`; less is not an error. The buffer
+/// is a limit, not memory taken up front.
+pub const ENDPOINT_RECV_BUFFER_BYTES: usize = 4 << 20;
+
+/// A client endpoint (a UDP socket on an ephemeral port, IPv6 or IPv4, with a receive
+/// buffer of [`ENDPOINT_RECV_BUFFER_BYTES`]), as each client makes for itself, for
+/// clients to share ([`Client::connect_on`]).
 pub fn new_endpoint(ipv6: bool) -> Result<quinn::Endpoint> {
-    let bind = if ipv6 { "[::]:0" } else { "0.0.0.0:0" };
-    let bind = bind
-        .parse()
-        .map_err(|e| ClientError::Config(format!("bind address: {e}")))?;
-    Ok(quinn::Endpoint::client(bind)?)
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        endpoint_socket(ipv6)?,
+        runtime,
+    )?)
+}
+
+/// The UDP socket of [`new_endpoint`].
+fn endpoint_socket(ipv6: bool) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let bind = if ipv6 {
+        std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+    } else {
+        std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
+    };
+    let socket = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
+    if ipv6 {
+        // Dual-stack where the system allows, as quinn's own client endpoints are.
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(ENDPOINT_RECV_BUFFER_BYTES);
+    socket.bind(&bind.into())?;
+    Ok(socket.into())
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1199,6 +1233,29 @@ mod tests {
             let j = jitter(base);
             assert!(j >= base / 2 && j <= base * 3 / 2, "{j:?}");
         }
+    }
+
+    #[test]
+    fn an_endpoint_asks_for_its_receive_buffer_within_the_system_limit() {
+        let socket = endpoint_socket(false).unwrap();
+        let size = socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
+        let plain = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let default = socket2::SockRef::from(&plain).recv_buffer_size().unwrap();
+        if cfg!(target_os = "linux") {
+            // Linux grants up to rmem_max and reports twice what it grants.
+            let max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(ENDPOINT_RECV_BUFFER_BYTES);
+            assert_eq!(size, ENDPOINT_RECV_BUFFER_BYTES.min(max) * 2);
+        }
+        assert!(size >= default, "{size} < the default {default}");
+        // Bound to an ephemeral port, and usable.
+        let port = socket.local_addr().unwrap().port();
+        assert_ne!(port, 0);
+        plain.send_to(b"x", ("127.0.0.1", port)).unwrap();
+        let mut buf = [0u8; 4];
+        assert_eq!(socket.recv(&mut buf).unwrap(), 1);
     }
 
     #[test]

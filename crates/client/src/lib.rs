@@ -64,7 +64,7 @@ mod subscription;
 mod tls;
 
 pub use balance::{choose_weighted, is_usable};
-pub use client::{new_endpoint, Client, QueryOptions};
+pub use client::{new_endpoint, Client, QueryOptions, ENDPOINT_RECV_BUFFER_BYTES};
 pub use config::{ClientConfig, DEFAULT_SERVER};
 pub use error::{ClientError, Result};
 /// The QUIC endpoint type that [`Client::connect_on`] takes ([`new_endpoint`] makes one).

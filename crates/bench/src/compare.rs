@@ -367,6 +367,13 @@ impl TargetRun {
             Better::Neither,
             cpu.steal_seconds.map(|s| cpu.machine_percent(s)),
         );
+        self.fig(
+            scenario,
+            "UDP datagrams dropped, receive buffer full",
+            "",
+            Better::Neither,
+            cpu.udp_dropped.map(|n| n as f64),
+        );
     }
 }
 

@@ -47,6 +47,10 @@ pub struct PhaseCpu {
     /// the benchmark's own counters can include time stolen while they ran (seen on a
     /// host whose hypervisor took a third of the machine).
     pub steal_seconds: Option<f64>,
+    /// UDP datagrams the whole machine dropped in the phase because a receive buffer
+    /// was full ([`procstat::udp_receive_buffer_drops`]). Zero on a run that measures
+    /// only its work; above zero, the figures include recovering those datagrams.
+    pub udp_dropped: Option<u64>,
 }
 
 impl PhaseCpu {
@@ -64,6 +68,7 @@ pub struct CpuMark {
     bench: Option<f64>,
     machine: Option<f64>,
     steal: Option<f64>,
+    udp_dropped: Option<u64>,
 }
 
 impl CpuMark {
@@ -85,6 +90,7 @@ impl CpuMark {
             bench: procstat::cpu_seconds(std::process::id()),
             machine: procstat::machine_busy_seconds(),
             steal: procstat::machine_steal_seconds(),
+            udp_dropped: procstat::udp_receive_buffer_drops(),
         }
     }
 
@@ -128,6 +134,9 @@ impl CpuMark {
             steal_seconds: procstat::machine_steal_seconds()
                 .zip(self.steal)
                 .map(|(b, a)| (b - a).max(0.0)),
+            udp_dropped: procstat::udp_receive_buffer_drops()
+                .zip(self.udp_dropped)
+                .map(|(b, a)| b.saturating_sub(a)),
         }
     }
 }

@@ -100,6 +100,37 @@ fn parse_netdev_rx(dev: &str, iface: &str) -> Option<u64> {
     })
 }
 
+/// UDP datagrams the whole machine dropped because a socket's receive buffer was full,
+/// since boot: `RcvbufErrors` of IPv4 (/proc/net/snmp) plus IPv6 (/proc/net/snmp6).
+/// On loopback every such drop is a datagram that a node or the load generator sent
+/// and then had to recover (QUIC probes and retransmits it), so the benchmark reports
+/// them: a run with drops measures that recovery too.
+pub fn udp_receive_buffer_drops() -> Option<u64> {
+    let v4 = parse_snmp_udp_rcvbuf_errors(&std::fs::read_to_string("/proc/net/snmp").ok()?)?;
+    let v6 = std::fs::read_to_string("/proc/net/snmp6")
+        .ok()
+        .and_then(|s| parse_snmp6_counter(&s, "Udp6RcvbufErrors"))
+        .unwrap_or(0);
+    Some(v4 + v6)
+}
+
+/// `RcvbufErrors` of the two `Udp:` lines of /proc/net/snmp (names, then values).
+fn parse_snmp_udp_rcvbuf_errors(snmp: &str) -> Option<u64> {
+    let mut lines = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let names = lines.next()?;
+    let values = lines.next()?;
+    let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
+/// A `name value` line of /proc/net/snmp6.
+fn parse_snmp6_counter(snmp6: &str, name: &str) -> Option<u64> {
+    snmp6.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        (f.next()? == name).then(|| f.next()?.parse().ok())?
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +177,27 @@ mod tests {
         assert_eq!(parse_netdev_rx(dev, "lo"), Some(1343));
         assert_eq!(parse_netdev_rx(dev, "eth0"), Some(5));
         assert_eq!(parse_netdev_rx(dev, "wlan0"), None);
+    }
+
+    #[test]
+    fn udp_receive_buffer_drops_are_found_by_name() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+                    Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+                    Udp: 10170980 623 3183018 13362402 3183017 0\n\
+                    UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors\n\
+                    UdpLite: 0 0 0 0 9\n";
+        assert_eq!(parse_snmp_udp_rcvbuf_errors(snmp), Some(3183017));
+        assert_eq!(
+            parse_snmp_udp_rcvbuf_errors("Udp: InDatagrams\nUdp: 5\n"),
+            None
+        );
+        assert_eq!(parse_snmp_udp_rcvbuf_errors("Ip: 1\n"), None);
+        let snmp6 = "Udp6InErrors                    \t7\nUdp6RcvbufErrors                \t3\nUdpLite6RcvbufErrors\t1\n";
+        assert_eq!(parse_snmp6_counter(snmp6, "Udp6RcvbufErrors"), Some(3));
+        assert_eq!(parse_snmp6_counter(snmp6, "Udp6SndbufErrors"), None);
+        if cfg!(target_os = "linux") {
+            assert!(udp_receive_buffer_drops().is_some());
+        }
     }
 
     #[test]

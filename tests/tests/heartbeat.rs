@@ -1,5 +1,5 @@
 //! The node's heartbeat: one datagram per session and `heartbeat_interval_ms`, sent
-//! to every session in one pass. Received packets restart QUIC's keep-alive and idle
+//! in ten bursts spread over the interval. Received packets restart QUIC's keep-alive and idle
 //! timers, so while heartbeats flow neither side sends a PING of its own, and the
 //! session stays alive past the idle timeout on heartbeats alone.
 
@@ -96,4 +96,61 @@ async fn without_heartbeats_the_client_keeps_itself_alive() {
         node.instance(&orders, "10.0.0.2", 8080).await.is_some()
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_to_many_sessions_leave_in_bursts_spread_over_the_interval() {
+    // 1 s interval: ten bursts 100 ms apart, each session always in the same one
+    // (its connection's id modulo ten); twenty sessions fill each burst twice.
+    const PERIOD_MS: u128 = 1_000;
+    let node = Node::start(NodeOptions::default().heartbeat_interval_ms(PERIOD_MS as u64)).await;
+    let mut clients = Vec::new();
+    let mut readers = Vec::new();
+    for _ in 0..20 {
+        let mut client =
+            RawClient::connect_to(node.quic_addr(), node.ca_file(), ClientOptions::default()).await;
+        client.hello(None).await;
+        // Each session's heartbeats as they arrive: the first four.
+        let conn = client.connection().clone();
+        readers.push(tokio::spawn(async move {
+            let mut at = Vec::new();
+            while at.len() < 4 {
+                let datagram = tokio::time::timeout(PATIENCE, conn.read_datagram()).await;
+                datagram
+                    .expect("a heartbeat within the patience")
+                    .expect("the connection stays open");
+                at.push(std::time::Instant::now());
+            }
+            at
+        }));
+        clients.push(client);
+    }
+    let mut arrivals = Vec::new();
+    for reader in readers {
+        arrivals.push(reader.await.expect("the reader"));
+    }
+    // Every session gets one heartbeat per interval (bounds wide for a slow machine).
+    for at in &arrivals {
+        for pair in at.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap >= Duration::from_millis(400) && gap <= Duration::from_millis(3_000),
+                "a session's heartbeats {gap:?} apart at one per second"
+            );
+        }
+    }
+    // The sessions' heartbeats do not all leave at one instant: their phases within
+    // the interval (time since the first arrival, modulo the interval) fall in several
+    // of its tenths. One burst for all would put them in one tenth, or two at an edge.
+    let first = arrivals.iter().flatten().min().copied().expect("arrivals");
+    let tenths: std::collections::BTreeSet<u128> = arrivals
+        .iter()
+        .map(|at| ((at[3] - first).as_millis() % PERIOD_MS) * 10 / PERIOD_MS)
+        .collect();
+    assert!(
+        tenths.len() >= 5,
+        "the last heartbeats of 20 sessions fell in {} tenth(s) of the interval: {tenths:?}",
+        tenths.len()
+    );
+    drop(clients);
 }

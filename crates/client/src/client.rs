@@ -172,8 +172,8 @@ struct Endpoints {
 /// The receive buffer a client endpoint asks of the kernel: 4 MiB, as a node's socket.
 ///
 /// Every connection of an endpoint receives on its one socket, and a node sends the
-/// heartbeats of all its sessions in one pass: an endpoint that many clients share
-/// ([`Client::connect_on`]) gets them in bursts of thousands. With the system's
+/// heartbeats of its sessions in bursts (a tenth of them at a time): an endpoint that
+/// many clients share ([`Client::connect_on`]) gets them by the thousand. With the system's
 /// default (about 200 KB on Linux) 10 000 sessions over three nodes lost about a
 /// quarter of the datagrams there, and each loss cost its node a QUIC loss-recovery
 /// round (probes, a retransmission) on top (docs/benchmarks.md, twenty-ninth series).

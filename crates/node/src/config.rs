@@ -37,9 +37,10 @@ pub struct Config {
     /// fallback for clients that do not take heartbeats, since every packet a client
     /// sends (a heartbeat's acknowledgement too) restarts it.
     pub keep_alive_interval_ms: u64,
-    /// Interval of the heartbeat datagram the node sends every client session in one
-    /// pass (ms; 0: none). It keeps sessions alive in both directions, and because
-    /// they are sent together their acknowledgements come back together, which costs
+    /// Interval of the heartbeat datagram the node sends every client session, in ten
+    /// bursts spread over the interval (ms; 0: none). It keeps sessions alive in both
+    /// directions, and because a burst's heartbeats are sent together their
+    /// acknowledgements come back together, which costs
     /// the node far fewer wake-ups than each client's own keep-alive timer.
     pub heartbeat_interval_ms: u64,
     /// Largest frame accepted or sent (bytes).

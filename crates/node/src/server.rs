@@ -114,7 +114,7 @@ fn tls_files(config: &Config, node_id: &NodeId) -> Result<TlsFiles> {
 }
 
 /// Sends every connection that holds a session one heartbeat datagram per
-/// `heartbeat_interval_ms`, all in one pass.
+/// `heartbeat_interval_ms`, in [`HEARTBEAT_SLOTS`] bursts spread over the interval.
 ///
 /// A heartbeat is what keeps an idle session alive: every packet received restarts
 /// QUIC's idle and keep-alive timers on both sides, so with heartbeats more frequent
@@ -122,21 +122,34 @@ fn tls_files(config: &Config, node_id: &NodeId) -> Result<TlsFiles> {
 /// The packets per session are the same as with client keep-alives (one each way
 /// per interval), but a client keep-alive arrives whenever that client's timer says
 /// and each one wakes the node twice (the packet, then its delayed acknowledgement),
-/// while heartbeats leave in one burst and their acknowledgements come back in one,
+/// while heartbeats leave in bursts and their acknowledgements come back in bursts,
 /// read many per system call. Holding 10 000 idle sessions, that cost the cluster
 /// about a fifth less CPU at the same packet rate (docs/benchmarks.md).
+///
+/// A connection's slot is its id modulo [`HEARTBEAT_SLOTS`], so it gets its heartbeat
+/// every interval exactly, and one burst is a tenth of the node's sessions: the
+/// acknowledgements of a burst arrive together, and those of 10 000 sessions at once
+/// overflowed the node's 4 MiB receive buffer (docs/benchmarks.md, twenty-ninth series).
 ///
 /// A client that did not offer datagram support is skipped by quinn
 /// (`SendDatagramError::UnsupportedByPeer`); it keeps itself alive with its own
 /// keep-alives, or the node's.
 async fn heartbeat_loop(shared: Arc<Shared>) {
     let period = Duration::from_millis(shared.config.heartbeat_interval_ms);
-    let mut interval = tokio::time::interval(period);
+    let slot_period = (period / HEARTBEAT_SLOTS as u32).max(Duration::from_millis(1));
+    let mut interval = tokio::time::interval(slot_period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut conns = Vec::new();
+    let mut slot = 0;
     loop {
         interval.tick().await;
-        conns.extend(crate::state::lock(&shared.session_conns).values().cloned());
+        conns.extend(
+            crate::state::lock(&shared.session_conns)
+                .iter()
+                .filter(|(id, _)| **id % HEARTBEAT_SLOTS == slot)
+                .map(|(_, conn)| conn.clone()),
+        );
+        slot = (slot + 1) % HEARTBEAT_SLOTS;
         let mut sent = 0u64;
         for conn in conns.drain(..) {
             // One byte, whose value means nothing yet; `from_static` does not allocate.
@@ -147,6 +160,9 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
         metrics::counter!("shoal_heartbeats_sent_total").increment(sent);
     }
 }
+
+/// The bursts a heartbeat interval is divided into (see `heartbeat_loop`).
+const HEARTBEAT_SLOTS: u64 = 10;
 
 /// Starts a node and returns once it serves.
 pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> Result<RunningNode> {

@@ -176,7 +176,7 @@ struct Endpoints {
 /// many clients share ([`Client::connect_on`]) gets them by the thousand. With the system's
 /// default (about 200 KB on Linux) 10 000 sessions over three nodes lost about a
 /// quarter of the datagrams there, and each loss cost its node a QUIC loss-recovery
-/// round (probes, a retransmission) on top (docs/benchmarks.md, twenty-ninth series).
+/// round (probes, and their acknowledgements) on top (docs/benchmarks.md, twenty-ninth series).
 /// The kernel grants at most `net.core.rmem_max`; less is not an error. The buffer
 /// is a limit, not memory taken up front.
 pub const ENDPOINT_RECV_BUFFER_BYTES: usize = 4 << 20;

@@ -977,7 +977,26 @@ impl Replica {
             }
             PeerMsg::Repair { records } => {
                 tracing::debug!(from = %from.0, records = records.len(), "repair");
-                actions.extend(self.apply_records(records, now_ms))
+                // The digests of the services of this node's own range, before.
+                let own: Vec<(ServiceKey, u64)> = records
+                    .iter()
+                    .filter(|r| self.owns(&r.service))
+                    .map(|r| (r.service.clone(), self.registry.service_digest(&r.service)))
+                    .collect();
+                actions.extend(self.apply_records(records, now_ms));
+                let repaired_own = own
+                    .iter()
+                    .any(|(k, d)| self.registry.service_digest(k) != *d);
+                if repaired_own && self.ready {
+                    // This owner learnt from a peer what it lacked in its own range (a
+                    // write whose owner died before its batch left reached only the
+                    // client's home): the other copies may lack it too, and only this
+                    // node's rounds compare that range. Compare it with every peer on
+                    // the next tick (a later millisecond: a reply leaves out services
+                    // changed since its digests left), not up to
+                    // `anti_entropy_interval_ms` later.
+                    self.next_anti_entropy_ms = self.next_anti_entropy_ms.min(now_ms + 1);
+                }
             }
             PeerMsg::RepairRequest { services } => {
                 let records = self.registry.records_of(&services);

@@ -1359,6 +1359,97 @@ fn a_node_that_takes_over_a_range_compares_it_at_once() {
     );
 }
 
+/// Bug 16 of docs/reliability.md: an owner acknowledged a forwarded write and died before
+/// its batch left; the client's home held the write (bug 9), and the node that took the
+/// range over got it from the home when it compared the range at once (bug 13), but
+/// the other copies only at its next periodic round, up to `anti_entropy_interval_ms`
+/// later. An owner that a repair gives something new in its own range now compares
+/// that range with every peer at once.
+#[test]
+fn what_an_owner_learns_from_a_repair_reaches_the_other_copies_at_once() {
+    // Periodic rounds far apart: only the rounds the takeover and the repair start can
+    // spread the write.
+    let config = Config {
+        anti_entropy_interval_ms: 60_000,
+        ..Config::default()
+    };
+    let mut sim = cluster_with(seed(44), config, &["a", "b", "c", "d"]);
+    // A service c owns, and a owns once c is gone.
+    let service = owned_by(&sim, "c", 400)
+        .into_iter()
+        .find(|s| {
+            let r = shoal_ring::Ring::from_members(
+                sim.replica(&id("a")).ring().vnodes_per_weight(),
+                ["a", "b", "d"],
+            )
+            .unwrap();
+            s.with_placement_bytes(|k| r.owner(k)) == Some("a")
+        })
+        .expect("a service c owns that passes to a");
+    sim.open_session(&id("d"), SessionId(7));
+    register(&mut sim, "d", &service, "10.0.0.5", 7);
+    assert_converged(&mut sim, 2_000);
+
+    // c takes d's next write, which d forwards to it, and dies before its batch reaches
+    // a or b: only d, the client's home, holds it.
+    sim.set_filter(Box::new(|from, to, msg| {
+        from == &id("c")
+            && (to == &id("a") || to == &id("b"))
+            && !matches!(msg, PeerMsg::Ping(_) | PeerMsg::Ack(_))
+    }));
+    let WriteResult::Forwarded { to, id: fwd } = sim.write(
+        &id("d"),
+        Write::Register {
+            service: service.clone(),
+            instance: InstanceSpec::new("10.0.0.6", 8080),
+            session: SessionId(7),
+        },
+    ) else {
+        panic!("d should forward to c");
+    };
+    assert_eq!(to, id("c"));
+    for _ in 0..200 {
+        if sim.forward_outcome(&id("d"), fwd).is_some() {
+            break;
+        }
+        sim.run_for(1);
+    }
+    assert!(
+        matches!(
+            sim.forward_outcome(&id("d"), fwd),
+            Some(ForwardOutcome::Applied { .. })
+        ),
+        "c applied the write"
+    );
+    sim.kill(&id("c"));
+    sim.clear_filter();
+    assert_eq!(instances(&sim, "d", &service), vec!["10.0.0.5", "10.0.0.6"]);
+    for n in ["a", "b"] {
+        assert_eq!(instances(&sim, n, &service), vec!["10.0.0.5"], "{n}");
+    }
+
+    // a takes the range over when it sees c Down and gets the write from d; b has it
+    // a moment later.
+    let mut taken_at = None;
+    for _ in 0..4_000 {
+        sim.run_for(5);
+        if taken_at.is_none() && sim.replica(&id("a")).owner(&service) == Some(id("a")) {
+            taken_at = Some(sim.now_ms());
+        }
+        if instances(&sim, "b", &service).len() == 2 {
+            break;
+        }
+    }
+    let taken_at = taken_at.expect("a took the range over");
+    assert_eq!(instances(&sim, "a", &service), vec!["10.0.0.5", "10.0.0.6"]);
+    assert_eq!(instances(&sim, "b", &service), vec!["10.0.0.5", "10.0.0.6"]);
+    let waited = sim.now_ms() - taken_at;
+    assert!(
+        waited <= 1_000,
+        "b got the write {waited} ms after a took the range over"
+    );
+}
+
 /// Bug 15 of docs/reliability.md: an owner that saw a session's home Down, and was then
 /// frozen for longer than the grace period, reaped the session's instances on its first
 /// tick after resuming, though the home had been back for seconds (it had not heard

@@ -557,6 +557,45 @@ fn first_owned_by(sim: &Sim, node: &str) -> ServiceKey {
         .unwrap_or_else(|| panic!("{node} owns none of 50 services"))
 }
 
+/// A service that `from` owns now and `to` owns once `from` is gone (`after`: the
+/// members then), among `svc(0..n)`.
+fn passing_to(sim: &Sim, from: &str, to: &str, after: &[&str], n: usize) -> ServiceKey {
+    let ring = shoal_ring::Ring::from_members(
+        sim.replica(&id(to)).ring().vnodes_per_weight(),
+        after.iter().copied(),
+    )
+    .unwrap();
+    owned_by(sim, from, n)
+        .into_iter()
+        .find(|s| s.with_placement_bytes(|k| ring.owner(k)) == Some(to))
+        .unwrap_or_else(|| panic!("no service {from} owns passes to {to}"))
+}
+
+/// Runs in 5 ms steps, for at most `max_ms`, until `reader` lists `count` instances of
+/// `service`; returns how long after `new_owner` took `service` over that was (panics
+/// if it never did).
+fn listed_after_takeover(
+    sim: &mut Sim,
+    new_owner: &str,
+    service: &ServiceKey,
+    reader: &str,
+    count: usize,
+    max_ms: u64,
+) -> u64 {
+    let mut taken_at = None;
+    for _ in 0..max_ms / 5 {
+        sim.run_for(5);
+        if taken_at.is_none() && sim.replica(&id(new_owner)).owner(service) == Some(id(new_owner)) {
+            taken_at = Some(sim.now_ms());
+        }
+        if instances(sim, reader, service).len() == count {
+            break;
+        }
+    }
+    let taken_at = taken_at.unwrap_or_else(|| panic!("{new_owner} never took {service} over"));
+    sim.now_ms() - taken_at
+}
+
 /// How node `at` sees node `of`.
 fn member_state(sim: &Sim, at: &str, of: &str) -> MemberState {
     sim.replica(&id(at))
@@ -1313,17 +1352,7 @@ fn a_node_that_takes_over_a_range_compares_it_at_once() {
     };
     let mut sim = cluster_with(seed(41), config, &["a", "b", "c"]);
     // A service c owns, and a owns once c is gone.
-    let service = owned_by(&sim, "c", 200)
-        .into_iter()
-        .find(|s| {
-            let r = shoal_ring::Ring::from_members(
-                sim.replica(&id("a")).ring().vnodes_per_weight(),
-                ["a", "b"],
-            )
-            .unwrap();
-            s.with_placement_bytes(|k| r.owner(k)) == Some("a")
-        })
-        .expect("a service c owns that passes to a");
+    let service = passing_to(&sim, "c", "a", &["a", "b"], 200);
     sim.open_session(&id("c"), SessionId(5));
     register(&mut sim, "c", &service, "10.0.0.5", 5);
     assert_converged(&mut sim, 2_000);
@@ -1340,19 +1369,8 @@ fn a_node_that_takes_over_a_range_compares_it_at_once() {
     sim.kill(&id("c"));
 
     // a takes the range over when it sees c Down; b has the write a moment later.
-    let mut taken_at = None;
-    for _ in 0..2_000 {
-        sim.run_for(5);
-        if taken_at.is_none() && sim.replica(&id("a")).owner(&service) == Some(id("a")) {
-            taken_at = Some(sim.now_ms());
-        }
-        if instances(&sim, "b", &service).len() == 2 {
-            break;
-        }
-    }
-    let taken_at = taken_at.expect("a took the range over");
+    let waited = listed_after_takeover(&mut sim, "a", &service, "b", 2, 10_000);
     assert_eq!(instances(&sim, "b", &service), vec!["10.0.0.5", "10.0.0.6"]);
-    let waited = sim.now_ms() - taken_at;
     assert!(
         waited <= 200,
         "b got the write {waited} ms after a took the range over"
@@ -1375,17 +1393,7 @@ fn what_an_owner_learns_from_a_repair_reaches_the_other_copies_at_once() {
     };
     let mut sim = cluster_with(seed(44), config, &["a", "b", "c", "d"]);
     // A service c owns, and a owns once c is gone.
-    let service = owned_by(&sim, "c", 400)
-        .into_iter()
-        .find(|s| {
-            let r = shoal_ring::Ring::from_members(
-                sim.replica(&id("a")).ring().vnodes_per_weight(),
-                ["a", "b", "d"],
-            )
-            .unwrap();
-            s.with_placement_bytes(|k| r.owner(k)) == Some("a")
-        })
-        .expect("a service c owns that passes to a");
+    let service = passing_to(&sim, "c", "a", &["a", "b", "d"], 400);
     sim.open_session(&id("d"), SessionId(7));
     register(&mut sim, "d", &service, "10.0.0.5", 7);
     assert_converged(&mut sim, 2_000);
@@ -1430,20 +1438,9 @@ fn what_an_owner_learns_from_a_repair_reaches_the_other_copies_at_once() {
 
     // a takes the range over when it sees c Down and gets the write from d; b has it
     // a moment later.
-    let mut taken_at = None;
-    for _ in 0..4_000 {
-        sim.run_for(5);
-        if taken_at.is_none() && sim.replica(&id("a")).owner(&service) == Some(id("a")) {
-            taken_at = Some(sim.now_ms());
-        }
-        if instances(&sim, "b", &service).len() == 2 {
-            break;
-        }
-    }
-    let taken_at = taken_at.expect("a took the range over");
+    let waited = listed_after_takeover(&mut sim, "a", &service, "b", 2, 20_000);
     assert_eq!(instances(&sim, "a", &service), vec!["10.0.0.5", "10.0.0.6"]);
     assert_eq!(instances(&sim, "b", &service), vec!["10.0.0.5", "10.0.0.6"]);
-    let waited = sim.now_ms() - taken_at;
     assert!(
         waited <= 1_000,
         "b got the write {waited} ms after a took the range over"

@@ -401,7 +401,9 @@ fn parse_dump_versions(
 }
 
 /// How long before a fault step an acknowledged write may still sit in its owner's
-/// batch (`batch_window_ms` is 5 ms; the rest is scheduling slack on a loaded machine).
+/// batch (`batch_window_ms` is 5 ms; the rest is scheduling slack on a loaded machine),
+/// and how long before its client has the answer the owner may have given it (the
+/// answer of a forwarded write travels through the client's home).
 const AP_WINDOW: Duration = Duration::from_millis(100);
 
 /// Checks one consistent poll of node `node` (`present`, read between `start` and
@@ -457,15 +459,20 @@ fn evaluate(
                 && reg.crashed.is_none_or(|c| c > end);
             // Acknowledged just before a fault: the owner may have answered before its
             // batch left (the AP window of docs/reliability.md); it arrives when the
-            // owner is back, or when the client re-registers after failing over. Its
+            // owner is back, when the node that takes its range over gets it from the
+            // client's home, or when the client re-registers after failing over. Its
             // absence is tolerated here; `final-missing` still catches a loss for good.
-            let before_a_fault = |a: Instant| {
+            // The client has the answer after the owner gave it, by up to AP_WINDOW
+            // (not before the request was sent): a fault in that time may have come
+            // after the owner's answer too.
+            let before_a_fault = |sent: Instant, a: Instant| {
+                let from = a.checked_sub(AP_WINDOW).map_or(sent, |f| f.max(sent));
                 world
                     .fault_times
                     .iter()
-                    .any(|&f| f >= a && f <= a + AP_WINDOW)
+                    .any(|&f| f >= from && f <= a + AP_WINDOW)
             };
-            let in_ap_window = reg.acked.is_some_and(before_a_fault);
+            let in_ap_window = reg.acked.is_some_and(|a| before_a_fault(reg.attempted, a));
             let never_seen = !seen.contains(&(node, key.clone()));
             if must && !here {
                 if settled && !(in_ap_window && never_seen) {
@@ -488,7 +495,10 @@ fn evaluate(
             if here && settled {
                 // The same AP window for a deletion acknowledged just before a fault:
                 // tolerated here, `final-extra` catches it if it never spreads.
-                let dereg_in_ap_window = reg.dereg_acked.is_some_and(before_a_fault);
+                let dereg_in_ap_window = reg
+                    .dereg_acked
+                    .zip(reg.dereg_requested)
+                    .is_some_and(|(a, sent)| before_a_fault(sent, a));
                 if dereg_in_ap_window && reg.dereg_acked.is_some_and(|d| d + b.replication <= start)
                 {
                     tolerated += 1;

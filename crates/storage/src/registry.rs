@@ -461,8 +461,7 @@ impl Registry {
             last_beat_ms: now_ms,
             stamp,
         };
-        self.record_instance(service, &inst.key(), version, Some(&inst), None, false);
-        self.put_live(service, inst, addr, version, None, stamp);
+        self.store_and_record(service, inst, addr, version, None, stamp);
         Ok(Change {
             key: service.clone(),
             revision: stamp,
@@ -496,8 +495,7 @@ impl Registry {
         inst.metadata = spec.metadata;
         inst.healthy = lapsed.is_none() && spec.healthy;
         inst.stamp = stamp;
-        self.record_instance(service, &key, version, Some(&inst), lapsed, false);
-        self.put_live(service, inst, k.ip, version, lapsed, stamp);
+        self.store_and_record(service, inst, k.ip, version, lapsed, stamp);
         Ok(Change {
             key: service.clone(),
             revision: stamp,
@@ -555,7 +553,7 @@ impl Registry {
         let version = self.next_version(now_ms);
         let stamp = bump(&mut self.next_stamp);
         self.kill(service, &key, version, self.last_now_ms, false);
-        self.record_instance(service, &key, version, None, None, false);
+        self.record_instance(service, key, version, None, None, false);
         self.set_revision(service, stamp);
         self.settle(service);
         Ok(Change {
@@ -596,8 +594,7 @@ impl Registry {
             inst.healthy = true;
             inst.stamp = stamp;
             inst.last_beat_ms = inst.last_beat_ms.max(now_ms);
-            self.record_instance(service, &key, version, Some(&inst), None, false);
-            self.put_live(service, inst, k.ip, version, None, stamp);
+            self.store_and_record(service, inst, k.ip, version, None, stamp);
             return Ok(Some(Change {
                 key: service.clone(),
                 revision: stamp,
@@ -701,7 +698,7 @@ impl Registry {
                     // The tombstone's use of the cluster name (the live one's goes).
                     self.clusters.retain(k.cluster);
                     self.kill_at(&service, k, &key, version, now_ms, true);
-                    self.record_instance(&service, &key, version, None, None, true);
+                    self.record_instance(&service, key, version, None, None, true);
                     removed = true;
                 }
             }
@@ -785,7 +782,7 @@ impl Registry {
                     let key = self.public_key(&k);
                     let version = self.next_version(now_ms);
                     self.kill(&service, &key, version, now_ms, true);
-                    self.record_instance(&service, &key, version, None, None, true);
+                    self.record_instance(&service, key, version, None, None, true);
                     stamp.get_or_insert_with(|| bump(&mut self.next_stamp));
                 } else if idle >= ttl.unhealthy_after_ms && !lapsed {
                     if slot.healthy() {
@@ -795,17 +792,8 @@ impl Registry {
                         let version = self.next_version(now_ms);
                         inst.healthy = false;
                         inst.stamp = *stamp.get_or_insert_with(|| bump(&mut self.next_stamp));
-                        let key = inst.key();
-                        self.record_instance(
-                            &service,
-                            &key,
-                            version,
-                            Some(&inst),
-                            Some(true),
-                            false,
-                        );
                         let revision = inst.stamp;
-                        self.put_live(&service, inst, k.ip, version, Some(true), revision);
+                        self.store_and_record(&service, inst, k.ip, version, Some(true), revision);
                     } else {
                         let slot = self
                             .services
@@ -854,26 +842,50 @@ impl Registry {
         }
     }
 
-    /// Records an instance operation for replication (when recording is on).
+    /// Records an instance operation for replication (when recording is on). Takes
+    /// the key and the state: the operation keeps them, without a copy.
     fn record_instance(
         &mut self,
         service: &ServiceKey,
-        key: &InstanceKey,
+        key: InstanceKey,
         version: Stamp,
-        state: Option<&Instance>,
+        state: Option<Instance>,
         lapsed: Option<bool>,
         reaped: bool,
     ) {
         if self.repl.record_ops {
             self.outbox.push(Op::Instance(InstanceOp {
                 service: service.clone(),
-                key: key.clone(),
+                key,
                 stamp: version,
-                state: state.cloned(),
+                state,
                 lapsed,
                 reaped,
             }));
         }
+    }
+
+    /// A local write's store: [`Registry::put_live`], then the operation recorded for
+    /// the peers, which takes `inst` itself (only its metadata, when it has any, is
+    /// copied for the store).
+    fn store_and_record(
+        &mut self,
+        service: &ServiceKey,
+        mut inst: Instance,
+        addr: IpAddr,
+        version: Stamp,
+        lapsed: Option<bool>,
+        revision: u64,
+    ) {
+        if !self.repl.record_ops {
+            let metadata = std::mem::take(&mut inst.metadata);
+            self.put_live(service, &inst, metadata, addr, version, lapsed, revision);
+            return;
+        }
+        let metadata = inst.metadata.clone();
+        self.put_live(service, &inst, metadata, addr, version, lapsed, revision);
+        let key = inst.key();
+        self.record_instance(service, key, version, Some(inst), lapsed, false);
     }
 
     /// Stores `inst` live at `version` (lapsed with the declared health `lapsed`),
@@ -885,11 +897,16 @@ impl Registry {
     /// On the path of every write and every replicated operation: the service is looked
     /// up twice (whether it has an entry, then the entry) and the instance once (an
     /// entry, not a remove and an insert); the revision is set on the entry at hand.
-    /// `addr` is `inst.ip` parsed, which every caller has at hand already.
+    /// `addr` is `inst.ip` parsed, which every caller has at hand already. The
+    /// instance is read, not kept: `metadata` is what the store keeps as its metadata
+    /// (`inst.metadata` is not read), so that a caller that still needs `inst` copies
+    /// no more than that.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn put_live(
         &mut self,
         service: &ServiceKey,
-        inst: Instance,
+        inst: &Instance,
+        metadata: BTreeMap<String, String>,
         addr: IpAddr,
         version: Stamp,
         lapsed: Option<bool>,
@@ -899,29 +916,29 @@ impl Registry {
             self.ensure_entry(service);
         }
         let Instance {
-            ip,
+            ref ip,
             port,
-            cluster,
+            ref cluster,
             weight,
             healthy,
             enabled,
-            metadata,
-            lease,
+            metadata: _,
+            ref lease,
             last_beat_ms,
             stamp,
-        } = inst;
-        let hash = instance_hash(&cluster, &ip, port, version);
+        } = *inst;
+        let hash = instance_hash(cluster, ip, port, version);
         // The cluster name is taken before a tombstone of the same key gives its use
         // back, so that the name is never dropped in between.
         let k = Key {
-            cluster: self.clusters.acquire(&cluster),
+            cluster: self.clusters.acquire(cluster),
             ip: addr,
             port,
         };
         self.drop_tomb(service, Some(k));
         let (ttl, session) = match lease {
-            Lease::Ttl(t) => (Some(t), None),
-            Lease::Session(s) => (None, Some(s)),
+            Lease::Ttl(t) => (Some(t.clone()), None),
+            Lease::Session(s) => (None, Some(*s)),
         };
         let mut slot = Slot {
             version,
@@ -942,7 +959,7 @@ impl Registry {
                     entry.healthy -= 1;
                 }
                 self.index.remove(id, k, held.get());
-                let old_hash = instance_hash(&cluster, &ip, port, held.get().version);
+                let old_hash = instance_hash(cluster, ip, port, held.get().version);
                 entry.sum = entry.sum.wrapping_sub(old_hash);
                 self.index.add(id, k, &mut slot, session);
                 held.insert(slot);

@@ -486,7 +486,8 @@ impl Registry {
                     Lease::Ttl(_) => op.lapsed,
                     Lease::Session(_) => None,
                 };
-                self.put_live(&service, inst, addr, op.stamp, lapsed, revision);
+                let metadata = std::mem::take(&mut inst.metadata);
+                self.put_live(&service, &inst, metadata, addr, op.stamp, lapsed, revision);
                 Some(Change {
                     key: service,
                     revision,

@@ -936,14 +936,12 @@ async fn register(args: &CompareArgs, h: &mut Harness, run: &mut TargetRun) -> R
         let all = Arc::new((0..names.len()).collect());
         (0..sessions.len()).map(|_| Arc::clone(&all)).collect()
     };
-    let registering = names.clone();
-    let ran = each_lane(sessions, per, &done, move |lane, s, i| {
-        let g = s * per + i;
-        let k = services[s][g % services[s].len()];
-        let names = registering.clone();
-        Box::pin(async move { lane.register(&names, k, Inst::numbered(g)).await })
-    })
-    .await?;
+    let op = Registering {
+        names: names.clone(),
+        services,
+        per,
+    };
+    let ran = each_lane(sessions, per, &done, op).await?;
     finish_register(
         args,
         h,
@@ -976,26 +974,64 @@ struct LaneRun {
     first_error: Option<String>,
 }
 
-/// The lanes of each session `s` make `op(lane, s, i)` for `i` in `0..per` between
+/// What each request of [`each_lane`] does: `run(lane, s, i)` is request `i` of session
+/// `s`. A trait rather than a closure that boxes its future: the future of one request
+/// (the SDK's call, about 2 KB) then lives in its lane's task, not in a box allocated and
+/// copied per request (docs/benchmarks.md, thirty-second series).
+trait LaneOp: Send + Sync + 'static {
+    fn run<'a>(
+        &'a self,
+        lane: &'a mut Lane,
+        s: usize,
+        i: usize,
+    ) -> impl std::future::Future<Output = Result<()>> + Send + 'a;
+}
+
+/// The register scenario's request: instance `s * per + i` into its service.
+struct Registering {
+    names: Arc<Names>,
+    /// The services each session registers in, by session.
+    services: Vec<Arc<Vec<usize>>>,
+    per: usize,
+}
+
+impl LaneOp for Registering {
+    fn run<'a>(
+        &'a self,
+        lane: &'a mut Lane,
+        s: usize,
+        i: usize,
+    ) -> impl std::future::Future<Output = Result<()>> + Send + 'a {
+        let g = s * self.per + i;
+        let services = &self.services[s];
+        let k = services[g % services.len()];
+        lane.register(&self.names, k, Inst::numbered(g))
+    }
+}
+
+/// The roundtrip scenario's request: an empty one.
+struct Pinging;
+
+impl LaneOp for Pinging {
+    fn run<'a>(
+        &'a self,
+        lane: &'a mut Lane,
+        _: usize,
+        _: usize,
+    ) -> impl std::future::Future<Output = Result<()>> + Send + 'a {
+        lane.ping()
+    }
+}
+
+/// The lanes of each session `s` make `op.run(lane, s, i)` for `i` in `0..per` between
 /// them, each lane one request at a time, all sessions at once; each success counts in
 /// `done`.
-async fn each_lane<F>(
+async fn each_lane<O: LaneOp>(
     sessions: Vec<Vec<Lane>>,
     per: usize,
     done: &Arc<AtomicU64>,
-    op: F,
-) -> Result<LaneRun>
-where
-    F: for<'a> Fn(
-            &'a mut Lane,
-            usize,
-            usize,
-        )
-            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>
-        + Send
-        + Sync
-        + 'static,
-{
+    op: O,
+) -> Result<LaneRun> {
     let n = sessions.len();
     let op = Arc::new(op);
     let mut tasks = JoinSet::new();
@@ -1013,7 +1049,7 @@ where
                         return (s, lane, samples, errors, first_error);
                     }
                     let t = Instant::now();
-                    match op(&mut lane, s, i).await {
+                    match op.run(&mut lane, s, i).await {
                         Ok(()) => {
                             samples.record(t.elapsed());
                             done.fetch_add(1, Ordering::Relaxed);
@@ -1258,7 +1294,7 @@ async fn roundtrip(
     let done = Arc::new(AtomicU64::new(0));
     let progress = Progress::start(S, done.clone(), Some(total));
     let mark = CpuMark::now(&h.pids());
-    let ran = each_lane(sessions, per, &done, |lane, _, _| Box::pin(lane.ping())).await?;
+    let ran = each_lane(sessions, per, &done, Pinging).await?;
     reg.sessions = ran.sessions;
     let seconds = mark.at().elapsed().as_secs_f64();
     drop(progress);

@@ -29,16 +29,9 @@ use crate::balance::choose_weighted;
 use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
 use crate::held::Slots;
-use crate::link::{
-    Dial, Link, CLOSE_ABRUPT, CLOSE_GOODBYE, CLOSE_STREAM_FAILED, CLOSE_UNRESPONSIVE,
-};
+use crate::link::{Dial, Link, CLOSE_ABRUPT, CLOSE_GOODBYE, CLOSE_STREAM_FAILED};
 use crate::subscription::{Subscription, SubscriptionCache};
 
-/// A request that has waited this long with nothing at all received from its node
-/// makes the client probe the node (see `Shared::attempt`).
-const SILENCE_BEFORE_PROBE: Duration = Duration::from_secs(2);
-/// How long a probed node has to send anything before the client gives up on it.
-const PROBE_PATIENCE: Duration = Duration::from_millis(1_500);
 /// First pause before asking again after `Unavailable` or `NotReady`; it doubles up
 /// to [`RETRY_PAUSE_MAX`], within the request timeout.
 const RETRY_PAUSE_FIRST: Duration = Duration::from_millis(50);
@@ -832,55 +825,17 @@ impl Shared {
 
     /// Sends a request once and waits for its answer until `deadline`.
     ///
-    /// While it waits it watches the connection: a node that sent nothing at all for
-    /// [`SILENCE_BEFORE_PROBE`] is probed with a datagram, and one that still sends
-    /// nothing for [`PROBE_PATIENCE`] is given up (the connection is closed with
-    /// `CLOSE_UNRESPONSIVE`, the call fails with `Disconnected` and is retried on the
-    /// next link). A live node acknowledges any packet within milliseconds even when
-    /// the answer itself takes long, so only a dead or frozen node is given up; an idle
-    /// client still relies on the QUIC idle timeout (12 s by default), but one waiting
-    /// for an answer notices within about 3 s.
+    /// The link's watchdog ends the wait at the deadline, and gives up on a node that
+    /// sends nothing at all while a call waits (the call then fails with
+    /// `Disconnected` and is retried on the next link): see `link::watch_calls`.
     async fn attempt(&self, body: &Request, deadline: Instant) -> Result<Response> {
-        let timeout = self.config.request_timeout;
         let link = self.usable_link(deadline).await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut rx = link.start_call(id, body).await?;
-        let mut heard = link.packets_received();
-        let mut probed = false;
-        loop {
-            let patience = if probed {
-                PROBE_PATIENCE
-            } else {
-                SILENCE_BEFORE_PROBE
-            };
-            let wake = deadline.min(Instant::now() + patience);
-            match tokio::time::timeout_at(wake, &mut rx).await {
-                Ok(Ok(answer)) => return answer.map_err(ClientError::Server),
-                Ok(Err(_)) => return Err(ClientError::Disconnected),
-                Err(_) if Instant::now() >= deadline => {
-                    link.forget(id);
-                    return Err(ClientError::Timeout(timeout));
-                }
-                Err(_) => {
-                    let now = link.packets_received();
-                    if now != heard {
-                        heard = now;
-                        probed = false;
-                    } else if !probed {
-                        link.probe();
-                        probed = true;
-                    } else {
-                        warn!(
-                            node = %link.addr,
-                            "the node sent nothing for {:?} while a request waited; giving up on the connection",
-                            SILENCE_BEFORE_PROBE + PROBE_PATIENCE
-                        );
-                        // The reader then marks the link dead, which fails this call
-                        // with Disconnected on the next turn.
-                        link.close(CLOSE_UNRESPONSIVE, b"unresponsive");
-                    }
-                }
-            }
+        let rx = link.start_call(id, body, deadline).await?;
+        match rx.await {
+            Ok(Some(answer)) => answer.map_err(ClientError::Server),
+            Ok(None) => Err(ClientError::Timeout(self.config.request_timeout)),
+            Err(_) => Err(ClientError::Disconnected),
         }
     }
 
@@ -1018,30 +973,30 @@ impl Shared {
             let mut waiting = Vec::with_capacity(todo.len());
             for (what, body) in todo {
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                let rx = link.start_call(id, &body).await?;
+                let rx = link.start_call(id, &body, deadline).await?;
                 waiting.push((what, body, rx));
             }
             let mut again = Vec::new();
             for (what, body, rx) in waiting {
-                match tokio::time::timeout_at(deadline, rx).await {
-                    Ok(Ok(Ok(_))) => debug!("restored {what}"),
+                match rx.await {
+                    Ok(Some(Ok(_))) => debug!("restored {what}"),
                     // A repeated deregistration finds the instance gone: as it should.
-                    Ok(Ok(Err(b)))
+                    Ok(Some(Err(b)))
                         if b.code == ErrorCode::NotFound
                             && matches!(body, Request::Deregister { .. }) =>
                     {
                         debug!("{what}: already gone")
                     }
-                    Ok(Ok(Err(b)))
+                    Ok(Some(Err(b)))
                         if matches!(b.code, ErrorCode::Unavailable | ErrorCode::NotReady) =>
                     {
                         debug!(error = %b, "{what} must wait; asking again");
                         again.push((what, body));
                     }
                     // Kept: it is asserted again on the next reconnect.
-                    Ok(Ok(Err(b))) => warn!(error = %b, "node refused to restore {what}"),
-                    Ok(Err(_)) => return Err(ClientError::Disconnected),
-                    Err(_) => return Err(ClientError::Timeout(self.config.request_timeout)),
+                    Ok(Some(Err(b))) => warn!(error = %b, "node refused to restore {what}"),
+                    Ok(None) => return Err(ClientError::Timeout(self.config.request_timeout)),
+                    Err(_) => return Err(ClientError::Disconnected),
                 }
             }
             if again.is_empty() {

@@ -17,7 +17,8 @@ use shoal_proto::{
     FrameReader, Hello, Request, RequestId, Response, ServerFrame, Welcome, REQUEST_SHAPE,
 };
 use shoal_storage::ServiceKey;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::error::{ClientError, Result};
@@ -33,19 +34,33 @@ pub(crate) const CLOSE_ABRUPT: u32 = 1;
 pub(crate) const CLOSE_STREAM_FAILED: u32 = 2;
 /// QUIC application close code: a request waited and the node sent nothing at all, not
 /// even an acknowledgement of a probe; the client gave up on the connection and resumes
-/// its session elsewhere (see `Shared::attempt`).
+/// its session elsewhere (see [`watch_calls`]).
 pub(crate) const CLOSE_UNRESPONSIVE: u32 = 3;
 
 /// Frames waiting for the writer task. Bounded so that a stalled connection pushes
 /// back on callers instead of growing without limit.
 const OUTBOX_FRAMES: usize = 1024;
 
+/// A call that has waited this long with nothing at all received from its node makes
+/// the link probe the node (see [`watch_calls`]).
+pub(crate) const SILENCE_BEFORE_PROBE: Duration = Duration::from_secs(2);
+/// How long a probed node has to send anything before the link gives up on it.
+pub(crate) const PROBE_PATIENCE: Duration = Duration::from_millis(1_500);
+/// How often the watchdog of a link with calls waiting looks at them: a call's
+/// deadline is kept to within this.
+const WATCH_TICK: Duration = Duration::from_millis(100);
+
 /// The answer a call waits for.
 pub(crate) type Answer = std::result::Result<Response, ErrorBody>;
 
+/// What a call's receiver gets: the node's answer, or `None` when the call's deadline
+/// passed first.
+pub(crate) type Reply = Option<Answer>;
+
 struct Pending {
-    tx: oneshot::Sender<Answer>,
+    tx: oneshot::Sender<Reply>,
     kind: CallKind,
+    deadline: Instant,
 }
 
 /// What the reader must do with an answer before handing it over.
@@ -76,6 +91,9 @@ pub(crate) struct Link {
     max_frame_bytes: usize,
     outbox: mpsc::Sender<Vec<u8>>,
     calls: Mutex<Calls>,
+    /// Woken when a call starts waiting on a link that had none: the watchdog then
+    /// watches until none waits again.
+    busy: Notify,
     dead: watch::Sender<bool>,
     /// The node answered Goodbye: the session is over and must not be resumed.
     ended: AtomicBool,
@@ -187,10 +205,12 @@ impl Link {
             max_frame_bytes,
             outbox,
             calls: Mutex::new(Calls::default()),
+            busy: Notify::new(),
             dead: watch::channel(false).0,
             ended: AtomicBool::new(false),
         });
         let writer = tokio::spawn(write_loop(send, rx, conn));
+        tokio::spawn(watch_calls(link.clone()));
         tokio::spawn(read_loop(
             link.clone(),
             recv,
@@ -207,14 +227,17 @@ impl Link {
         self.calls.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sends a request and returns where its answer will arrive. Fails with
-    /// [`ClientError::Disconnected`] if the link is dead, and with
-    /// [`ClientError::Frame`] if the request is larger than the node accepts.
+    /// Sends a request and returns where its answer will arrive: the answer, or `None`
+    /// once `deadline` has passed without one (the link's watchdog, within
+    /// [`WATCH_TICK`]). Fails with [`ClientError::Disconnected`] if the link is dead,
+    /// and with [`ClientError::Frame`] if the request is larger than the node accepts.
+    /// If the link dies first, the receiver fails (its sender is dropped).
     pub(crate) async fn start_call(
         &self,
         id: RequestId,
         body: &Request,
-    ) -> Result<oneshot::Receiver<Answer>> {
+        deadline: Instant,
+    ) -> Result<oneshot::Receiver<Reply>> {
         // Encoded by reference: the caller keeps the request to retry it. A node of
         // this SDK's request shape reads structs as arrays: sent so, without field
         // names (docs/protocol.md, "Requests as arrays"), writes encoded by hand.
@@ -234,7 +257,10 @@ impl Link {
             if calls.closed {
                 return Err(ClientError::Disconnected);
             }
-            calls.waiting.insert(id, Pending { tx, kind });
+            if calls.waiting.is_empty() {
+                self.busy.notify_one();
+            }
+            calls.waiting.insert(id, Pending { tx, kind, deadline });
         }
         if self.outbox.send(bytes).await.is_err() {
             self.forget(id);
@@ -250,19 +276,16 @@ impl Link {
         body: &Request,
         timeout: Duration,
     ) -> Result<Response> {
-        let rx = self.start_call(id, body).await?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(answer)) => answer.map_err(ClientError::Server),
-            Ok(Err(_)) => Err(ClientError::Disconnected),
-            Err(_) => {
-                self.forget(id);
-                Err(ClientError::Timeout(timeout))
-            }
+        let rx = self.start_call(id, body, Instant::now() + timeout).await?;
+        match rx.await {
+            Ok(Some(answer)) => answer.map_err(ClientError::Server),
+            Ok(None) => Err(ClientError::Timeout(timeout)),
+            Err(_) => Err(ClientError::Disconnected),
         }
     }
 
-    /// Stops waiting for a call (it timed out).
-    pub(crate) fn forget(&self, id: RequestId) {
+    /// Stops waiting for a call (its request could not be sent).
+    fn forget(&self, id: RequestId) {
         self.calls().waiting.remove(&id);
     }
 
@@ -326,7 +349,82 @@ impl Link {
             (CallKind::Goodbye, Ok(_)) => self.ended.store(true, Ordering::SeqCst),
             _ => {}
         }
-        let _ = pending.tx.send(result);
+        let _ = pending.tx.send(Some(result));
+    }
+
+    /// Ends the calls whose deadline has passed (their receivers get `None`); says
+    /// whether any call still waits.
+    fn expire(&self, now: Instant) -> bool {
+        let (expired, waiting) = {
+            let mut calls = self.calls();
+            let ids: Vec<RequestId> = calls
+                .waiting
+                .iter()
+                .filter(|(_, p)| p.deadline <= now)
+                .map(|(&id, _)| id)
+                .collect();
+            let expired: Vec<Pending> = ids
+                .iter()
+                .filter_map(|id| calls.waiting.remove(id))
+                .collect();
+            (expired, !calls.waiting.is_empty())
+        };
+        for pending in expired {
+            let _ = pending.tx.send(None);
+        }
+        waiting
+    }
+}
+
+/// The link's watchdog: one timer for every call on the link, instead of one per
+/// call. While any call waits it looks every [`WATCH_TICK`]: it ends the calls whose
+/// deadline has passed, probes a node that has sent nothing at all for
+/// [`SILENCE_BEFORE_PROBE`] with a datagram, and gives up on one that still sends
+/// nothing for [`PROBE_PATIENCE`] (the connection is closed with
+/// `CLOSE_UNRESPONSIVE`, so the calls fail with `Disconnected` and are retried on the
+/// next link). A live node acknowledges any packet within milliseconds even when an
+/// answer itself takes long, so only a dead or frozen node is given up; an idle client
+/// still relies on the QUIC idle timeout (12 s by default), but one waiting for an
+/// answer notices within about 3.5 s. With no call waiting it sleeps until one starts.
+async fn watch_calls(link: Arc<Link>) {
+    let mut dead = link.dead.subscribe();
+    loop {
+        tokio::select! {
+            _ = link.busy.notified() => {}
+            _ = dead.wait_for(|d| *d) => return,
+        }
+        let mut heard = link.packets_received();
+        let mut quiet_since = Instant::now();
+        let mut probed = false;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(WATCH_TICK) => {}
+                _ = dead.wait_for(|d| *d) => return,
+            }
+            let now = Instant::now();
+            if !link.expire(now) {
+                break;
+            }
+            let packets = link.packets_received();
+            if packets != heard {
+                heard = packets;
+                quiet_since = now;
+                probed = false;
+            } else if !probed && now >= quiet_since + SILENCE_BEFORE_PROBE {
+                link.probe();
+                probed = true;
+            } else if probed && now >= quiet_since + SILENCE_BEFORE_PROBE + PROBE_PATIENCE {
+                warn!(
+                    node = %link.addr,
+                    "the node sent nothing for {:?} while a request waited; giving up on the connection",
+                    SILENCE_BEFORE_PROBE + PROBE_PATIENCE
+                );
+                // The reader then marks the link dead, which fails every call with
+                // Disconnected.
+                link.close(CLOSE_UNRESPONSIVE, b"unresponsive");
+                return;
+            }
+        }
     }
 }
 

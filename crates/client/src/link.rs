@@ -6,7 +6,7 @@
 //! [`ClientError::Disconnected`]; the client's supervisor then opens a new link. A link
 //! never reconnects by itself.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

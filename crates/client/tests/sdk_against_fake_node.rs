@@ -337,6 +337,34 @@ async fn requests_time_out_when_no_node_comes_back() {
     client.close_abruptly().await;
 }
 
+/// A live node that never answers one request: the call ends with `Timeout` at its
+/// deadline (the link's watchdog), the connection is kept (the node acknowledges
+/// packets, so it is not given up) and the next request is answered on it.
+#[tokio::test]
+async fn a_request_left_unanswered_by_a_live_node_times_out_on_the_same_link() {
+    let pki = TestPki::new("unanswered");
+    let node = FakeNode::start(&pki, "n1", FakeRegistry::default());
+    let cfg = config(&pki, &[&node]).with_request_timeout(Duration::from_millis(400));
+    let client = Client::connect(cfg).await.unwrap();
+    let generation = client.generation();
+    node.registry.leave_unanswered(1);
+    let started = std::time::Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(10), client.ping())
+        .await
+        .expect("the call ends by its deadline, not never")
+        .unwrap_err();
+    let waited = started.elapsed();
+    assert!(matches!(err, ClientError::Timeout(_)), "{err}");
+    assert!(
+        waited >= Duration::from_millis(400),
+        "not before its deadline: {waited:?}"
+    );
+    client.ping().await.expect("the next request is answered");
+    assert!(client.is_connected());
+    assert_eq!(client.generation(), generation, "on the same connection");
+    client.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn connect_fails_clearly_when_nothing_listens() {
     let pki = TestPki::new("nothing");

@@ -113,6 +113,8 @@ struct State {
     compact: Vec<bool>,
     /// The next this many requests fail with this code (a failing owner).
     failures: Option<(usize, ErrorCode)>,
+    /// The next this many requests get no answer at all (a node that lost them).
+    unanswered: usize,
 }
 
 /// The registry that one or more fake nodes serve.
@@ -164,6 +166,12 @@ impl FakeRegistry {
     /// The next `n` requests (other than Goodbye) fail with `code`.
     pub fn fail_next(&self, n: usize, code: ErrorCode) {
         self.lock().failures = Some((n, code));
+    }
+
+    /// The next `n` requests get no answer; the node stays up and its QUIC stack keeps
+    /// acknowledging packets.
+    pub fn leave_unanswered(&self, n: usize) {
+        self.lock().unanswered = n;
     }
 
     /// Registers an instance as another client would, and pushes the change.
@@ -462,7 +470,14 @@ async fn serve(conn: quinn::Connection, reg: FakeRegistry, node_id: NodeId) {
             break;
         };
         let compact = bytes.starts_with(b"\x81\xa7Request\x92");
-        reg.lock().compact.push(compact);
+        {
+            let mut st = reg.lock();
+            st.compact.push(compact);
+            if st.unanswered > 0 {
+                st.unanswered -= 1;
+                continue;
+            }
+        }
         let result = handle(&reg, conn_id, session, body, &tx);
         if tx.send(ServerFrame::Response { id, result }).is_err() {
             break;

@@ -43,9 +43,9 @@ const OUTBOX_FRAMES: usize = 1024;
 
 /// A call that has waited this long with nothing at all received from its node makes
 /// the link probe the node (see [`watch_calls`]).
-pub(crate) const SILENCE_BEFORE_PROBE: Duration = Duration::from_secs(2);
+const SILENCE_BEFORE_PROBE: Duration = Duration::from_secs(2);
 /// How long a probed node has to send anything before the link gives up on it.
-pub(crate) const PROBE_PATIENCE: Duration = Duration::from_millis(1_500);
+const PROBE_PATIENCE: Duration = Duration::from_millis(1_500);
 /// How often the watchdog of a link with calls waiting looks at them: a call's
 /// deadline is kept to within this.
 const WATCH_TICK: Duration = Duration::from_millis(100);

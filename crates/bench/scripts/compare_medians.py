@@ -6,7 +6,9 @@
 A scenario of one target in one run counts only when other processes used at most
 --max-others percent of the machine during it (its "other processes" figure); runs that
 do not count are listed with a `*`. The ratio is that of the medians, in the direction
-of the figure (how many times better Shoal is).
+of the figure (how many times better Shoal is). Below the table, for each rate (a figure
+in /s), the ratio of every run in which both targets count, and their median: on a host
+whose speed moves between the two targets' phases, the two medians can differ.
 """
 
 import argparse
@@ -91,6 +93,24 @@ def main():
         print(
             f"| {key[0]} | {key[1]} | {unit} | {cells[0]} | {cells[1]} | "
             f"{ratio(better, medians[0], medians[1])} |"
+        )
+    print()
+    for key in keys:
+        unit, better, _ = meta[key]
+        if unit != "/s" or better != "higher":
+            continue
+        by_run = {
+            target: {i: v for (i, v, c, _) in values.get((target,) + key, []) if c and v}
+            for target in ("rnacos", "shoal")
+        }
+        both = sorted(set(by_run["rnacos"]) & set(by_run["shoal"]))
+        if not both:
+            continue
+        per_run = [by_run["shoal"][i] / by_run["rnacos"][i] for i in both]
+        print(
+            f"{key[0]}, {key[1]}: per run "
+            + ", ".join(f"{r:.2f}" for r in per_run)
+            + f" (runs {', '.join(map(str, both))}); median {statistics.median(per_run):.2f}x"
         )
 
 

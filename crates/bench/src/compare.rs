@@ -324,7 +324,8 @@ impl TargetRun {
     }
 
     /// "CPU of all nodes per 1000 `what`" (milliseconds of the nodes' CPU per thousand
-    /// of `count`), then the CPU figures common to every scenario.
+    /// of `count`) and the same of the load generator, then the CPU figures common to
+    /// every scenario.
     fn cpu_per_thousand(&mut self, scenario: &'static str, what: &str, cpu: &PhaseCpu, count: u64) {
         self.fig(
             scenario,
@@ -332,6 +333,18 @@ impl TargetRun {
             "ms",
             Better::Lower,
             (count > 0).then(|| cpu.nodes_seconds * 1e6 / count as f64),
+        );
+        // The clients' side of the same work (the SDK for Shoal, an HTTP client for
+        // rnacos): not compared, as the two clients differ; the SDK's own cost, which
+        // an application pays too, shows here.
+        self.fig(
+            scenario,
+            &format!("CPU of the load generator per 1000 {what}"),
+            "ms",
+            Better::Neither,
+            cpu.bench_seconds
+                .filter(|_| count > 0)
+                .map(|s| s * 1e6 / count as f64),
         );
         self.cpu_figures(scenario, cpu);
     }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use rand::Rng;
 use shoal_proto::{
-    ErrorCode, Hello, MemberView, Request, Response, RingView, Welcome, PROTOCOL_VERSION,
+    ErrorCode, Hello, MemberView, Request, Response, RingView, Welcome, WriteRef, PROTOCOL_VERSION,
 };
 use shoal_storage::{
     Instance, InstanceKey, InstanceSpec, ServiceKey, ServiceMeta, ServiceSummary, ServiceView,
@@ -28,8 +28,8 @@ use crate::addr::{resolve, split_host_port};
 use crate::balance::choose_weighted;
 use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
-use crate::held::Slots;
-use crate::link::{Dial, Link, CLOSE_ABRUPT, CLOSE_GOODBYE, CLOSE_STREAM_FAILED};
+use crate::held::{Registrations, Slots};
+use crate::link::{Body, Dial, Link, CLOSE_ABRUPT, CLOSE_GOODBYE, CLOSE_STREAM_FAILED};
 use crate::subscription::{Subscription, SubscriptionCache};
 
 /// First pause before asking again after `Unavailable` or `NotReady`; it doubles up
@@ -142,7 +142,7 @@ struct Shared {
     session: Mutex<SessionId>,
     /// Session-bound registrations to re-assert after a reconnect, by service and
     /// instance key.
-    registrations: Mutex<Slots<InstanceSpec>>,
+    registrations: Mutex<Registrations>,
     /// Deregistrations of the last [`RECENT_DEREGISTRATIONS`], sent again after a
     /// reconnect: a node that acknowledged one and died before replicating it (its
     /// batch leaves a few ms after the answer) would otherwise leave the instance
@@ -246,7 +246,7 @@ impl Client {
             state: watch::channel(LinkState::default()).0,
             generation: watch::channel(0).0,
             session: Mutex::new(SessionId(0)),
-            registrations: Mutex::new(Slots::default()),
+            registrations: Mutex::new(Registrations::default()),
             deregistered: Mutex::new(Slots::default()),
             subscriptions: Arc::new(SubscriptionCache::default()),
             config,
@@ -354,10 +354,13 @@ impl Client {
     /// In order of service, then instance key.
     pub fn registrations(&self) -> Vec<(ServiceKey, InstanceSpec)> {
         let regs = lock(&self.shared().registrations);
-        let mut held: Vec<_> = regs.iter().collect();
-        held.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let mut held: Vec<_> = regs
+            .iter()
+            .map(|(service, spec)| (service, spec.key(), spec))
+            .collect();
+        held.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         held.into_iter()
-            .map(|(service, _, spec)| (service.clone(), spec.clone()))
+            .map(|(service, _, spec)| (service.clone(), InstanceSpec::clone(spec)))
             .collect()
     }
 
@@ -374,29 +377,33 @@ impl Client {
     pub async fn register(&self, service: &ServiceKey, instance: InstanceSpec) -> Result<u64> {
         let shared = self.shared();
         // Remember it before sending, so that a reconnect racing with this request
-        // re-asserts it; undo on failure. The map takes the key: an undo (rare) makes
-        // it again from the request, which is kept for that.
+        // re-asserts it; undo on failure. The record is the request's own copy, sent
+        // from there by reference: a registration copies nothing for it.
+        let instance = Arc::new(instance);
         let before = {
-            let key = instance.key();
-            lock(&shared.deregistered).remove(service, &key);
+            {
+                let mut recent = lock(&shared.deregistered);
+                if !recent.is_empty() {
+                    recent.remove(service, &instance.key());
+                }
+            }
             let mut regs = lock(&shared.registrations);
             if instance.ttl.is_none() {
-                regs.insert(service, key, instance.clone())
+                regs.insert(service, instance.clone())
             } else {
-                regs.remove(service, &key)
+                regs.remove(service, &instance.key())
             }
         };
-        let body = Request::Register {
-            service: service.clone(),
-            instance,
-        };
-        let result = shared.request_tracked(&body).await.0.and_then(applied);
-        if let (Err(_), Request::Register { instance, .. }) = (&result, body) {
-            let key = instance.key();
+        let body = Body::Write(WriteRef::Register {
+            service,
+            instance: &instance,
+        });
+        let result = shared.request_tracked(body).await.0.and_then(applied);
+        if result.is_err() {
             let mut regs = lock(&shared.registrations);
             match before {
-                Some(spec) => regs.insert(service, key, spec),
-                None => regs.remove(service, &key),
+                Some(spec) => regs.insert(service, spec),
+                None => regs.remove(service, &instance.key()),
             };
         }
         result
@@ -421,7 +428,7 @@ impl Client {
         }
         let keys: Vec<InstanceKey> = items.iter().map(|(_, i)| i.key()).collect();
         // Remember them before sending, as `register` does; undo those that fail.
-        let before: Vec<Option<InstanceSpec>> = {
+        let before: Vec<Option<Arc<InstanceSpec>>> = {
             let mut regs = lock(&shared.registrations);
             let mut recent = lock(&shared.deregistered);
             items
@@ -430,7 +437,7 @@ impl Client {
                 .map(|((service, spec), key)| {
                     recent.remove(service, key);
                     if spec.ttl.is_none() {
-                        regs.insert(service, key.clone(), spec.clone())
+                        regs.insert(service, Arc::new(spec.clone()))
                     } else {
                         regs.remove(service, key)
                     }
@@ -443,7 +450,7 @@ impl Client {
             let mut regs = lock(&shared.registrations);
             for &k in which {
                 match &before[k] {
-                    Some(spec) => regs.insert(&services[k], keys[k].clone(), spec.clone()),
+                    Some(spec) => regs.insert(&services[k], spec.clone()),
                     None => regs.remove(&services[k], &keys[k]),
                 };
             }
@@ -479,7 +486,7 @@ impl Client {
                 Some(held) => {
                     let mut spec = instance.clone();
                     spec.ttl = None;
-                    Some(std::mem::replace(held, spec))
+                    Some(std::mem::replace(held, Arc::new(spec)))
                 }
                 None => None,
             }
@@ -493,7 +500,7 @@ impl Client {
             .and_then(applied);
         if result.is_err() {
             if let Some(spec) = before {
-                lock(&shared.registrations).insert(service, key, spec);
+                lock(&shared.registrations).insert(service, spec);
             }
         }
         result
@@ -516,10 +523,7 @@ impl Client {
             recent.insert(service, instance.clone(), Instant::now());
         }
         let (result, retried) = shared
-            .request_tracked(&Request::Deregister {
-                service: service.clone(),
-                instance: instance.clone(),
-            })
+            .request_tracked(Body::Write(WriteRef::Deregister { service, instance }))
             .await;
         match result.and_then(applied) {
             Err(ClientError::Server(body)) if retried && body.code == ErrorCode::NotFound => Ok(0),
@@ -527,7 +531,7 @@ impl Client {
                 if body.code != ErrorCode::NotFound {
                     lock(&shared.deregistered).remove(service, instance);
                     if let Some(spec) = before {
-                        lock(&shared.registrations).insert(service, instance.clone(), spec);
+                        lock(&shared.registrations).insert(service, spec);
                     }
                 }
                 Err(ClientError::Server(body))
@@ -776,8 +780,8 @@ fn unexpected(what: &str, response: &Response) -> ClientError {
 
 /// Whether a request may be sent again after the connection was lost in flight. Every
 /// request is idempotent except Goodbye, which ends the session.
-fn retryable(body: &Request) -> bool {
-    !matches!(body, Request::Goodbye)
+fn retryable(body: Body<'_>) -> bool {
+    !matches!(body, Body::Request(Request::Goodbye))
 }
 
 impl Shared {
@@ -785,11 +789,11 @@ impl Shared {
     /// on the next link if the connection is lost in flight, and after a short pause if
     /// the node answers `Unavailable` or `NotReady`; all within the request timeout.
     async fn request(&self, body: Request) -> Result<Response> {
-        self.request_tracked(&body).await.0
+        self.request_tracked(Body::Request(&body)).await.0
     }
 
     /// Like [`Shared::request`], and says whether the request was sent more than once.
-    async fn request_tracked(&self, body: &Request) -> (Result<Response>, bool) {
+    async fn request_tracked(&self, body: Body<'_>) -> (Result<Response>, bool) {
         let timeout = self.config.request_timeout;
         let deadline = Instant::now() + timeout;
         let mut retried = false;
@@ -820,7 +824,7 @@ impl Shared {
     /// Sends a request once (no retry after a lost connection).
     async fn request_once(&self, body: Request) -> (Result<Response>, bool) {
         let deadline = Instant::now() + self.config.request_timeout;
-        (self.attempt(&body, deadline).await, false)
+        (self.attempt(Body::Request(&body), deadline).await, false)
     }
 
     /// Sends a request once and waits for its answer until `deadline`.
@@ -828,7 +832,7 @@ impl Shared {
     /// The link's watchdog ends the wait at the deadline, and gives up on a node that
     /// sends nothing at all while a call waits (the call then fails with
     /// `Disconnected` and is retried on the next link): see `link::watch_calls`.
-    async fn attempt(&self, body: &Request, deadline: Instant) -> Result<Response> {
+    async fn attempt(&self, body: Body<'_>, deadline: Instant) -> Result<Response> {
         let link = self.usable_link(deadline).await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let rx = link.start_call(id, body, deadline).await?;
@@ -937,12 +941,12 @@ impl Shared {
     async fn restore(&self, link: &Link) -> Result<()> {
         let mut todo: Vec<(String, Request)> = lock(&self.registrations)
             .iter()
-            .map(|(service, key, spec)| {
+            .map(|(service, spec)| {
                 (
-                    format!("registration of {service} {key}"),
+                    format!("registration of {service} {}", spec.key()),
                     Request::Register {
                         service: service.clone(),
-                        instance: spec.clone(),
+                        instance: InstanceSpec::clone(spec),
                     },
                 )
             })
@@ -973,7 +977,7 @@ impl Shared {
             let mut waiting = Vec::with_capacity(todo.len());
             for (what, body) in todo {
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                let rx = link.start_call(id, &body, deadline).await?;
+                let rx = link.start_call(id, Body::Request(&body), deadline).await?;
                 waiting.push((what, body, rx));
             }
             let mut again = Vec::new();
@@ -1173,12 +1177,22 @@ mod tests {
 
     #[test]
     fn only_goodbye_is_not_retried() {
-        assert!(!retryable(&Request::Goodbye));
-        assert!(retryable(&Request::Ping));
-        assert!(retryable(&Request::Register {
-            service: ServiceKey::named("a"),
-            instance: InstanceSpec::new("10.0.0.1", 1),
-        }));
+        assert!(!retryable(Body::Request(&Request::Goodbye)));
+        assert!(retryable(Body::Request(&Request::Ping)));
+        let service = ServiceKey::named("a");
+        let instance = InstanceSpec::new("10.0.0.1", 1);
+        assert!(retryable(Body::Request(&Request::Register {
+            service: service.clone(),
+            instance: instance.clone(),
+        })));
+        assert!(retryable(Body::Write(WriteRef::Register {
+            service: &service,
+            instance: &instance,
+        })));
+        assert!(retryable(Body::Write(WriteRef::Deregister {
+            service: &service,
+            instance: &instance.key(),
+        })));
     }
 
     #[test]

@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shoal_proto::{
-    encode_frame, encode_request_compact, read_frame, write_frame, ClientFrameRef, ErrorBody,
-    FrameReader, Hello, Request, RequestId, Response, ServerFrame, Welcome, REQUEST_SHAPE,
+    encode_frame, encode_request_compact, encode_write_compact, read_frame, write_frame,
+    ClientFrameRef, ErrorBody, FrameReader, Hello, Request, RequestId, Response, ServerFrame,
+    Welcome, WriteRef, REQUEST_SHAPE,
 };
 use shoal_storage::ServiceKey;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -79,6 +80,14 @@ struct Calls {
     /// Set by the reader when it stops: no call may be added after that.
     closed: bool,
     waiting: HashMap<RequestId, Pending>,
+}
+
+/// What a call sends: any request, or a registration or deregistration by reference
+/// (encoded from the caller's own copy of the instance, not from a request built for it).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Body<'a> {
+    Request(&'a Request),
+    Write(WriteRef<'a>),
 }
 
 /// An open session stream on one connection.
@@ -235,20 +244,32 @@ impl Link {
     pub(crate) async fn start_call(
         &self,
         id: RequestId,
-        body: &Request,
+        body: Body<'_>,
         deadline: Instant,
     ) -> Result<oneshot::Receiver<Reply>> {
         // Encoded by reference: the caller keeps the request to retry it. A node of
         // this SDK's request shape reads structs as arrays: sent so, without field
         // names (docs/protocol.md, "Requests as arrays"), writes encoded by hand.
-        let bytes = if self.welcome.request_shape == REQUEST_SHAPE {
-            encode_request_compact(id, body, self.max_frame_bytes)?
-        } else {
-            encode_frame(&ClientFrameRef::Request { id, body }, self.max_frame_bytes)?
+        let compact = self.welcome.request_shape == REQUEST_SHAPE;
+        let bytes = match body {
+            Body::Write(write) if compact => encode_write_compact(id, write, self.max_frame_bytes)?,
+            Body::Request(body) if compact => {
+                encode_request_compact(id, body, self.max_frame_bytes)?
+            }
+            Body::Write(write) => encode_frame(
+                &ClientFrameRef::Request {
+                    id,
+                    body: &write.to_request(),
+                },
+                self.max_frame_bytes,
+            )?,
+            Body::Request(body) => {
+                encode_frame(&ClientFrameRef::Request { id, body }, self.max_frame_bytes)?
+            }
         };
         let kind = match body {
-            Request::Subscribe { service } => CallKind::Subscribe(service.clone()),
-            Request::Goodbye => CallKind::Goodbye,
+            Body::Request(Request::Subscribe { service }) => CallKind::Subscribe(service.clone()),
+            Body::Request(Request::Goodbye) => CallKind::Goodbye,
             _ => CallKind::Plain,
         };
         let (tx, rx) = oneshot::channel();
@@ -276,7 +297,9 @@ impl Link {
         body: &Request,
         timeout: Duration,
     ) -> Result<Response> {
-        let rx = self.start_call(id, body, Instant::now() + timeout).await?;
+        let rx = self
+            .start_call(id, Body::Request(body), Instant::now() + timeout)
+            .await?;
         match rx.await {
             Ok(Some(answer)) => answer.map_err(ClientError::Server),
             Ok(None) => Err(ClientError::Timeout(timeout)),

@@ -123,6 +123,62 @@ async fn a_refused_write_is_a_typed_error_and_not_remembered() {
     assert!(client.registrations().is_empty());
 }
 
+/// The SDK records a session-bound registration before sending it (a reconnect racing
+/// with the request re-asserts it) and undoes the record when the node refuses: a
+/// refused replacement leaves the instance as it was held, a refused deregistration
+/// keeps it held, a refused new instance is not held.
+#[tokio::test]
+async fn refused_writes_leave_the_held_registrations_as_they_were() {
+    let pki = TestPki::new("undo");
+    let registry = FakeRegistry::default();
+    let node = FakeNode::start(&pki, "n1", registry.clone());
+    let client = Client::connect(config(&pki, &[&node])).await.unwrap();
+    let orders = ServiceKey::named("orders");
+    let mut first = InstanceSpec::new("10.0.0.1", 8080);
+    first.weight = 1.0;
+    client.register(&orders, first.clone()).await.unwrap();
+    assert_eq!(
+        client.registrations(),
+        vec![(orders.clone(), first.clone())]
+    );
+
+    let mut heavier = first.clone();
+    heavier.weight = 5.0;
+    registry.fail_next(1, ErrorCode::Internal);
+    client.register(&orders, heavier.clone()).await.unwrap_err();
+    assert_eq!(
+        client.registrations(),
+        vec![(orders.clone(), first.clone())]
+    );
+
+    registry.fail_next(1, ErrorCode::Internal);
+    client.deregister(&orders, &first.key()).await.unwrap_err();
+    assert_eq!(
+        client.registrations(),
+        vec![(orders.clone(), first.clone())]
+    );
+
+    registry.fail_next(1, ErrorCode::Internal);
+    client
+        .register(&orders, InstanceSpec::new("10.0.0.2", 8080))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        client.registrations(),
+        vec![(orders.clone(), first.clone())]
+    );
+
+    // Accepted, the replacement is what is held; another instance is held beside it.
+    client.register(&orders, heavier.clone()).await.unwrap();
+    let second = InstanceSpec::new("10.0.0.2", 8080);
+    client.register(&orders, second.clone()).await.unwrap();
+    assert_eq!(
+        client.registrations(),
+        vec![(orders.clone(), heavier), (orders.clone(), second)]
+    );
+    client.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn close_says_goodbye_and_removes_the_sessions_instances() {
     let pki = TestPki::new("close");

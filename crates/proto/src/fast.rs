@@ -16,7 +16,9 @@
 //! before. So it never accepts what the generic decoding refuses, and never refuses
 //! what it accepts.
 
-use shoal_storage::{Instance, Lease, ServiceKey, ServiceView, SessionId, TtlLease};
+use shoal_storage::{
+    Instance, InstanceKey, InstanceSpec, Lease, ServiceKey, ServiceView, SessionId, TtlLease,
+};
 
 use crate::frame::{append_frame_with, decode, new_frame, put_response_head, FrameError};
 use crate::messages::{ClientFrame, ClientFrameRef, Request, RequestId, Response, ServerFrame};
@@ -87,19 +89,69 @@ fn client_frame(body: &[u8], keys: &mut ServiceKeyCache) -> Option<ClientFrame> 
         .then_some(ClientFrame::Request { id, body: request })
 }
 
+/// A registration or a deregistration by reference: what [`encode_write_compact`]
+/// encodes without the request being built (a client that keeps its own copy of the
+/// instance sends it from there).
+#[derive(Clone, Copy, Debug)]
+pub enum WriteRef<'a> {
+    /// [`Request::Register`].
+    Register {
+        /// The service.
+        service: &'a ServiceKey,
+        /// The instance registered.
+        instance: &'a InstanceSpec,
+    },
+    /// [`Request::Deregister`].
+    Deregister {
+        /// The service.
+        service: &'a ServiceKey,
+        /// The instance removed.
+        instance: &'a InstanceKey,
+    },
+}
+
+impl WriteRef<'_> {
+    /// The request it stands for, copied.
+    pub fn to_request(self) -> Request {
+        match self {
+            WriteRef::Register { service, instance } => Request::Register {
+                service: service.clone(),
+                instance: instance.clone(),
+            },
+            WriteRef::Deregister { service, instance } => Request::Deregister {
+                service: service.clone(),
+                instance: instance.clone(),
+            },
+        }
+    }
+}
+
 /// Encodes `ClientFrame::Request { id, body }` with structs as arrays: the bytes of
 /// [`crate::encode_frame_compact`] for the same frame. Registrations and
-/// deregistrations, the requests a client sends most, are written by hand; every other
-/// request by serde.
+/// deregistrations, the requests a client sends most, are written by hand
+/// ([`encode_write_compact`]); every other request by serde.
 pub fn encode_request_compact(
     id: RequestId,
     body: &Request,
     max: usize,
 ) -> Result<Vec<u8>, FrameError> {
-    let (name, service) = match body {
-        Request::Register { service, .. } => ("Register", service),
-        Request::Deregister { service, .. } => ("Deregister", service),
+    let write = match body {
+        Request::Register { service, instance } => WriteRef::Register { service, instance },
+        Request::Deregister { service, instance } => WriteRef::Deregister { service, instance },
         _ => return crate::encode_frame_compact(&ClientFrameRef::Request { id, body }, max),
+    };
+    encode_write_compact(id, write, max)
+}
+
+/// Encodes the request `write` stands for as [`encode_request_compact`] does, by hand.
+pub fn encode_write_compact(
+    id: RequestId,
+    write: WriteRef<'_>,
+    max: usize,
+) -> Result<Vec<u8>, FrameError> {
+    let (name, service) = match write {
+        WriteRef::Register { service, .. } => ("Register", service),
+        WriteRef::Deregister { service, .. } => ("Deregister", service),
     };
     new_frame(|out| {
         append_frame_with(out, max, |out| {
@@ -110,10 +162,9 @@ pub fn encode_request_compact(
             mpack::put_variant(out, name);
             mpack::put_array_len(out, 2);
             mpack::put_service_key(out, service);
-            match body {
-                Request::Register { instance, .. } => mpack::put_instance_spec(out, instance),
-                Request::Deregister { instance, .. } => mpack::put_instance_key(out, instance),
-                _ => unreachable!("only the requests matched above"),
+            match write {
+                WriteRef::Register { instance, .. } => mpack::put_instance_spec(out, instance),
+                WriteRef::Deregister { instance, .. } => mpack::put_instance_key(out, instance),
             }
             Ok(())
         })
@@ -864,6 +915,16 @@ mod tests {
             let frame = ClientFrameRef::Request { id, body: &body };
             let want = crate::encode_frame_compact(&frame, max).unwrap();
             assert_eq!(encode_request_compact(id, &body, max).unwrap(), want);
+            // The same request by reference: the same bytes, the same request back.
+            let write = match &body {
+                Request::Register { service, instance } => WriteRef::Register { service, instance },
+                Request::Deregister { service, instance } => {
+                    WriteRef::Deregister { service, instance }
+                }
+                other => panic!("not a write: {other:?}"),
+            };
+            assert_eq!(encode_write_compact(id, write, max).unwrap(), want);
+            assert_eq!(write.to_request(), body);
             // And the node reads it back, on the fast path.
             let back = client_frame(&want[4..], &mut keys()).expect("fast path");
             assert_eq!(back, ClientFrame::Request { id, body });

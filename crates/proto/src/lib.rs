@@ -25,6 +25,7 @@ pub mod mpack;
 pub use error::{ErrorBody, ErrorCode};
 pub use fast::{
     append_applied_answer, decode_client_frame, decode_server_frame, encode_request_compact,
+    encode_write_compact, WriteRef,
 };
 pub use frame::{
     append_frame, append_frame_compact, append_frame_with, append_response_frame, decode,

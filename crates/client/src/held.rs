@@ -10,15 +10,12 @@ use hashbrown::hash_table::{Entry, HashTable};
 
 use shoal_storage::{InstanceKey, InstanceSpec, ServiceKey};
 
-/// Values by service, then by instance key.
+/// Values by service, then by instance key: the recent deregistrations.
 ///
-/// Every register call records its instance here, so this is on the path of each
-/// write. A call finds its service by reference and copies the service key only for a
-/// service that holds nothing yet. One ordered map of `(service, instance)` pairs
-/// instead compared a dozen service keys (three strings each) per insert and copied
-/// the key every time; with thousands of instances per client (an agent that
-/// registers for others) that was a fifth of the load generator's CPU
-/// (docs/benchmarks.md, tenth series).
+/// A call finds its service by reference and copies the service key only for a
+/// service that holds nothing yet (one ordered map of `(service, instance)` pairs,
+/// which the registrations once were, compared a dozen service keys per insert and
+/// copied the key every time: docs/benchmarks.md, tenth series).
 /// A service whose last slot goes is removed, so no service is ever held empty.
 #[derive(Debug)]
 pub(crate) struct Slots<V> {

@@ -28,7 +28,7 @@ use crate::addr::{resolve, split_host_port};
 use crate::balance::choose_weighted;
 use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
-use crate::held::{Registrations, Slots};
+use crate::held::Slots;
 use crate::link::{Body, Dial, Link, CLOSE_ABRUPT, CLOSE_GOODBYE, CLOSE_STREAM_FAILED};
 use crate::subscription::{Subscription, SubscriptionCache};
 
@@ -142,12 +142,12 @@ struct Shared {
     session: Mutex<SessionId>,
     /// Session-bound registrations to re-assert after a reconnect, by service and
     /// instance key.
-    registrations: Mutex<Registrations>,
+    registrations: Mutex<Slots<Arc<InstanceSpec>>>,
     /// Deregistrations of the last [`RECENT_DEREGISTRATIONS`], sent again after a
     /// reconnect: a node that acknowledged one and died before replicating it (its
     /// batch leaves a few ms after the answer) would otherwise leave the instance
     /// registered, under this live session, for good.
-    deregistered: Mutex<Slots<Instant>>,
+    deregistered: Mutex<Slots<(InstanceKey, Instant)>>,
     subscriptions: Arc<SubscriptionCache>,
 }
 
@@ -246,7 +246,7 @@ impl Client {
             state: watch::channel(LinkState::default()).0,
             generation: watch::channel(0).0,
             session: Mutex::new(SessionId(0)),
-            registrations: Mutex::new(Registrations::default()),
+            registrations: Mutex::new(Slots::default()),
             deregistered: Mutex::new(Slots::default()),
             subscriptions: Arc::new(SubscriptionCache::default()),
             config,
@@ -519,8 +519,8 @@ impl Client {
         {
             // Only the last RECENT_DEREGISTRATIONS are kept, also without reconnects.
             let mut recent = lock(&shared.deregistered);
-            recent.retain(|at| at.elapsed() < RECENT_DEREGISTRATIONS);
-            recent.insert(service, instance.clone(), Instant::now());
+            recent.retain(|(_, at)| at.elapsed() < RECENT_DEREGISTRATIONS);
+            recent.insert(service, (instance.clone(), Instant::now()));
         }
         let (result, retried) = shared
             .request_tracked(Body::Write(WriteRef::Deregister { service, instance }))
@@ -954,8 +954,8 @@ impl Shared {
         {
             // After the registrations: a slot is in one map or the other, never both.
             let mut recent = lock(&self.deregistered);
-            recent.retain(|at| at.elapsed() < RECENT_DEREGISTRATIONS);
-            for (service, key, _) in recent.iter() {
+            recent.retain(|(_, at)| at.elapsed() < RECENT_DEREGISTRATIONS);
+            for (service, (key, _)) in recent.iter() {
                 todo.push((
                     format!("deregistration of {service} {key}"),
                     Request::Deregister {
